@@ -141,7 +141,7 @@ def wait_http(url: str, timeout: float = 600) -> None:
 
 
 @contextlib.contextmanager
-def our_app() -> Iterator[str]:
+def our_app(args: dict[str, Any] | None = None) -> Iterator[str]:
     import ray
     from ray import serve
 
@@ -150,7 +150,7 @@ def our_app() -> Iterator[str]:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(serve_args()), name="kimi", route_prefix="/")
+    serve.run(build_app(args or serve_args()), name="kimi", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ready")
     try:

@@ -33,6 +33,8 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     tier: str | None = None
+    degraded: bool = False
+    cost_usd: float = 0.0  # our router's `usage.cost`; 0 from peers
     error: str | None = None
 
     @property
@@ -50,6 +52,7 @@ class LoadSpec:
     prompt_words: int = 48
     api_key: str | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -78,6 +81,7 @@ async def one_request(
         **spec.extra_body,
     }
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    headers.update(spec.headers)
     start = time.perf_counter()
     result = RequestResult(ok=False)
     last = None
@@ -87,6 +91,7 @@ async def one_request(
         ) as r:
             result.status = r.status_code
             result.tier = r.headers.get("x-kimi-tier")
+            result.degraded = "x-kimi-degraded" in r.headers
             if r.status_code != 200:
                 result.error = (await r.aread()).decode(errors="replace")[:200]
                 return result
@@ -100,6 +105,7 @@ async def one_request(
                 if event.get("usage"):
                     result.output_tokens = event["usage"].get("completion_tokens", 0)
                     result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
+                    result.cost_usd = float(event["usage"].get("cost") or 0.0)
                 delta = (event.get("choices") or [{}])[0].get("delta") or {}
                 if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
                     now = time.perf_counter()

@@ -52,6 +52,11 @@ class Autoscaling(Strict):
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    # 1 -> 0 replicas (min_replicas 0); None uses downscale_delay_s.
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0)
+    # How often replicas and handles report their figures, and the window they average.
+    metrics_interval_s: float = Field(2.0, gt=0)
+    look_back_period_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:

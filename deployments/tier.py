@@ -10,18 +10,33 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.deployment import Application
 
 from deployments import tracing
 from deployments.engine import Engine, EngineLoad, EngineOutput
+from deployments.loadboard import ReplicaLoad, board
 from deployments.spec import TierSpec
 
 log = logging.getLogger(__name__)
 
-TierOutput = EngineOutput | list[str]
+LOAD_REPORT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Served:
+    """The first message of every answer: which replica took it, with its first output
+    (riding along, so naming the replica costs no extra message)."""
+
+    replica: str
+    output: EngineOutput | list[str]
+
+
+TierOutput = EngineOutput | list[str] | Served
 
 
 async def coalesce(source: AsyncIterator[EngineOutput]) -> AsyncIterator[TierOutput]:
@@ -47,7 +62,7 @@ async def coalesce(source: AsyncIterator[EngineOutput]) -> AsyncIterator[TierOut
             if not isinstance(item, str):
                 yield item
                 continue
-            batch = [item]
+            batch: list[str] = [item]
             while not queue.empty() and isinstance(queue._queue[0], str):  # type: ignore[attr-defined]
                 batch.append(queue.get_nowait())  # type: ignore[arg-type]
             yield batch
@@ -76,9 +91,31 @@ class TierServer:
         self.tracer = tracing.tracer(f"kimi-tier-{self.spec.name}")
         self.engine = make_engine(self.spec)
         await self.engine.start()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.board = board()
+        self._reporter = asyncio.create_task(self._report_loads())
 
+    async def _report_loads(self) -> None:
+        """Push engine figures to the cluster's load board (routers read it from there)."""
+        while True:
+            try:
+                load = await self.engine.load()
+                self.board.report.remote(
+                    self.spec.name,
+                    ReplicaLoad(**load.model_dump(), replica=self.replica, node_id=self.node_id),
+                )
+            except Exception:
+                log.exception("reporting load failed")
+            await asyncio.sleep(LOAD_REPORT_S)
+
+    # `affinity` is read by the tier's request router (replica_router.py), not here.
     async def chat(
-        self, body: dict[str, Any], request_id: str, trace_ctx: dict[str, str] | None = None
+        self,
+        body: dict[str, Any],
+        request_id: str,
+        trace_ctx: dict[str, str] | None = None,
+        affinity: str | None = None,
     ) -> AsyncIterator[TierOutput]:
         async for item in self._traced(
             "engine.chat", request_id, trace_ctx, self.engine.chat(body, request_id)
@@ -86,7 +123,11 @@ class TierServer:
             yield item
 
     async def completions(
-        self, body: dict[str, Any], request_id: str, trace_ctx: dict[str, str] | None = None
+        self,
+        body: dict[str, Any],
+        request_id: str,
+        trace_ctx: dict[str, str] | None = None,
+        affinity: str | None = None,
     ) -> AsyncIterator[TierOutput]:
         async for item in self._traced(
             "engine.completions", request_id, trace_ctx, self.engine.completions(body, request_id)
@@ -113,7 +154,7 @@ class TierServer:
         try:
             async for item in coalesce(source):
                 items += 1
-                yield item
+                yield Served(self.replica, item) if items == 1 else item
         finally:
             span.set_attribute("kimi.messages", items)
             span.end()
@@ -131,9 +172,18 @@ class TierServer:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue depth from the engine itself, for the tier's autoscaling policy."""
         load = await self.engine.load()
-        return {"engine_running": load.running, "engine_waiting": load.waiting}
+        return {
+            "engine_running": load.running,
+            "engine_waiting": load.waiting,
+            "engine_capacity": load.capacity,
+        }
 
     async def __del__(self) -> None:
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(Exception):
+                await self.board.forget.remote(self.spec.name, self.replica)
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown()
@@ -151,12 +201,15 @@ def deployment_options(spec: TierSpec) -> dict[str, Any]:
         "name": f"tier-{spec.name}",
         "ray_actor_options": actor,
         "autoscaling_config": {
-            "min_replicas": auto.min_replicas,
-            "max_replicas": auto.max_replicas,
-            "initial_replicas": auto.initial_replicas,
-            "target_ongoing_requests": auto.target_ongoing_requests,
-            "upscale_delay_s": auto.upscale_delay_s,
-            "downscale_delay_s": auto.downscale_delay_s,
+            **auto.model_dump(),
+            # Sized on the engines' queue, not Ray's request count (autoscaling.py).
+            "policy": {"policy_function": "deployments.autoscaling:engine_queue_policy"},
+        },
+        # Replica choice on engine load with conversation affinity (replica_router.py).
+        "request_router_config": {
+            "request_router_class": "deployments.replica_router:EngineAffinityRouter",
+            "request_routing_stats_period_s": 1.0,
+            "request_routing_stats_timeout_s": 5.0,
         },
         # Engines batch internally; let Ray queue beyond their slots rather than reject.
         "max_ongoing_requests": 256,

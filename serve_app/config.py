@@ -7,7 +7,7 @@ a bad config fails `serve run`/`serve deploy` with the offending field named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.spec import TierSpec
 
 BASE_MODEL = "kimi-k2.5"
+Strategy = Literal["load", "plan_only", "random"]
 
 
 class Price(BaseModel):
@@ -33,8 +34,19 @@ class Price(BaseModel):
         ) / 1e6
 
 
+class Slo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttft_ms: float | None = Field(
+        None,
+        gt=0,
+        description="time to first token (p90 over the last ~30 s) the tier should hold;"
+        " above it, plans that may degrade spill to their next tier",
+    )
+
+
 class TierEntry(TierSpec):
     price: Price
+    slo: Slo = Slo()
 
 
 class LimitFields(BaseModel):
@@ -69,6 +81,11 @@ class RouterSettings(BaseModel):
     )
     shed_pressure: float = Field(2.0, gt=0, description="above this, low plans are shed")
     shed_below_priority: int = Field(1, description="plans below this priority shed first")
+    strategy: Strategy = Field("load", description="tier choice: load (the product), or a baseline")
+    allow_strategy_header: bool = Field(
+        False,
+        description="honour x-kimi-routing-strategy per request (benchmarks compare baselines)",
+    )
 
 
 class GatewaySettings(BaseModel):

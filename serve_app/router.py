@@ -9,6 +9,8 @@ the answer (JSON, or SSE chunks as they come) with its cost, and settle the usag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -26,7 +28,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import tracing
-from deployments.engine import EngineError, EngineLoad
+from deployments.engine import EngineError
+from deployments.loadboard import TierLoad, board
+from deployments.tier import Served
 from serve_app.config import BASE_MODEL, AppConfig, Plan, TierEntry
 from serve_app.errors import APIError
 from serve_app.gateway import ANONYMOUS, Caller, gateway_handle, state_dir
@@ -34,7 +38,15 @@ from serve_app.keys import KeyOverrides, hash_key, split_key
 from serve_app.limits import Denial
 from serve_app.metering import RequestLabels
 from serve_app.relay import RequestMeter, add_cost, relay_stream
-from serve_app.routing import LoadPolicy, Needs, candidate_tiers, choose_tier
+from serve_app.routing import (
+    LatencyWindow,
+    Live,
+    LoadPolicy,
+    Needs,
+    candidate_tiers,
+    choose_tier,
+    estimate_tokens,
+)
 from serve_app.schemas import ChatRequest, CompletionRequest
 from serve_app.telemetry import RouterMetrics
 
@@ -70,16 +82,32 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
 
 
-def needs_of(parsed: BaseModel) -> Needs:
+def needs_of(parsed: Any, body_bytes: int) -> Needs:
+    # The whole body stands for the prompt: messages, tools and schema all reach it.
+    context = estimate_tokens(body_bytes) + (parsed.output_limit or 0)
     if not isinstance(parsed, ChatRequest):
-        return Needs()
+        return Needs(context_tokens=context)
     fmt = (parsed.response_format or {}).get("type")
     return Needs(
         tools=bool(parsed.tools) and parsed.tool_choice != "none",
         thinking=parsed.thinking,
         vision=parsed.wants_vision,
         json_schema=fmt in ("json_schema", "json_object"),
+        context_tokens=context,
     )
+
+
+def affinity_key(request: Request, body: dict[str, Any]) -> str:
+    """Which conversation a request continues, so its tier sends it to the replica that
+    holds the conversation's prefix: the client's session id if it sends one, else a
+    digest of the conversation's opening (system prompt and first user turn), which
+    every later turn repeats."""
+    session = request.headers.get("x-session-id")
+    if session:
+        return f"s:{session[:200]}"
+    opening = body.get("messages", [])[:2] if "messages" in body else body.get("prompt")
+    raw = json.dumps(opening, sort_keys=True, default=str)[:4096]
+    return "p:" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
 def bearer(request: Request) -> str | None:
@@ -118,8 +146,12 @@ class Router:
         self._admin_hash = hash_key(token) if token else None
         self.replica = serve.get_replica_context().replica_id.unique_id
         r = self.config.router
-        self.policy = LoadPolicy(r.overload_pressure, r.shed_pressure, r.shed_below_priority)
-        self.loads: dict[str, EngineLoad] = {}
+        self.policy = LoadPolicy(
+            r.overload_pressure, r.shed_pressure, r.shed_below_priority, r.strategy
+        )
+        self.board = board()
+        self.loads: dict[str, TierLoad] = {}
+        self.ttft = LatencyWindow()
         self.metrics = RouterMetrics()
         self.tracer = tracing.tracer("kimi-router")
         self._refresher = asyncio.create_task(self._refresh_loads())
@@ -128,11 +160,24 @@ class Router:
         """Keep the tiers' engine figures fresh for routing, off the request path."""
         while True:
             try:
-                loads = await asyncio.gather(*(self._tier_load(name) for name in self.tiers))
-                self.loads = {n: ld for n, ld in zip(self.tiers, loads, strict=True) if ld}
+                self.loads = await self._snapshot()
+                self.metrics.observe_loads(self.loads)
             except Exception:
                 log.exception("reading tier loads failed")
             await asyncio.sleep(self.config.router.load_refresh_s)
+
+    async def _snapshot(self) -> dict[str, TierLoad]:
+        return await asyncio.wait_for(self.board.snapshot.remote(), timeout=5)
+
+    def _policy(self, request: Request) -> LoadPolicy:
+        asked = request.headers.get("x-kimi-routing-strategy")
+        if not asked or not self.config.router.allow_strategy_header:
+            return self.policy
+        if asked not in ("load", "plan_only", "random"):
+            raise APIError(
+                400, f"unknown routing strategy {asked!r}", param="x-kimi-routing-strategy"
+            )
+        return dataclasses.replace(self.policy, strategy=asked)
 
     # ---- request plumbing ------------------------------------------------------------
 
@@ -207,8 +252,10 @@ class Router:
         body, parsed, size = await self._body(request, model_cls)
         caller = await self._caller(request)
         plan = self.config.plans[caller.plan]
-        candidates = candidate_tiers(parsed.model, plan, caller.plan, self.config, needs_of(parsed))
-        decision = choose_tier(candidates, self.loads, plan, self.policy)
+        needs = needs_of(parsed, size)
+        candidates = candidate_tiers(parsed.model, plan, caller.plan, self.config, needs)
+        live = Live(self.loads, self.ttft.p90_ms())
+        decision = choose_tier(candidates, live, plan, self._policy(request))
         if decision.shed:
             self.metrics.shed.inc(1, {"plan": caller.plan})
             raise APIError(
@@ -255,10 +302,14 @@ class Router:
 
         async def settle(record: Any) -> None:
             self.metrics.observe(record)
+            if record.ttft_ms is not None:
+                self.ttft.observe(record.tier, record.ttft_ms)
             await self.gateway.settle.remote(admission.ticket, record)
 
         try:
-            return await self._call_tier(tier, kind, body, meter, settle, headers)
+            return await self._call_tier(
+                tier, kind, body, meter, settle, headers, affinity_key(request, body)
+            )
         except BaseException:
             await asyncio.shield(settle(meter.record(500, "router error")))
             raise
@@ -271,12 +322,15 @@ class Router:
         meter: RequestMeter,
         settle: Any,
         headers: dict[str, str],
+        affinity: str,
     ) -> Response:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if meter.labels.stream:  # the engine always reports usage so the stream can be metered
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         handle = self.tiers[tier.name].options(stream=True)
-        gen = getattr(handle, kind).remote(body, meter.labels.request_id, tracing.inject())
+        gen = getattr(handle, kind).remote(
+            body, meter.labels.request_id, tracing.inject(), affinity=affinity
+        )
         try:
             first = await gen.__anext__()
         except Exception as exc:
@@ -285,6 +339,9 @@ class Router:
             return APIError(
                 503, "the tier is unavailable; retry shortly", headers={"retry-after": "5"}
             ).response(headers)
+        if isinstance(first, Served):
+            headers["x-kimi-replica"] = first.replica
+            first = first.output
         if isinstance(first, EngineError):
             await settle(meter.record(first.status_code, first.message))
             return JSONResponse(first.body(), first.status_code, headers=headers)
@@ -336,27 +393,29 @@ class Router:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        loads = await asyncio.gather(*(self._tier_load(name) for name in self.tiers))
-        tiers = {n: ld is not None and ld.healthy for n, ld in zip(self.tiers, loads, strict=True)}
-        ok = any(tiers.values())
+        """Ready while some tier has a healthy replica. A tier at zero replicas whose
+        catalogue allows zero is `"idle"`: ready, it starts on the next request."""
+        loads = await self._snapshot()
+        tiers: dict[str, bool | str] = {}
+        for entry in self.config.tiers:
+            load = loads.get(entry.name)
+            if load is not None and load.replicas > 0:
+                tiers[entry.name] = load.healthy
+            else:
+                tiers[entry.name] = "idle" if entry.autoscaling.min_replicas == 0 else False
+        ok = any(v is True for v in tiers.values())
         return JSONResponse({"ready": ok, "tiers": tiers}, 200 if ok else 503)
 
     @app.get("/status")
     async def status(self) -> dict[str, Any]:
-        """Live engine figures per tier (one replica's view), for operators and tests."""
-        loads = await asyncio.gather(*(self._tier_load(name) for name in self.tiers))
+        """Live engine figures per tier, summed over its replicas (each listed under
+        `members`), as the replicas last reported them (every 0.5 s)."""
+        loads = await self._snapshot()
         return {
             "tiers": {
-                name: (load.model_dump() if load is not None else None)
-                for name, load in zip(self.tiers, loads, strict=True)
+                name: (loads[name].model_dump() if name in loads else None) for name in self.tiers
             }
         }
-
-    async def _tier_load(self, name: str) -> EngineLoad | None:
-        try:
-            return await asyncio.wait_for(self.tiers[name].load.remote(), timeout=5)
-        except Exception:
-            return None
 
     # ---- admin routes (separate credential) ------------------------------------------
 

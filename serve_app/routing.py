@@ -1,18 +1,24 @@
 """Tier choice: a pure policy over the plan, the catalogue and the request's needs.
 
-`candidate_tiers` answers which tiers may serve a request (or why none may);
-`choose_tier` picks one from the plan's order and the tiers' live load figures (the
-engines' own running/waiting counts), spilling degradable plans to a cheaper tier under
-overload and shedding the lowest-priority plans first.
+`candidate_tiers` answers which tiers may serve a request (or why none may): the plan's
+tiers, or the one it pins, that have the capabilities and the context the request needs.
+`choose_tier` picks one from the plan's order and the tiers' live figures (the engines'
+own running/waiting counts, summed over a tier's replicas, and the time to first token
+the routers observed recently against the tier's objective), spilling degradable plans
+to a cheaper tier under overload and shedding the lowest-priority plans first.
+Documented in docs/routing.md.
 """
 
 from __future__ import annotations
 
+import random
+import time
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from deployments.engine import EngineLoad
-from serve_app.config import BASE_MODEL, AppConfig, Plan, TierEntry
+from serve_app.config import BASE_MODEL, AppConfig, Plan, Strategy, TierEntry
 from serve_app.errors import APIError
 
 
@@ -22,6 +28,14 @@ class Needs:
     thinking: bool = True
     vision: bool = False
     json_schema: bool = False
+    context_tokens: int = 0  # a low estimate of prompt + requested output
+
+
+def estimate_tokens(chars: int) -> int:
+    """A deliberately low token estimate for `chars` characters of text (~6 a token;
+    real text runs 3-4), so a request is never refused for a context it would fit;
+    the engine still enforces the exact limit."""
+    return chars // 6
 
 
 def candidate_tiers(
@@ -58,7 +72,17 @@ def candidate_tiers(
             param="messages" if lacking == "vision" else None,
             code="capability_unsupported",
         )
-    return able
+    fits = [t for t in able if t.max_context >= needs.context_tokens]
+    if not fits:
+        longest = max(t.max_context for t in able)
+        raise APIError(
+            400,
+            f"this request needs at least {needs.context_tokens} tokens of context;"
+            f" the longest '{model}' serves is {longest}",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return fits
 
 
 def missing_capability(tier: TierEntry, needs: Needs) -> str | None:
@@ -79,6 +103,17 @@ class LoadPolicy:
     overload_pressure: float = 1.0  # (running + waiting) / capacity above which to spill
     shed_pressure: float = 2.0  # above this on the chosen tier, low plans are refused
     shed_below_priority: int = 1  # plans with a lower priority are shed first
+    # "load" is the product; "plan_only" (always the plan's first tier) and "random" (any
+    # allowed tier) are the baselines benchmarks/routing_quality.py compares it with.
+    strategy: Strategy = "load"
+
+
+@dataclass(frozen=True)
+class Live:
+    """What the router knows of a tier right now."""
+
+    loads: Mapping[str, EngineLoad] = field(default_factory=dict)
+    ttft_p90_ms: Mapping[str, float] = field(default_factory=dict)  # recent, per tier
 
 
 @dataclass(frozen=True)
@@ -88,41 +123,78 @@ class Decision:
     shed: bool = False  # refuse now (503 + Retry-After) rather than queue
 
 
+class LatencyWindow:
+    """Times to first token per tier over the last `window_s`; its p90 once there are
+    `min_samples` (one slow request is not a trend, and old ones must not hold a spill
+    after the tier recovered)."""
+
+    def __init__(self, window_s: float = 30.0, min_samples: int = 5, keep: int = 512) -> None:
+        self.window_s = window_s
+        self.min_samples = min_samples
+        self._samples: dict[str, deque[tuple[float, float]]] = {}
+        self._keep = keep
+
+    def observe(self, tier: str, ms: float, now: float | None = None) -> None:
+        at = time.monotonic() if now is None else now
+        self._samples.setdefault(tier, deque(maxlen=self._keep)).append((at, ms))
+
+    def p90_ms(self, now: float | None = None) -> dict[str, float]:
+        now = time.monotonic() if now is None else now
+        out: dict[str, float] = {}
+        for tier, samples in self._samples.items():
+            while samples and now - samples[0][0] > self.window_s:
+                samples.popleft()
+            if len(samples) >= self.min_samples:
+                ordered = sorted(ms for _, ms in samples)
+                out[tier] = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+        return out
+
+
 def pressure(load: EngineLoad | None) -> float:
     if load is None:
         return 0.0
     return (load.running + load.waiting) / max(load.capacity, 1)
 
 
+def overloaded(tier: TierEntry, live: Live, policy: LoadPolicy) -> bool:
+    """Over its batch capacity, or missing its time-to-first-token objective."""
+    if pressure(live.loads.get(tier.name)) > policy.overload_pressure:
+        return True
+    slo = tier.slo.ttft_ms
+    ttft = live.ttft_p90_ms.get(tier.name)
+    return slo is not None and ttft is not None and ttft > slo
+
+
 def choose_tier(
     candidates: list[TierEntry],
-    loads: Mapping[str, EngineLoad] | None = None,
+    live: Live | None = None,
     plan: Plan | None = None,
     policy: LoadPolicy | None = None,
 ) -> Decision:
-    """Pick a tier from the plan's candidates (in preference order) and the live loads.
+    """Pick a tier from the plan's candidates (in preference order) and the live figures.
 
-    - Unhealthy tiers are skipped (unless none is healthy).
-    - The first healthy tier serves while its pressure stays at or below
-      `overload_pressure`. Above that, a plan that may degrade spills to the first later
-      tier that is not overloaded; a plan that may not keeps its tier and queues there.
+    - Unhealthy tiers are skipped (unless none is healthy). A tier scaled to zero is not
+      unhealthy: it reports nothing, and a request wakes it.
+    - The first healthy tier serves while it is not overloaded (pressure at or below
+      `overload_pressure`, recent TTFT p90 within the tier's objective). Otherwise a plan
+      that may degrade spills to the first later tier that is not overloaded; a plan
+      that may not keeps its tier and queues there.
     - Plans below `shed_below_priority` are refused (shed) when the tier they would get
       is above `shed_pressure`, so that higher plans keep their latency.
     """
-    loads = loads or {}
+    live = live or Live()
     policy = policy or LoadPolicy()
+    if policy.strategy == "plan_only":
+        return Decision(tier=candidates[0])
+    if policy.strategy == "random":
+        chosen = random.choice(candidates)
+        return Decision(tier=chosen, degraded=chosen is not candidates[0])
+    loads = live.loads
     healthy = [t for t in candidates if (ld := loads.get(t.name)) is None or ld.healthy]
     healthy = healthy or candidates
     chosen = healthy[0]
-    if (
-        plan is not None
-        and plan.allow_degrade
-        and (pressure(loads.get(chosen.name)) > policy.overload_pressure)
-    ):
-        spill = next(
-            (t for t in healthy[1:] if pressure(loads.get(t.name)) <= policy.overload_pressure),
-            None,
-        )
+    if plan is not None and plan.allow_degrade and overloaded(chosen, live, policy):
+        spill = next((t for t in healthy[1:] if not overloaded(t, live, policy)), None)
         chosen = spill or chosen
     shed = (
         plan is not None

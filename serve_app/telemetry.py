@@ -4,13 +4,16 @@ endpoint (and so to the Ray dashboard and Grafana)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from ray.util import metrics
 
+from deployments.loadboard import TierLoad
 from serve_app.metering import UsageRecord
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 log = logging.getLogger("serve_app.telemetry")
+TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
 
@@ -37,6 +40,30 @@ class RouterMetrics:
             tag_keys=("plan", "tier"),
         )
         self.shed = metrics.Counter("kimi_shed", "requests shed under load", tag_keys=("plan",))
+        self.tpot = metrics.Histogram(
+            "kimi_tpot_seconds",
+            "time per output token after the first (mean inter-token latency of a request)",
+            boundaries=TPOT_BUCKETS,
+            tag_keys=("plan", "tier"),
+        )
+        self.queue = metrics.Gauge(
+            "kimi_tier_sequences",
+            "sequences in the tier's engines, by state (running, waiting)",
+            tag_keys=("tier", "state"),
+        )
+        self.replicas = metrics.Gauge(
+            "kimi_tier_replicas", "healthy replicas reporting", tag_keys=("tier",)
+        )
+        self.kv = metrics.Gauge(
+            "kimi_tier_kv_cache_usage", "highest KV-cache use among the tier's replicas", ("tier",)
+        )
+
+    def observe_loads(self, loads: Mapping[str, TierLoad]) -> None:
+        for tier, load in loads.items():
+            self.queue.set(load.running, {"tier": tier, "state": "running"})
+            self.queue.set(load.waiting, {"tier": tier, "state": "waiting"})
+            self.replicas.set(load.replicas, {"tier": tier})
+            self.kv.set(load.kv_cache_usage, {"tier": tier})
 
     def observe(self, rec: UsageRecord) -> None:
         """Never raises: a metrics fault must not fail or unmeter a request."""
@@ -55,4 +82,7 @@ class RouterMetrics:
             self.cost.inc(rec.cost_usd, pt)
         if rec.ttft_ms is not None:
             self.ttft.observe(rec.ttft_ms / 1000, pt)
+            if rec.completion_tokens > 1:
+                tpot = (rec.latency_ms - rec.ttft_ms) / 1000 / (rec.completion_tokens - 1)
+                self.tpot.observe(max(tpot, 0.0), pt)
         self.latency.observe(rec.latency_ms / 1000, pt)

@@ -5,10 +5,12 @@ Every integration test talks HTTP to the same router; engines start once (~1 min
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -32,13 +34,63 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("kimi-state")
 
 
-@pytest.fixture(scope="session")
-def serve_url(state_dir: Path) -> Iterator[str]:
-    import ray
-    from ray import serve
+# The session's cluster is three Ray nodes on this machine, as cluster/local_multinode.sh
+# starts them: custom resources stand in for the production node types.
+NODES = {
+    "head": {"num_cpus": 4, "resources": {"node_head": 1}},
+    "h200": {"num_cpus": 2, "resources": {"node_h200x8": 1}},
+    "ram": {"num_cpus": 2, "resources": {"host_ram_gb": 800}},
+}
+# The embedded default, placed on those nodes and with delays short enough to watch the
+# autoscaler act within a test (the figures the tests assert against come from here).
+OVERLAY: dict[str, dict] = {
+    "premium": {
+        "resources": {"num_cpus": 0.5, "custom": {"node_h200x8": 1}},
+        "engine_args": {"max-num-seqs": 8},  # saturates with a handful of streams
+        # no TTFT objective: tests that saturate premium must not make later ones spill
+        "slo": {"ttft_ms": None},
+    },
+    "standard": {
+        "resources": {"num_cpus": 0.25, "custom": {"host_ram_gb": 100}},
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 4,
+            "upscale_delay_s": 2,
+            "downscale_delay_s": 12,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
+        },
+    },
+    "budget": {
+        "resources": {"num_cpus": 0.25, "custom": {"host_ram_gb": 100}},
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "initial_replicas": 1,
+            "downscale_to_zero_delay_s": 20,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
+        },
+    },
+}
 
-    from serve_app.app import build_app
+
+def session_app_args() -> dict:
     from serve_app.cli import app_args
+
+    args = app_args(ROOT / "serve_config.yaml")
+    for tier in args["tiers"]:
+        for field, values in OVERLAY[tier["name"]].items():
+            tier[field] = {**tier.get(field, {}), **values}
+    args["router"]["allow_strategy_header"] = True
+    return args
+
+
+@pytest.fixture(scope="session")
+def cluster(state_dir: Path) -> Iterator[object]:
+    import ray
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's workers inherit these: the gateway keeps keys and usage in the session's dir.
@@ -46,19 +98,33 @@ def serve_url(state_dir: Path) -> Iterator[str]:
     os.environ["KIMI_SERVE_ADMIN_TOKEN"] = ADMIN_TOKEN
     os.environ["KIMI_SERVE_TRACES"] = f"file:{state_dir / 'traces.jsonl'}"
     # A 2-core machine needs more logical CPUs than it reports (DESIGN.md).
-    metrics_port = _free_port()
-    os.environ["KIMI_TEST_METRICS_PORT"] = str(metrics_port)
-    ray.init(
-        num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
-    )
+    c = Cluster(initialize_head=True, head_node_args={**NODES["head"], "include_dashboard": False})
+    c.add_node(**NODES["h200"])
+    c.add_node(**NODES["ram"])
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(cluster: object) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.app import build_app
+
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(ROOT / "serve_config.yaml")), name="kimi", route_prefix="/")
+    serve.run(build_app(session_app_args()), name="kimi", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
+            r = httpx.get(f"{url}/ready", timeout=10)
+            # every tier up (the scale-to-zero one may already have gone idle again)
+            tiers = r.json()["tiers"].values()
+            if r.status_code == 200 and all(v is True or v == "idle" for v in tiers):
                 break
         except httpx.HTTPError:
             pass
@@ -67,7 +133,13 @@ def serve_url(state_dir: Path) -> Iterator[str]:
         pytest.fail("the application never became ready")
     yield url
     serve.shutdown()
-    ray.shutdown()
+
+
+def metrics_ports() -> list[int]:
+    """Every node's Prometheus endpoint (a replica's metrics leave from its own node)."""
+    import ray
+
+    return [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +154,68 @@ def admin(serve_url: str) -> httpx.Client:
     return httpx.Client(
         base_url=serve_url, timeout=60, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
     )
+
+
+class Hogs:
+    """Long streaming requests pinned to one tier, from threads, until stopped; closing
+    a stream cancels its engine request, so the tier drains as soon as the hogs stop."""
+
+    def __init__(self, url: str, key: str, model: str, n: int, max_tokens: int) -> None:
+        self.url, self.key, self.model, self.max_tokens = url, key, model, max_tokens
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self) -> None:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        headers = {"authorization": f"Bearer {self.key}"}
+        while not self.stop.is_set():
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                httpx.stream(
+                    "POST",
+                    f"{self.url}/v1/chat/completions",
+                    json=body,
+                    headers=headers,
+                    timeout=120,
+                ) as r,
+            ):
+                if r.status_code != 200:
+                    time.sleep(0.5)  # refused (shed, limited): try again shortly
+                for _ in r.iter_lines():
+                    if self.stop.is_set():
+                        break
+
+    def __enter__(self) -> Hogs:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=150)
+
+
+def tier_status(url: str, tier: str) -> dict | None:
+    return httpx.get(f"{url}/status", timeout=30).json()["tiers"][tier]
+
+
+def tier_pressure(url: str, tier: str) -> float:
+    s = tier_status(url, tier)
+    return 0.0 if not s else (s["running"] + s["waiting"]) / s["capacity"]
+
+
+def wait_for(what: str, check: Callable[[], object], timeout_s: float, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

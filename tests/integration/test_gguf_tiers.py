@@ -109,12 +109,24 @@ def _llama_server_pid(quant: str) -> int:
     return int(out[0])
 
 
-def _wait_healthy(serve_url: str, tier: str, timeout: float = 120) -> dict:
+def _wait_healthy(serve_url: str, tier: str, timeout: float = 120, restarts: int = 0) -> dict:
+    """The tier's figures once it is healthy with at least `restarts` engine restarts
+    (they reach /status within the replicas' 0.5 s report interval)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = httpx.get(f"{serve_url}/status", timeout=30).json()["tiers"][tier]
-        if status and status["healthy"]:
+        if status and status["healthy"] and status["restarts"] >= restarts:
             return status
+        if not status:  # scaled to zero (budget does when idle): a request wakes it
+            httpx.post(
+                f"{serve_url}/v1/chat/completions",
+                timeout=120,
+                json={
+                    "model": f"kimi-k2.5:{tier}",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1,
+                },
+            )
         time.sleep(0.5)
     raise AssertionError(f"{tier} never became healthy again")
 
@@ -129,8 +141,8 @@ def test_killed_llama_server_fails_cleanly_and_restarts(serve_url):
     }
     interrupted = 0
     for _attempt in range(5):
-        pid = _llama_server_pid(quant)
         before = _wait_healthy(serve_url, tier)["restarts"]
+        pid = _llama_server_pid(quant)
         events = []
         with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=120) as r:
             assert r.status_code == 200
@@ -145,7 +157,7 @@ def test_killed_llama_server_fails_cleanly_and_restarts(serve_url):
         interrupted += 1
         err = json.loads(events[-1])["error"]
         assert err["type"] == "server_error" and "retry" in err["message"]
-        after = _wait_healthy(serve_url, tier)
+        after = _wait_healthy(serve_url, tier, restarts=before + 1)
         assert after["restarts"] == before + 1
         assert _llama_server_pid(quant) != pid
         ok = httpx.post(
@@ -162,6 +174,7 @@ def test_killed_llama_server_non_streaming_gets_503(serve_url):
     tier, quant = "standard", "Q4_K_M"
     _wait_healthy(serve_url, tier)
     pid = _llama_server_pid(quant)
+    before = _wait_healthy(serve_url, tier)["restarts"]
     os.kill(pid, signal.SIGKILL)
     body = {
         "model": f"kimi-k2.5:{tier}",
@@ -171,6 +184,6 @@ def test_killed_llama_server_non_streaming_gets_503(serve_url):
     r = httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=60)
     if r.status_code != 200:  # raced the restart: a clean, retryable error
         assert r.status_code == 503 and r.json()["error"]["message"]
-    _wait_healthy(serve_url, tier)
+    _wait_healthy(serve_url, tier, restarts=before + 1)
     r = httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 
@@ -15,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from serve_app.metering import read_usage
+from tests.integration.conftest import metrics_ports
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,6 @@ def test_router_metrics_on_prometheus_endpoint(serve_url, client):
     client.chat.completions.create(
         model="kimi-k2.5:budget", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
     )
-    port = os.environ["KIMI_TEST_METRICS_PORT"]
 
     def wanted(line: str) -> bool:
         return line.startswith("ray_kimi_requests") and all(
@@ -92,7 +91,10 @@ def test_router_metrics_on_prometheus_endpoint(serve_url, client):
 
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # Ray's agent exports every few seconds
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = "\n".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for port in metrics_ports()
+        )
         if any(wanted(line) for line in text.splitlines()):
             break
         time.sleep(2)

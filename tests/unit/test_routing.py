@@ -8,14 +8,21 @@ from deployments.engine import EngineLoad
 from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.errors import APIError
-from serve_app.routing import LoadPolicy, Needs, candidate_tiers, choose_tier
+from serve_app.routing import (
+    LatencyWindow,
+    Live,
+    LoadPolicy,
+    Needs,
+    candidate_tiers,
+    choose_tier,
+)
 
 CFG = load_config(app_args(Path(__file__).resolve().parents[2] / "serve_config.yaml"))
 
 
 def pick(model: str, plan: str, needs: Needs | None = None) -> str:
     cands = candidate_tiers(model, CFG.plans[plan], plan, CFG, needs or Needs())
-    return choose_tier(cands, {}, CFG.plans[plan]).tier.name
+    return choose_tier(cands, Live(), CFG.plans[plan]).tier.name
 
 
 def test_base_model_follows_plan_preference():
@@ -61,7 +68,7 @@ def test_capability_filter_skips_tiers_and_explains_refusal():
 def test_unhealthy_tier_is_skipped():
     tiers = candidate_tiers("kimi-k2.5", CFG.plans["enterprise"], "enterprise", CFG, Needs())
     loads = {"premium": EngineLoad(healthy=False), "standard": EngineLoad()}
-    decision = choose_tier(tiers, loads)
+    decision = choose_tier(tiers, Live(loads))
     assert decision.tier.name == "standard" and decision.degraded
 
 
@@ -69,9 +76,17 @@ def busy(running: int, waiting: int = 0, capacity: int = 4) -> EngineLoad:
     return EngineLoad(running=running, waiting=waiting, capacity=capacity)
 
 
-def decide(plan: str, loads: dict, model: str = "kimi-k2.5"):
-    p = CFG.plans[plan]
-    return choose_tier(candidate_tiers(model, p, plan, CFG, Needs()), loads, p, LoadPolicy())
+def decide(
+    plan: str,
+    loads: dict,
+    model: str = "kimi-k2.5",
+    ttft: dict | None = None,
+    policy: LoadPolicy | None = None,
+    cfg=CFG,
+):
+    p = cfg.plans[plan]
+    cands = candidate_tiers(model, p, plan, cfg, Needs())
+    return choose_tier(cands, Live(loads, ttft or {}), p, policy or LoadPolicy())
 
 
 def test_load_below_overload_keeps_first_choice():
@@ -106,3 +121,64 @@ def test_lowest_priority_is_shed_first_when_saturated():
     assert d.shed
     assert not decide("free", {"budget": busy(4, 3)}).shed
     assert not decide("standard", {"standard": busy(4, 8), "budget": busy(4, 8)}).shed
+
+
+def with_slo(ms: float):
+    cfg = CFG.model_copy(deep=True)
+    cfg.tier("premium").slo.ttft_ms = ms
+    return cfg
+
+
+def test_missed_ttft_objective_spills_degradable_plans_only():
+    cfg = with_slo(500)
+    loads = {"premium": busy(1, capacity=32), "standard": busy(0)}
+    slow = {"premium": 900.0}
+    d = decide("enterprise", loads, ttft=slow, cfg=cfg)
+    assert d.tier.name == "standard" and d.degraded
+    d = decide("premium", loads, ttft=slow, cfg=cfg)  # may not degrade: keeps premium
+    assert d.tier.name == "premium" and not d.degraded
+    d = decide("enterprise", loads, ttft={"premium": 400.0}, cfg=cfg)  # within objective
+    assert d.tier.name == "premium"
+
+
+def test_tier_scaled_to_zero_is_not_unhealthy():
+    # A tier with no reports (scaled to zero) stays a candidate: a request wakes it.
+    assert decide("free", {}).tier.name == "budget"
+    d = decide("standard", {"standard": busy(4, 4)})  # budget reports nothing
+    assert d.tier.name == "budget" and d.degraded
+
+
+def test_baseline_strategies():
+    loads = {"standard": busy(4, 8), "budget": busy(0)}
+    d = decide("standard", loads, policy=LoadPolicy(strategy="plan_only"))
+    assert d.tier.name == "standard" and not d.degraded
+    seen = {
+        decide("standard", {}, policy=LoadPolicy(strategy="random")).tier.name for _ in range(64)
+    }
+    assert seen == {"standard", "budget"}
+
+
+def test_context_picks_a_tier_that_fits_or_refuses():
+    plan = CFG.plans["enterprise"]
+    fits = candidate_tiers("kimi-k2.5", plan, "enterprise", CFG, Needs(context_tokens=3000))
+    assert [t.name for t in fits] == ["premium", "standard"]  # budget serves 2048
+    cfg = CFG.model_copy(deep=True)
+    cfg.plans["enterprise"].tiers = ["budget", "standard", "premium"]
+    fits = candidate_tiers(
+        "kimi-k2.5", cfg.plans["enterprise"], "enterprise", cfg, Needs(context_tokens=5000)
+    )
+    assert [t.name for t in fits] == ["premium"]
+    with pytest.raises(APIError) as err:
+        candidate_tiers("kimi-k2.5", plan, "enterprise", CFG, Needs(context_tokens=9000))
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    assert "8192" in err.value.message
+
+
+def test_latency_window_needs_samples_and_forgets_old_ones():
+    w = LatencyWindow(window_s=30, min_samples=5)
+    for i in range(4):
+        w.observe("premium", 100.0 * (i + 1), now=0.0)
+    assert w.p90_ms(now=1.0) == {}  # 4 samples: not yet a trend
+    w.observe("premium", 1000.0, now=1.0)
+    assert w.p90_ms(now=2.0) == {"premium": 1000.0}
+    assert w.p90_ms(now=31.5) == {}  # the first four aged out

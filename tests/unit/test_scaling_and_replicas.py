@@ -1,0 +1,79 @@
+"""Replica choice within a tier, autoscaling arithmetic and load aggregation, with plain
+inputs (the Ray Serve classes that call them are exercised by the integration tests)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from deployments.autoscaling import Demand, desired_replicas
+from deployments.loadboard import ReplicaLoad, aggregate
+from deployments.replica_router import ReplicaView, rank_replicas
+
+IDS = ["r-a", "r-b", "r-c"]
+
+
+def test_same_conversation_goes_to_the_same_replica():
+    vs = [ReplicaView(r, capacity=4) for r in IDS]
+    homes = {rank_replicas(vs, "s:conversation-1")[0][0] for _ in range(10)}
+    assert len(homes) == 1
+    # many conversations spread over all replicas
+    spread = Counter(rank_replicas(vs, f"s:{i}")[0][0] for i in range(300))
+    assert set(spread) == set(IDS) and min(spread.values()) > 50
+
+
+def test_affinity_survives_other_replicas_leaving():
+    vs = [ReplicaView(r, capacity=4) for r in IDS]
+    for key in ("s:x", "s:y", "p:abc"):
+        home = rank_replicas(vs, key)[0][0]
+        remaining = [v for v in vs if v.replica_id != next(i for i in IDS if i != home)]
+        assert rank_replicas(remaining, key)[0][0] == home
+
+
+def test_overloaded_home_gives_way_to_least_loaded():
+    vs = [ReplicaView(r, capacity=4) for r in IDS]
+    home = rank_replicas(vs, "s:y")[0][0]
+    busy = [
+        ReplicaView(v.replica_id, running=4, waiting=3, capacity=4)
+        if v.replica_id == home
+        else ReplicaView(v.replica_id, running=1 if v.replica_id == IDS[1] else 2, capacity=4)
+        for v in vs
+    ]
+    ranks = rank_replicas(busy, "s:y")
+    assert ranks[0][0] != home and ranks[-1] == [home]
+
+
+def test_without_key_least_engine_load_first_and_in_flight_counts():
+    vs = [
+        ReplicaView("r-a", running=3, capacity=4),
+        ReplicaView("r-b", running=0, capacity=4, in_flight=4),  # engine lags Ray's count
+        ReplicaView("r-c", running=1, capacity=4),
+    ]
+    assert rank_replicas(vs, None) == [["r-c"], ["r-a"], ["r-b"]]
+
+
+def test_unhealthy_replicas_last_resort_only():
+    vs = [ReplicaView("r-a", healthy=False), ReplicaView("r-b", running=9, capacity=4)]
+    assert rank_replicas(vs, None) == [["r-b"]]
+    assert rank_replicas([ReplicaView("r-a", healthy=False)], None) == [["r-a"]]
+
+
+def test_desired_replicas_follow_engine_demand():
+    assert desired_replicas(Demand(0, 0, 0), 1, 4)[0] == 0  # idle: may go to zero
+    assert desired_replicas(Demand(4, 0, 4), 1, 4)[0] == 1
+    n, why = desired_replicas(Demand(4, 6, 10), 1, 4)
+    assert n == 3 and "waiting 6" in why and "1 -> 3" in why
+    # requests Ray holds that no engine has seen yet (a replica starting) still count
+    assert desired_replicas(Demand(0, 0, 2), 0, 4)[0] == 1
+
+
+def test_aggregate_sums_healthy_replicas():
+    members = [
+        ReplicaLoad(replica="a", running=2, waiting=1, capacity=4, kv_cache_usage=0.2),
+        ReplicaLoad(replica="b", running=4, waiting=0, capacity=4, kv_cache_usage=0.7),
+        ReplicaLoad(replica="c", running=0, capacity=4, healthy=False, restarts=2),
+    ]
+    tier = aggregate(members)
+    assert (tier.running, tier.waiting, tier.capacity, tier.replicas) == (6, 1, 8, 2)
+    assert tier.kv_cache_usage == 0.7 and tier.healthy and tier.restarts == 2
+    assert not aggregate([members[2]]).healthy
+    assert aggregate([]).replicas == 0
