@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/build_llama_cpp.s
 RAY_CPUS ?= 8
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install serve deploy stop test test-unit lint bench clean
+.PHONY: install serve deploy stop test test-unit lint audit bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,13 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Known-vulnerability audit of the installed environment (pip-audit in its own venv). It
+# needs PyPI's JSON API or OSV reachable, which this project's CI machines do not have.
+audit: install
+	test -x .venv-audit/bin/pip-audit || ($(PY) -m venv .venv-audit && \
+		.venv-audit/bin/pip install --quiet pip-audit==2.10.1)
+	.venv-audit/bin/pip-audit --strict --skip-editable --path $(wildcard $(VENV)/lib/python3*/site-packages)
 
 # Side-by-side benchmark (writes benchmarks/results/); ~6 min with QUICK=1 on 2 cores.
 bench: install

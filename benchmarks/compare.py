@@ -52,6 +52,7 @@ class MemorySampler:
         self.interval = interval
         self.peaks: dict[str, int] = {}
         self.peak_total = 0
+        self.series: list[tuple[float, int]] = []  # (monotonic time, total RSS bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -73,6 +74,7 @@ class MemorySampler:
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.peak_total = max(self.peak_total, total)
+            self.series.append((time.monotonic(), total))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemorySampler:

@@ -63,6 +63,10 @@ class LlamaCppEngine(Engine):
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        # Requests this replica has open at llama-server. Its own `requests_deferred`
+        # misses those still waiting for one of its few HTTP threads, so under load the
+        # queue is the larger of the two.
+        self.in_flight = 0
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -167,9 +171,11 @@ class LlamaCppEngine(Engine):
             return EngineLoad(healthy=False, capacity=self.parallel, restarts=self.restarts)
         metrics = parse_prometheus(text)
         busy = sum(1 for s in slots if s.get("is_processing"))
+        running = int(metrics.get("llamacpp:requests_processing", busy))
+        deferred = int(metrics.get("llamacpp:requests_deferred", 0))
         return EngineLoad(
-            running=int(metrics.get("llamacpp:requests_processing", busy)),
-            waiting=int(metrics.get("llamacpp:requests_deferred", 0)),
+            running=running,
+            waiting=max(deferred, self.in_flight - running),
             kv_cache_usage=busy / max(len(slots), 1),
             capacity=self.parallel,
             restarts=self.restarts,
@@ -191,6 +197,7 @@ class LlamaCppEngine(Engine):
         stream = bool(body.get("stream"))
         headers = {"x-request-id": request_id}
         started = False
+        self.in_flight += 1
         try:
             async with self._client.stream(
                 "POST", f"{self.base_url}{path}", json=body, headers=headers
@@ -208,6 +215,8 @@ class LlamaCppEngine(Engine):
             log.warning("request %s lost its engine: %r", request_id, exc)
             err = EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
             yield err.sse() if started else err
+        finally:
+            self.in_flight -= 1
 
 
 def adapt_chat_request(body: dict[str, Any]) -> dict[str, Any]:

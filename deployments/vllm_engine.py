@@ -7,6 +7,7 @@ rewrite. Closing a response generator (client gone) aborts the engine request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -151,6 +152,12 @@ class VLLMEngine(Engine):
             log.exception("engine rejected request %s", request_id)
             yield EngineError(status_code=400, message=str(exc) or type(exc).__name__)
             return
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The caller went away during a non-streaming request: vLLM aborted it and
+            # answered "client disconnected" instead of raising.
+            self.aborted += 1
+            raise asyncio.CancelledError
         if isinstance(result, ErrorResponse):
             err = result.error
             yield EngineError(

@@ -59,6 +59,9 @@ class LimitFields(BaseModel):
     monthly_token_budget: int | None = Field(None, gt=0)
     monthly_spend_usd: float | None = Field(None, gt=0)
     max_output_tokens: int | None = Field(None, gt=0)
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="whole-request time limit; past it 504 (or an error event)"
+    )
 
 
 class Plan(LimitFields):

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.responses import StreamingResponse
+
 from deployments.engine import EngineError
 from serve_app.config import Price
 from serve_app.metering import RequestLabels, UsageRecord
@@ -83,28 +85,157 @@ def usage_chunk(chunk: str) -> dict[str, Any] | None:
     return event if isinstance(event.get("usage"), dict) else None
 
 
+def timeout_error(timeout_s: float) -> EngineError:
+    return EngineError(
+        status_code=504,
+        message=f"the request exceeded its plan's time limit of {timeout_s:g} s",
+        type="timeout",
+        code="request_timeout",
+    )
+
+
+class Settler:
+    """Sends settlements to the gateway from a long-lived task of the replica, never
+    from a request's own task.
+
+    Why: when a client hangs up, Ray Serve cancels the request's task, and Ray cancels
+    the calls that task submitted too (recursively), so a settlement sent from there can
+    be cancelled inside the gateway and the usage record lost. Calls submitted from the
+    replica's own background task are not the request's children.
+    """
+
+    def __init__(self, send: Callable[[Any, UsageRecord], Awaitable[None]]) -> None:
+        self._send = send
+        self._queue: asyncio.Queue[tuple[Any, UsageRecord, asyncio.Future[None]]] = asyncio.Queue()
+        self._inflight: set[asyncio.Task[None]] = set()  # asyncio holds tasks weakly
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            ticket, record, done = await self._queue.get()
+            task = asyncio.get_running_loop().create_task(self._deliver(ticket, record, done))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _deliver(self, ticket: Any, record: UsageRecord, done: asyncio.Future[None]) -> None:
+        try:
+            await self._send(ticket, record)
+            if not done.done():
+                done.set_result(None)
+        except Exception as exc:
+            log.exception("settling %s failed", record.request_id)
+            if not done.done():
+                done.set_exception(exc)
+
+    async def settle(self, ticket: Any, record: UsageRecord) -> None:
+        """Durable when it returns; a cancelled caller does not cancel the delivery."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((ticket, record, done))
+        await asyncio.shield(done)
+
+
+@dataclass(eq=False)  # kept in sets by identity
+class StreamSettlement:
+    """Settles a stream's usage record exactly once, however the stream ends."""
+
+    meter: RequestMeter
+    settle: Settle
+    gen: Any  # the tier call, cancelled when the client goes
+    settled: bool = False
+    delivered: bool = False  # the response started; from then on it settles itself
+    created: float = field(default_factory=time.monotonic)
+
+    async def finish(self, status: int, err: str | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        await self.settle(self.meter.record(status, err))
+
+    async def abandon(self) -> None:
+        if not self.settled:
+            self.gen.cancel()  # the engine stops generating for it
+            await self.finish(499, "client disconnected")
+
+
+class MeteredStreamingResponse(StreamingResponse):
+    """A stream whose usage is settled when the response ends by any path: the body
+    generator may be left unfinished when the transport fails under it."""
+
+    def __init__(self, content: Any, settlement: StreamSettlement, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.settlement = settlement
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def receive_or_disconnect() -> Any:
+            try:
+                return await receive()
+            except Exception:  # Ray's transport raises when the client is gone
+                return {"type": "http.disconnect"}
+
+        self.settlement.delivered = True
+        try:
+            await super().__call__(scope, receive_or_disconnect, send)
+        finally:
+            await self.settlement.abandon()
+
+
+class UndeliveredStreams:
+    """Streams handed to the web framework whose response never started: a client that
+    hangs up at that moment cancels the request task before the response runs, and
+    nothing else would settle the record or cancel the tier call."""
+
+    def __init__(self, grace_s: float = 10.0) -> None:
+        self.grace_s = grace_s
+        self._open: set[StreamSettlement] = set()
+
+    def add(self, state: StreamSettlement) -> None:
+        self._open.add(state)
+
+    async def reap(self) -> int:
+        now, reaped = time.monotonic(), 0
+        for state in list(self._open):
+            if state.settled or state.delivered:
+                self._open.discard(state)
+            elif now - state.created > self.grace_s:
+                self._open.discard(state)
+                await state.abandon()
+                reaped += 1
+        return reaped
+
+
 async def relay_stream(
-    first: Any, gen: Any, meter: RequestMeter, settle: Settle, client_wants_usage: bool
+    first: Any,
+    state: StreamSettlement,
+    client_wants_usage: bool,
+    deadline: float | None = None,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[str]:
     """Relay SSE chunks (tiers send lists of the chunks ready); settle before `[DONE]`;
-    cancel the tier call if the client goes."""
-    settled = False
+    cancel the tier call if the client goes or the plan's time limit (`deadline`, on the
+    monotonic clock) passes."""
+    gen, meter, finish = state.gen, state.meter, state.finish
     error: str | None = None
-
-    async def finish(status: int, err: str | None) -> None:
-        nonlocal settled
-        if not settled:
-            settled = True
-            # shielded: a client hang-up cancels this generator, not the metering
-            await asyncio.shield(settle(meter.record(status, err)))
 
     async def chunks() -> AsyncIterator[Any]:
         yield first
         async for chunk in gen:
             yield chunk
 
+    async def items() -> AsyncIterator[Any]:
+        """The tier's messages, until the deadline (TimeoutError past it)."""
+        source = chunks()
+        while True:
+            step = source.__anext__()
+            try:
+                if deadline is None:
+                    yield await step
+                else:
+                    yield await asyncio.wait_for(step, max(deadline - time.monotonic(), 0))
+            except StopAsyncIteration:
+                return
+
     try:
-        async for item in chunks():
+        async for item in items():
             if meter.first_at is None:
                 meter.first_at = time.monotonic()
             out = []
@@ -126,6 +257,11 @@ async def relay_stream(
                     out.append(chunk)
             if out:
                 yield "".join(out)
+    except TimeoutError:
+        err = timeout_error(timeout_s or 0)
+        yield err.sse()
+        gen.cancel()  # the engine stops generating for it
+        await finish(504, err.message)
     except asyncio.CancelledError:
         await finish(499, "client disconnected")
         raise
@@ -137,6 +273,4 @@ async def relay_stream(
         yield err.sse()
         await finish(503, repr(exc))
     finally:
-        if not settled:
-            gen.cancel()
-            await finish(499, "client disconnected")
+        await state.abandon()

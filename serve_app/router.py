@@ -22,9 +22,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import tracing
@@ -37,7 +38,16 @@ from serve_app.gateway import ANONYMOUS, Caller, gateway_handle, state_dir
 from serve_app.keys import KeyOverrides, hash_key, split_key
 from serve_app.limits import Denial
 from serve_app.metering import RequestLabels
-from serve_app.relay import RequestMeter, add_cost, relay_stream
+from serve_app.relay import (
+    MeteredStreamingResponse,
+    RequestMeter,
+    Settler,
+    StreamSettlement,
+    UndeliveredStreams,
+    add_cost,
+    relay_stream,
+    timeout_error,
+)
 from serve_app.routing import (
     LatencyWindow,
     Live,
@@ -152,6 +162,8 @@ class Router:
         self.board = board()
         self.loads: dict[str, TierLoad] = {}
         self.ttft = LatencyWindow()
+        self.undelivered = UndeliveredStreams()
+        self.settler = Settler(self._send_settlement)
         self.metrics = RouterMetrics()
         self.tracer = tracing.tracer("kimi-router")
         self._refresher = asyncio.create_task(self._refresh_loads())
@@ -162,9 +174,14 @@ class Router:
             try:
                 self.loads = await self._snapshot()
                 self.metrics.observe_loads(self.loads)
+                if reaped := await self.undelivered.reap():
+                    log.warning("settled %d streams whose response never started", reaped)
             except Exception:
                 log.exception("reading tier loads failed")
             await asyncio.sleep(self.config.router.load_refresh_s)
+
+    async def _send_settlement(self, ticket: Any, record: Any) -> None:
+        await self.gateway.settle.remote(ticket, record)
 
     async def _snapshot(self) -> dict[str, TierLoad]:
         return await asyncio.wait_for(self.board.snapshot.remote(), timeout=5)
@@ -304,11 +321,12 @@ class Router:
             self.metrics.observe(record)
             if record.ttft_ms is not None:
                 self.ttft.observe(record.tier, record.ttft_ms)
-            await self.gateway.settle.remote(admission.ticket, record)
+            await self.settler.settle(admission.ticket, record)
 
+        timeout_s = caller.overrides.request_timeout_s or plan.request_timeout_s
         try:
             return await self._call_tier(
-                tier, kind, body, meter, settle, headers, affinity_key(request, body)
+                tier, kind, body, meter, settle, headers, affinity_key(request, body), timeout_s
             )
         except BaseException:
             await asyncio.shield(settle(meter.record(500, "router error")))
@@ -323,22 +341,41 @@ class Router:
         settle: Any,
         headers: dict[str, str],
         affinity: str,
+        timeout_s: float | None,
     ) -> Response:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if meter.labels.stream:  # the engine always reports usage so the stream can be metered
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         handle = self.tiers[tier.name].options(stream=True)
-        gen = getattr(handle, kind).remote(
-            body, meter.labels.request_id, tracing.inject(), affinity=affinity
-        )
-        try:
-            first = await gen.__anext__()
-        except Exception as exc:
-            log.exception("tier %s call failed", tier.name)
-            await settle(meter.record(503, repr(exc)))
-            return APIError(
-                503, "the tier is unavailable; retry shortly", headers={"retry-after": "5"}
-            ).response(headers)
+        deadline = None if timeout_s is None else meter.started + timeout_s
+        for attempt in (1, 2):
+            gen = getattr(handle, kind).remote(
+                body, meter.labels.request_id, tracing.inject(), affinity=affinity
+            )
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                first = await asyncio.wait_for(gen.__anext__(), left)
+                break
+            except TimeoutError:
+                gen.cancel()
+                err = timeout_error(timeout_s or 0)
+                await settle(meter.record(504, err.message))
+                return JSONResponse(err.body(), 504, headers=headers)
+            except RayActorError as exc:
+                if attempt == 1:
+                    # The replica died before answering: the client has seen nothing, so
+                    # once more (Serve routes to a live replica, or waits for its restart).
+                    log.warning(
+                        "tier %s replica lost, retrying %s: %r",
+                        tier.name,
+                        meter.labels.request_id,
+                        exc,
+                    )
+                    headers["x-kimi-retried"] = "1"
+                    continue
+                return await self._unavailable(tier, meter, settle, headers, exc)
+            except Exception as exc:
+                return await self._unavailable(tier, meter, settle, headers, exc)
         if isinstance(first, Served):
             headers["x-kimi-replica"] = first.replica
             first = first.output
@@ -350,11 +387,23 @@ class Router:
             cost = add_cost(first, meter)
             await settle(meter.record(200))
             return JSONResponse(first, headers={**headers, "x-kimi-cost-usd": f"{cost:.9f}"})
-        return StreamingResponse(
-            relay_stream(first, gen, meter, settle, wants_usage),
+        state = StreamSettlement(meter, settle, gen)
+        self.undelivered.add(state)
+        return MeteredStreamingResponse(
+            relay_stream(first, state, wants_usage, deadline, timeout_s),
+            state,
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )
+
+    async def _unavailable(
+        self, tier: TierEntry, meter: RequestMeter, settle: Any, headers: dict, exc: Exception
+    ) -> Response:
+        log.error("tier %s call failed: %r", tier.name, exc)
+        await settle(meter.record(503, repr(exc)))
+        return APIError(
+            503, "the tier is unavailable; retry shortly", headers={"retry-after": "5"}
+        ).response(headers)
 
     # ---- public routes ---------------------------------------------------------------
 

@@ -57,7 +57,7 @@ OVERLAY: dict[str, dict] = {
             "max_replicas": 2,
             "target_ongoing_requests": 4,
             "upscale_delay_s": 2,
-            "downscale_delay_s": 12,
+            "downscale_delay_s": 30,
             "metrics_interval_s": 0.5,
             "look_back_period_s": 2,
         },
@@ -185,8 +185,10 @@ class Hogs:
                     timeout=120,
                 ) as r,
             ):
+                # a hog the router refuses for good would leave the tier idle: fail loudly
+                assert r.status_code in (200, 429, 503), r.read()[:300]
                 if r.status_code != 200:
-                    time.sleep(0.5)  # refused (shed, limited): try again shortly
+                    time.sleep(0.5)  # shed or limited: try again shortly
                 for _ in r.iter_lines():
                     if self.stop.is_set():
                         break
