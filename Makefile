@@ -56,7 +56,7 @@ audit: install
 
 # Side-by-side benchmark (writes benchmarks/results/); ~6 min with QUICK=1 on 2 cores.
 bench: install
-	$(BIN)/python -m benchmarks.compare --with-ray-llm $(if $(QUICK),--quick,)
+	$(BIN)/python -m benchmarks.compare --with-ray-llm --with-litellm $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV)

@@ -213,6 +213,52 @@ def vllm_serve() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
 
 
+# 1.100.0: later releases need a certifi newer than the package registry here has
+LITELLM = "litellm[proxy]==1.100.0"
+LITELLM_VENV = ROOT / ".venv-litellm"
+
+
+def litellm_bin() -> Path:
+    """LiteLLM's proxy in its own venv: its pins clash with vLLM's."""
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if not exe.exists():
+        print(f"installing {LITELLM} into {LITELLM_VENV} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        pip = [str(LITELLM_VENV / "bin" / "pip"), "install", "--quiet", LITELLM]
+        subprocess.run(pip, check=True)
+    return exe
+
+
+@contextlib.contextmanager
+def litellm_proxy() -> Iterator[str]:
+    """LiteLLM's proxy (the gateway peer) in front of `vllm serve`, one worker."""
+    exe = litellm_bin()
+    with vllm_serve() as upstream:
+        port = free_port()
+        config = RESULTS / "litellm-config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "kimi-k2.5",
+                            "litellm_params": {
+                                "model": "hosted_vllm/kimi-k2.5",
+                                "api_base": upstream,
+                                "api_key": "none",
+                            },
+                        }
+                    ],
+                    # pass vLLM's own sampling fields (ignore_eos) through unchanged
+                    "litellm_settings": {"drop_params": False},
+                }
+            )
+        )
+        argv = [str(exe), "--config", str(config), "--port", str(port), "--num_workers", "1"]
+        with process(argv, f"http://127.0.0.1:{port}/health/liveliness"):
+            yield f"http://127.0.0.1:{port}/v1"
+
+
 @contextlib.contextmanager
 def ray_serve_llm() -> Iterator[str]:
     import ray
@@ -349,6 +395,17 @@ def ratios(results: dict[str, Any], ours: str, peer: str) -> dict[str, float | N
     }
 
 
+def gateway_added(results: dict[str, Any]) -> dict[str, float]:
+    """TTFT p50 a gateway adds over the engine's own server at concurrency 1 (ms)."""
+    base = results.get("vllm-serve", {}).get("1", {}).get("ttft_p50_ms")
+    out = {}
+    for name in ("ours-premium", "litellm-proxy", "ray-serve-llm"):
+        ttft = results.get(name, {}).get("1", {}).get("ttft_p50_ms")
+        if base and ttft:
+            out[name] = round(ttft - base, 2)
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark results ({report['date']})",
@@ -375,6 +432,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Router decision + admission CPU per request: "
         f"{report['router_cost']['decision_and_admission_cpu_us']} µs.",
+        "",
+        "TTFT p50 added over plain `vllm serve` at concurrency 1 (ms): "
+        + (
+            ", ".join(f"{k} {v}" for k, v in report.get("gateway_added_ttft_ms", {}).items())
+            or "n/a"
+        )
+        + ".",
         "",
         "Peak resident memory while each system ran (MiB):",
         "",
@@ -418,6 +482,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests per level")
     parser.add_argument("--with-ray-llm", action="store_true")
+    parser.add_argument(
+        "--with-litellm", action="store_true", help="LiteLLM's proxy before vllm serve"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -446,6 +513,8 @@ def main() -> None:
     run("vllm-serve", vllm_serve, "kimi-k2.5")
     if args.with_ray_llm:
         run("ray-serve-llm", ray_serve_llm, "kimi-k2.5")
+    if args.with_litellm:
+        run("litellm-proxy", litellm_proxy, "kimi-k2.5")
     run("llama-server", llama_server_alone, "kimi-k2.5:standard")
 
     commit = subprocess.run(
@@ -462,9 +531,11 @@ def main() -> None:
         "ratios": {
             "ours-premium / vllm-serve": ratios(results, "ours-premium", "vllm-serve"),
             "ours-premium / ray-serve-llm": ratios(results, "ours-premium", "ray-serve-llm"),
+            "ours-premium / litellm-proxy": ratios(results, "ours-premium", "litellm-proxy"),
             "ours-standard / llama-server": ratios(results, "ours-standard", "llama-server"),
         },
         "router_cost": router_cost(),
+        "gateway_added_ttft_ms": gateway_added(results),
         "memory": memory,
         "duration_s": round(time.monotonic() - started),
     }

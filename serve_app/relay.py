@@ -268,7 +268,9 @@ async def relay_stream(
     except Exception as exc:
         log.exception("stream from tier failed")
         err = EngineError(
-            status_code=503, message="the tier failed mid-stream", type="server_error"
+            status_code=503,
+            message="the tier failed mid-stream; retry the request",
+            type="server_error",
         )
         yield err.sse()
         await finish(503, repr(exc))

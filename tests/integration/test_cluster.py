@@ -67,7 +67,8 @@ def test_load_step_scales_tier_up_then_down_with_affinity_between(serve_url, adm
     load stops the tier returns to one replica after `downscale_delay_s`."""
     auto = OVERLAY["standard"]["autoscaling"]
     key = new_key(admin, "enterprise")
-    assert replicas(serve_url, "standard") == 1
+    # start from one replica (earlier load may still be inside its downscale delay)
+    wait_for("one standard replica", lambda: replicas(serve_url, "standard") == 1, 90)
     with Hogs(serve_url, key, "kimi-k2.5:standard", n=12, max_tokens=3000):
         wait_for("standard to queue", lambda: tier_pressure(serve_url, "standard") > 1.5, 60)
         # upscale_delay_s (2 s) + metrics push + the replica's start (llama-server, ~5 s)

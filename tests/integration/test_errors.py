@@ -54,6 +54,30 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
             400,
             "nope",
         ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], "n": 99}',
+            400,
+            "n",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"max_tokens": 0}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], "stop": ['
+            + b",".join(b'"s"' for _ in range(17))
+            + b"]}",
+            400,
+            "stop",
+        ),
+        (  # an image for tiers that are all text-only
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": [{"type": '
+            b'"image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}',
+            400,
+            "vision",
+        ),
     ],
 )
 def test_bad_requests(serve_url, content, status, needle):
