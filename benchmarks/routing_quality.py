@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -90,13 +91,18 @@ def drain(url: str, timeout: float = 300) -> None:
 
 
 async def mixed_load(
-    base: str, keys: dict[str, str], rates: dict[str, float], strategy: str, duration_s: float
+    base: str,
+    keys: dict[str, str],
+    rates: dict[str, float],
+    strategy: str,
+    duration_s: float,
+    max_tokens: int,
 ) -> dict[str, list[RequestResult]]:
     async def one_plan(plan: str) -> tuple[str, list[RequestResult]]:
         spec = LoadSpec(
             base_url=base,
             model="kimi-k2.5",
-            max_tokens=64,
+            max_tokens=max_tokens,
             api_key=keys[plan],
             headers={"x-kimi-routing-strategy": strategy},
         )
@@ -114,8 +120,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {report['machine']}. Commit `{report['commit']}`. "
         f"Command: `{report['command']}`. {report['duration_s_per_strategy']} s of open-loop "
-        f"load per strategy; rates (req/s): {report['rates']}; TTFT objective "
-        f"{report['slo_ms']} ms.",
+        f"load per strategy; rates (req/s): {report['rates']}; {report['max_tokens']} output "
+        f"tokens a request; TTFT objective {report['slo_ms']} ms.",
         "",
         "| strategy | plan | requests | SLO met | TTFT p50 ms | TTFT p90 ms | shed | tiers "
         "served | spilled | cost USD |",
@@ -136,9 +142,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="45 s per strategy (else 90 s)")
     parser.add_argument("--slo-ms", type=float, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument(
         "--rates",
-        default="premium=1.0,enterprise=2.0,standard=1.0,free=1.0",
+        default="premium=0.5,enterprise=3,standard=1,free=1",
         help="req/s per plan",
     )
     args = parser.parse_args()
@@ -159,7 +166,9 @@ def main() -> None:
         for strategy in STRATEGIES:
             drain(url)
             print(f"{strategy}: {duration} s of mixed load", flush=True)
-            results = asyncio.run(mixed_load(base, keys, rates, strategy, duration))
+            results = asyncio.run(
+                mixed_load(base, keys, rates, strategy, duration, args.max_tokens)
+            )
             report["strategies"][strategy] = {
                 plan: plan_report(res, args.slo_ms / 1000) for plan, res in results.items()
             }
@@ -170,7 +179,8 @@ def main() -> None:
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         commit=commit,
-        command="python -m benchmarks.routing_quality" + (" --quick" if args.quick else ""),
+        command="python -m benchmarks.routing_quality " + " ".join(sys.argv[1:]),
+        max_tokens=args.max_tokens,
         rates=rates,
         slo_ms=args.slo_ms,
         duration_s_per_strategy=duration,

@@ -9,6 +9,7 @@ the answer (JSON, or SSE chunks as they come) with its cost, and settle the usag
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -161,6 +162,7 @@ class Router:
         )
         self.board = board()
         self.loads: dict[str, TierLoad] = {}
+        self.sent: collections.Counter[str] = collections.Counter()
         self.ttft = LatencyWindow()
         self.undelivered = UndeliveredStreams()
         self.settler = Settler(self._send_settlement)
@@ -173,6 +175,7 @@ class Router:
         while True:
             try:
                 self.loads = await self._snapshot()
+                self.sent = collections.Counter()
                 self.metrics.observe_loads(self.loads)
                 if reaped := await self.undelivered.reap():
                     log.warning("settled %d streams whose response never started", reaped)
@@ -271,7 +274,7 @@ class Router:
         plan = self.config.plans[caller.plan]
         needs = needs_of(parsed, size)
         candidates = candidate_tiers(parsed.model, plan, caller.plan, self.config, needs)
-        live = Live(self.loads, self.ttft.p90_ms())
+        live = Live(self.loads, self.ttft.p90_ms(), self.sent)
         decision = choose_tier(candidates, live, plan, self._policy(request))
         if decision.shed:
             self.metrics.shed.inc(1, {"plan": caller.plan})
@@ -282,6 +285,7 @@ class Router:
                 headers={"retry-after": "2"},
             )
         tier = decision.tier
+        self.sent[tier.name] += 1
         span.set_attributes(
             {
                 "kimi.plan": caller.plan,

@@ -114,6 +114,12 @@ class Live:
 
     loads: Mapping[str, EngineLoad] = field(default_factory=dict)
     ttft_p90_ms: Mapping[str, float] = field(default_factory=dict)  # recent, per tier
+    # requests this router sent to each tier since `loads` was read: a burst counts at
+    # once instead of half a second later
+    sent: Mapping[str, int] = field(default_factory=dict)
+
+    def pressure(self, tier: str) -> float:
+        return pressure(self.loads.get(tier), self.sent.get(tier, 0))
 
 
 @dataclass(frozen=True)
@@ -150,15 +156,15 @@ class LatencyWindow:
         return out
 
 
-def pressure(load: EngineLoad | None) -> float:
+def pressure(load: EngineLoad | None, extra: int = 0) -> float:
     if load is None:
         return 0.0
-    return (load.running + load.waiting) / max(load.capacity, 1)
+    return (load.running + load.waiting + extra) / max(load.capacity, 1)
 
 
 def overloaded(tier: TierEntry, live: Live, policy: LoadPolicy) -> bool:
     """Over its batch capacity, or missing its time-to-first-token objective."""
-    if pressure(live.loads.get(tier.name)) > policy.overload_pressure:
+    if live.pressure(tier.name) > policy.overload_pressure:
         return True
     slo = tier.slo.ttft_ms
     ttft = live.ttft_p90_ms.get(tier.name)
@@ -199,6 +205,6 @@ def choose_tier(
     shed = (
         plan is not None
         and plan.priority < policy.shed_below_priority
-        and pressure(loads.get(chosen.name)) > policy.shed_pressure
+        and live.pressure(chosen.name) > policy.shed_pressure
     )
     return Decision(tier=chosen, degraded=chosen is not candidates[0], shed=shed)

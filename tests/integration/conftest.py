@@ -221,3 +221,16 @@ def wait_for(what: str, check: Callable[[], object], timeout_s: float, every_s: 
             return value
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def saturated(
+    url: str, key: str, tier: str, n: int, max_tokens: int, above: float, holds: float
+) -> Iterator[Hogs]:
+    """Hogs on `tier` until its pressure passes `above`, and still passes `holds` once the
+    routers have had time to see it (they read the load board every 0.5 s)."""
+    with Hogs(url, key, f"kimi-k2.5:{tier}", n=n, max_tokens=max_tokens) as hogs:
+        wait_for(f"{tier} over {above}", lambda: tier_pressure(url, tier) > above, 90)
+        time.sleep(1.0)
+        assert tier_pressure(url, tier) > holds, "saturation did not hold"
+        yield hogs

@@ -14,7 +14,14 @@ import pytest
 import ray
 
 from serve_app.metering import read_usage
-from tests.integration.conftest import OVERLAY, Hogs, tier_pressure, tier_status, wait_for
+from tests.integration.conftest import (
+    OVERLAY,
+    Hogs,
+    saturated,
+    tier_pressure,
+    tier_status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -116,10 +123,7 @@ def test_saturated_premium_spills_degradable_plans_and_keeps_premium_plans(
 ):
     enterprise, premium = new_key(admin, "enterprise"), new_key(admin, "premium")
     # 8 sequences fit the premium engine (max-num-seqs 8); 20 streams keep it queueing.
-    with Hogs(serve_url, enterprise, "kimi-k2.5:premium", n=20, max_tokens=300):
-        wait_for("premium to queue", lambda: tier_pressure(serve_url, "premium") > 1.5, 60)
-        time.sleep(1.0)  # the routers read the board every 0.5 s
-        assert tier_pressure(serve_url, "premium") > 1.2, "saturation did not hold"
+    with saturated(serve_url, enterprise, "premium", n=20, max_tokens=300, above=1.5, holds=1.2):
         spilled = chat(serve_url, enterprise)
         kept = chat(serve_url, premium)
         baseline = chat(serve_url, enterprise, headers={"x-kimi-routing-strategy": "plan_only"})
@@ -143,10 +147,7 @@ def test_lowest_plan_is_shed_with_retry_after_when_its_tier_saturates(serve_url,
     enterprise, free = new_key(admin, "enterprise"), new_key(admin, "free")
     # 16 long streams on 4 slots: pressure 4, well above shed_pressure 2.0 (1,500 tokens:
     # the budget tier's context is 2,048, and longer asks are refused with a 400)
-    with Hogs(serve_url, enterprise, "kimi-k2.5:budget", n=16, max_tokens=1500):
-        wait_for("budget over shed pressure", lambda: tier_pressure(serve_url, "budget") > 3, 90)
-        time.sleep(1.0)  # the routers read the board every 0.5 s
-        assert tier_pressure(serve_url, "budget") > 2.5, "saturation did not hold"
+    with saturated(serve_url, enterprise, "budget", n=16, max_tokens=1500, above=3, holds=2.5):
         shed = chat(serve_url, free)
     assert shed.status_code == 503, shed.text
     assert shed.json()["error"]["code"] == "overloaded"

@@ -7,6 +7,8 @@ import asyncio
 import glob
 import json
 import os
+import signal
+import subprocess
 import time
 import uuid
 
@@ -192,3 +194,38 @@ def test_cors_is_off_by_default(serve_url):
     assert "access-control-allow-origin" not in r.headers
     r = httpx.get(f"{serve_url}/v1/models", headers={"origin": "https://evil.example"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_stalled_tier_is_routed_around_until_it_recovers(serve_url, admin):
+    """llama-server frozen (SIGSTOP): its replica reports it unhealthy within seconds, new
+    requests of plans with another tier go there (marked), and it serves again after."""
+    key, _ = new_key(admin, "standard")
+    pids = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-f", "llama-server.*tiny-kimi-Q4_K_M"], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    assert pids
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(
+            "standard reported unhealthy",
+            lambda: not tier_status(serve_url, "standard")["healthy"],
+            30,
+        )
+        time.sleep(1.0)  # the routers read the load board every 0.5 s
+        r = httpx.post(
+            f"{serve_url}/v1/chat/completions",
+            json={"model": "kimi-k2.5", "messages": MSG, "max_tokens": 3},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=120,
+        )
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kimi-tier"] == "budget"
+    assert r.headers["x-kimi-degraded"] == "standard->budget"
+    wait_for("standard healthy again", lambda: tier_status(serve_url, "standard")["healthy"], 30)

@@ -182,3 +182,13 @@ def test_latency_window_needs_samples_and_forgets_old_ones():
     w.observe("premium", 1000.0, now=1.0)
     assert w.p90_ms(now=2.0) == {"premium": 1000.0}
     assert w.p90_ms(now=31.5) == {}  # the first four aged out
+
+
+def test_requests_sent_since_the_last_reading_count_at_once():
+    p = CFG.plans["standard"]
+    cands = candidate_tiers("kimi-k2.5", p, "standard", CFG, Needs())
+    loads = {"standard": busy(3), "budget": busy(0)}
+    assert choose_tier(cands, Live(loads), p).tier.name == "standard"
+    burst = Live(loads, sent={"standard": 2})  # 5 of 4 slots once these two land
+    d = choose_tier(cands, burst, p)
+    assert d.tier.name == "budget" and d.degraded
