@@ -54,9 +54,11 @@ audit: install
 		.venv-audit/bin/pip install --quiet pip-audit==2.10.1)
 	.venv-audit/bin/pip-audit --strict --skip-editable --path $(wildcard $(VENV)/lib/python3*/site-packages)
 
-# Side-by-side benchmark (writes benchmarks/results/); ~6 min with QUICK=1 on 2 cores.
+# Side-by-side and routing-quality benchmarks (write benchmarks/results/); QUICK=1 on 2 cores:
+# about 15 min for both, plus a one-time LiteLLM venv install.
 bench: install
 	$(BIN)/python -m benchmarks.compare --with-ray-llm --with-litellm $(if $(QUICK),--quick,)
+	$(BIN)/python -m benchmarks.routing_quality $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV)

@@ -123,7 +123,7 @@ def serve_args() -> dict[str, Any]:
 
 def tier_spec(name: str) -> TierSpec:
     raw = next(t for t in serve_args()["tiers"] if t["name"] == name)
-    return TierSpec.model_validate({k: v for k, v in raw.items() if k != "price"})
+    return TierSpec.model_validate({k: v for k, v in raw.items() if k in TierSpec.model_fields})
 
 
 def free_port() -> int:
@@ -163,8 +163,11 @@ def our_app(args: dict[str, Any] | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], health: str, env: dict[str, str] | None = None) -> Iterator[None]:
-    log = open(RESULTS / f"{Path(argv[0]).name}-{argv[2] if len(argv) > 2 else ''}.log", "w")  # noqa: SIM115
+def process(
+    argv: list[str], health: str, env: dict[str, str] | None = None, name: str | None = None
+) -> Iterator[None]:
+    name = name or f"{Path(argv[0]).name}-{argv[2] if len(argv) > 2 else ''}"
+    log = open(RESULTS / f"{name}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         argv,
         stdout=log,
@@ -255,7 +258,7 @@ def litellm_proxy() -> Iterator[str]:
             )
         )
         argv = [str(exe), "--config", str(config), "--port", str(port), "--num_workers", "1"]
-        with process(argv, f"http://127.0.0.1:{port}/health/liveliness"):
+        with process(argv, f"http://127.0.0.1:{port}/health/liveliness", name="litellm-proxy"):
             yield f"http://127.0.0.1:{port}/v1"
 
 
@@ -343,7 +346,8 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
     """CPU time of the router's per-request decision path, in-process (no network)."""
     from serve_app.config import load_config
     from serve_app.limits import KeyState, Limits
-    from serve_app.routing import candidate_tiers, choose_tier
+    from serve_app.router import needs_of
+    from serve_app.routing import Live, candidate_tiers, choose_tier
     from serve_app.schemas import ChatRequest
 
     cfg = load_config(serve_args())
@@ -359,19 +363,13 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
     start = time.process_time()
     for i in range(iterations):
         parsed = ChatRequest.model_validate(json.loads(raw))
-        cands = candidate_tiers(parsed.model, plan, "standard", cfg, _needs(parsed))
-        tier = choose_tier(cands, {}, plan).tier
+        cands = candidate_tiers(parsed.model, plan, "standard", cfg, needs_of(parsed, len(raw)))
+        tier = choose_tier(cands, Live(), plan).tier
         state.check(100, tier.price.cost(50, 64), float(i))
         state.admit(100, float(i))
         state.settle(100, 90, 0.0, float(i))
     per = (time.process_time() - start) / iterations
     return {"decision_and_admission_cpu_us": round(per * 1e6, 1)}
-
-
-def _needs(parsed: Any) -> Any:
-    from serve_app.router import needs_of
-
-    return needs_of(parsed)
 
 
 def ratios(results: dict[str, Any], ours: str, peer: str) -> dict[str, float | None]:
