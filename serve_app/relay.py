@@ -94,46 +94,6 @@ def timeout_error(timeout_s: float) -> EngineError:
     )
 
 
-class Settler:
-    """Sends settlements to the gateway from a long-lived task of the replica, never
-    from a request's own task.
-
-    Why: when a client hangs up, Ray Serve cancels the request's task, and Ray cancels
-    the calls that task submitted too (recursively), so a settlement sent from there can
-    be cancelled inside the gateway and the usage record lost. Calls submitted from the
-    replica's own background task are not the request's children.
-    """
-
-    def __init__(self, send: Callable[[Any, UsageRecord], Awaitable[None]]) -> None:
-        self._send = send
-        self._queue: asyncio.Queue[tuple[Any, UsageRecord, asyncio.Future[None]]] = asyncio.Queue()
-        self._inflight: set[asyncio.Task[None]] = set()  # asyncio holds tasks weakly
-        self._worker = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            ticket, record, done = await self._queue.get()
-            task = asyncio.get_running_loop().create_task(self._deliver(ticket, record, done))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-
-    async def _deliver(self, ticket: Any, record: UsageRecord, done: asyncio.Future[None]) -> None:
-        try:
-            await self._send(ticket, record)
-            if not done.done():
-                done.set_result(None)
-        except Exception as exc:
-            log.exception("settling %s failed", record.request_id)
-            if not done.done():
-                done.set_exception(exc)
-
-    async def settle(self, ticket: Any, record: UsageRecord) -> None:
-        """Durable when it returns; a cancelled caller does not cancel the delivery."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((ticket, record, done))
-        await asyncio.shield(done)
-
-
 @dataclass(eq=False)  # kept in sets by identity
 class StreamSettlement:
     """Settles a stream's usage record exactly once, however the stream ends."""

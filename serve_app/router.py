@@ -34,6 +34,7 @@ from deployments.engine import EngineError
 from deployments.loadboard import TierLoad, board
 from deployments.tier import Served
 from serve_app.config import BASE_MODEL, AppConfig, Plan, TierEntry
+from serve_app.detached import DetachedCalls
 from serve_app.errors import APIError
 from serve_app.gateway import ANONYMOUS, Caller, gateway_handle, state_dir
 from serve_app.keys import KeyOverrides, hash_key, split_key
@@ -42,7 +43,6 @@ from serve_app.metering import RequestLabels
 from serve_app.relay import (
     MeteredStreamingResponse,
     RequestMeter,
-    Settler,
     StreamSettlement,
     UndeliveredStreams,
     add_cost,
@@ -165,7 +165,7 @@ class Router:
         self.sent: collections.Counter[str] = collections.Counter()
         self.ttft = LatencyWindow()
         self.undelivered = UndeliveredStreams()
-        self.settler = Settler(self._send_settlement)
+        self.calls = DetachedCalls()
         self.metrics = RouterMetrics()
         self.tracer = tracing.tracer("kimi-router")
         self._refresher = asyncio.create_task(self._refresh_loads())
@@ -183,8 +183,9 @@ class Router:
                 log.exception("reading tier loads failed")
             await asyncio.sleep(self.config.router.load_refresh_s)
 
-    async def _send_settlement(self, ticket: Any, record: Any) -> None:
-        await self.gateway.settle.remote(ticket, record)
+    async def _give_back(self, admission: Any) -> None:
+        if not isinstance(admission, Denial):
+            await self.gateway.settle.remote(admission.ticket, None)
 
     async def _snapshot(self) -> dict[str, TierLoad]:
         return await asyncio.wait_for(self.board.snapshot.remote(), timeout=5)
@@ -296,8 +297,10 @@ class Router:
         )
         out_est = self._output_limit(body, parsed, plan, caller)
         prompt_est = size // 4  # ~4 bytes a token; settled with the real count later
-        admission = await self.gateway.admit.remote(
-            caller, prompt_est + out_est, tier.price.cost(prompt_est, out_est)
+        cost_est = tier.price.cost(prompt_est, out_est)
+        admission = await self.calls.call(
+            lambda: self.gateway.admit.remote(caller, prompt_est + out_est, cost_est),
+            on_abandon=self._give_back,
         )
         if isinstance(admission, Denial):
             raise denial_error(admission)
@@ -325,7 +328,7 @@ class Router:
             self.metrics.observe(record)
             if record.ttft_ms is not None:
                 self.ttft.observe(record.tier, record.ttft_ms)
-            await self.settler.settle(admission.ticket, record)
+            await self.calls.call(lambda: self.gateway.settle.remote(admission.ticket, record))
 
         timeout_s = caller.overrides.request_timeout_s or plan.request_timeout_s
         try:
