@@ -200,6 +200,14 @@ def test_a_stalled_tier_is_routed_around_until_it_recovers(serve_url, admin):
     """llama-server frozen (SIGSTOP): its replica reports it unhealthy within seconds, new
     requests of plans with another tier go there (marked), and it serves again after."""
     key, _ = new_key(admin, "standard")
+    # one settled replica: earlier tests scale the tier up, and a replica starting now
+    # would bring a llama-server this test did not freeze
+    wait_for(
+        "one standard replica",
+        lambda: (t := tier_status(serve_url, "standard")) and t["replicas"] == 1,
+        120,
+    )
+    time.sleep(2.0)  # a replica being removed has stopped its llama-server by now
     pids = [
         int(p)
         for p in subprocess.run(
