@@ -71,7 +71,10 @@ class LoadBoard:
                 if now - at > STALE_AFTER_S:
                     del reports[replica]
             members = [ld.model_copy(update={"age_s": now - at}) for at, ld in reports.values()]
-            out[tier] = aggregate(members)
+            # A tier nobody reports for is absent, not unhealthy: scaled to zero, it is
+            # still a candidate, and a request wakes it.
+            if members:
+                out[tier] = aggregate(members)
         return out
 
 

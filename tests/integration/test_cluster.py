@@ -85,8 +85,9 @@ def test_load_step_scales_tier_up_then_down_with_affinity_between(serve_url, adm
     # Both replicas idle now, before the downscale delay ends: one conversation stays on
     # one replica; different conversations use both.
     wait_for("standard to drain", lambda: tier_status(serve_url, "standard")["running"] == 0, 30)
-    # the request router's engine figures refresh every second: let them see the drain
-    time.sleep(3)
+    # let the request routers see the drain: engine figures refresh every second, and
+    # Ray's per-replica in-flight counts of the cancelled streams expire after 10 s
+    time.sleep(11)
     assert replicas(serve_url, "standard") == 2  # downscale_delay_s (30 s) not yet over
     homes = {
         chat(serve_url, key, "kimi-k2.5:standard", headers={"x-session-id": "conv-1"}).headers[

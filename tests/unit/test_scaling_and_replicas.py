@@ -77,3 +77,13 @@ def test_aggregate_sums_healthy_replicas():
     assert tier.kv_cache_usage == 0.7 and tier.healthy and tier.restarts == 2
     assert not aggregate([members[2]]).healthy
     assert aggregate([]).replicas == 0
+
+
+def test_board_leaves_out_tiers_nobody_reports_for():
+    from deployments.loadboard import LoadBoard
+
+    board = LoadBoard.__ray_actor_class__()  # the class itself: plain state, no Ray
+    board.report("budget", ReplicaLoad(replica="a", capacity=4))
+    assert board.snapshot()["budget"].replicas == 1
+    board.forget("budget", "a")
+    assert "budget" not in board.snapshot()  # scaled to zero: absent, not unhealthy
