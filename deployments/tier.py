@@ -94,16 +94,21 @@ class TierServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.board = board()
+        # One reader of the engine's figures for the board, the request router and the
+        # autoscaler alike (each reads them on its own period; the engine is asked once).
+        self.last_load: EngineLoad = await self.engine.load()
         self._reporter = asyncio.create_task(self._report_loads())
 
     async def _report_loads(self) -> None:
         """Push engine figures to the cluster's load board (routers read it from there)."""
         while True:
             try:
-                load = await self.engine.load()
+                self.last_load = await self.engine.load()
                 self.board.report.remote(
                     self.spec.name,
-                    ReplicaLoad(**load.model_dump(), replica=self.replica, node_id=self.node_id),
+                    ReplicaLoad(
+                        **self.last_load.model_dump(), replica=self.replica, node_id=self.node_id
+                    ),
                 )
             except Exception:
                 log.exception("reporting load failed")
@@ -159,19 +164,16 @@ class TierServer:
             span.set_attribute("kimi.messages", items)
             span.end()
 
-    async def load(self) -> EngineLoad:
-        return await self.engine.load()
-
     async def check_health(self) -> None:
         await self.engine.check_health()
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Engine figures for the request router (replica choice within the tier)."""
-        return (await self.engine.load()).model_dump()
+        return self.last_load.model_dump()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue depth from the engine itself, for the tier's autoscaling policy."""
-        load = await self.engine.load()
+        load = self.last_load
         return {
             "engine_running": load.running,
             "engine_waiting": load.waiting,

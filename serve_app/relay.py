@@ -164,33 +164,22 @@ class UndeliveredStreams:
 
 
 async def relay_stream(
-    first: Any,
-    state: StreamSettlement,
-    client_wants_usage: bool,
-    deadline: float | None = None,
-    timeout_s: float | None = None,
+    first: Any, state: StreamSettlement, client_wants_usage: bool, timeout_s: float | None = None
 ) -> AsyncIterator[str]:
     """Relay SSE chunks (tiers send lists of the chunks ready); settle before `[DONE]`;
-    cancel the tier call if the client goes or the plan's time limit (`deadline`, on the
-    monotonic clock) passes."""
+    cancel the tier call if the client goes or the plan's time limit (`timeout_s` from
+    the request's start) passes."""
     gen, meter, finish = state.gen, state.meter, state.finish
+    deadline = None if timeout_s is None else meter.started + timeout_s
     error: str | None = None
-
-    async def chunks() -> AsyncIterator[Any]:
-        yield first
-        async for chunk in gen:
-            yield chunk
 
     async def items() -> AsyncIterator[Any]:
         """The tier's messages, until the deadline (TimeoutError past it)."""
-        source = chunks()
+        yield first
         while True:
-            step = source.__anext__()
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
             try:
-                if deadline is None:
-                    yield await step
-                else:
-                    yield await asyncio.wait_for(step, max(deadline - time.monotonic(), 0))
+                yield await asyncio.wait_for(gen.__anext__(), left)
             except StopAsyncIteration:
                 return
 

@@ -19,7 +19,7 @@ import math
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +33,7 @@ from deployments import tracing
 from deployments.engine import EngineError
 from deployments.loadboard import TierLoad, board
 from deployments.tier import Served
-from serve_app.config import BASE_MODEL, AppConfig, Plan, TierEntry
+from serve_app.config import BASE_MODEL, AppConfig, Plan, Strategy, TierEntry
 from serve_app.detached import DetachedCalls
 from serve_app.errors import APIError
 from serve_app.gateway import ANONYMOUS, Caller, gateway_handle, state_dir
@@ -164,6 +164,7 @@ class Router:
         self.loads: dict[str, TierLoad] = {}
         self.sent: collections.Counter[str] = collections.Counter()
         self.ttft = LatencyWindow()
+        self.ttft_p90: dict[str, float] = {}  # read with the loads, not sorted per request
         self.undelivered = UndeliveredStreams()
         self.calls = DetachedCalls()
         self.metrics = RouterMetrics()
@@ -176,6 +177,7 @@ class Router:
             try:
                 self.loads = await self._snapshot()
                 self.sent = collections.Counter()
+                self.ttft_p90 = self.ttft.p90_ms()
                 self.metrics.observe_loads(self.loads)
                 if reaped := await self.undelivered.reap():
                     log.warning("settled %d streams whose response never started", reaped)
@@ -194,7 +196,7 @@ class Router:
         asked = request.headers.get("x-kimi-routing-strategy")
         if not asked or not self.config.router.allow_strategy_header:
             return self.policy
-        if asked not in ("load", "plan_only", "random"):
+        if asked not in get_args(Strategy):
             raise APIError(
                 400, f"unknown routing strategy {asked!r}", param="x-kimi-routing-strategy"
             )
@@ -275,7 +277,7 @@ class Router:
         plan = self.config.plans[caller.plan]
         needs = needs_of(parsed, size)
         candidates = candidate_tiers(parsed.model, plan, caller.plan, self.config, needs)
-        live = Live(self.loads, self.ttft.p90_ms(), self.sent)
+        live = Live(self.loads, self.ttft_p90, self.sent)
         decision = choose_tier(candidates, live, plan, self._policy(request))
         if decision.shed:
             self.metrics.shed.inc(1, {"plan": caller.plan})
@@ -397,7 +399,7 @@ class Router:
         state = StreamSettlement(meter, settle, gen)
         self.undelivered.add(state)
         return MeteredStreamingResponse(
-            relay_stream(first, state, wants_usage, deadline, timeout_s),
+            relay_stream(first, state, wants_usage, timeout_s),
             state,
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
