@@ -29,7 +29,7 @@ class EngineError(BaseModel):
                 "message": self.message,
                 "type": self.type,
                 "param": self.param,
-                "code": self.code if self.code is not None else self.status_code,
+                "code": self.code,  # OpenAI's code is a string or null, never the status
             }
         }
 

@@ -220,8 +220,15 @@ class LlamaCppEngine(Engine):
 
 
 def adapt_chat_request(body: dict[str, Any]) -> dict[str, Any]:
-    """llama-server takes tool_choice only as a string: a named function becomes
-    "required" over that one tool, which is the same constraint."""
+    """What llama-server's parser needs that OpenAI does not ask of clients:
+    - tool_choice only as a string: a named function becomes "required" over that one
+      tool, which is the same constraint;
+    - no null message fields but content (`"name": null` fails its message parser)."""
+    messages = [
+        {k: v for k, v in m.items() if v is not None or k == "content"}
+        for m in body.get("messages", ())
+    ]
+    body = {**body, "messages": messages}
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and body.get("tools"):
         name = (choice.get("function") or {}).get("name")

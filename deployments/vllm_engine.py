@@ -140,11 +140,17 @@ class VLLMEngine(Engine):
         self, model_cls: Any, body: dict[str, Any], request_id: str, handler: Any
     ) -> AsyncIterator[EngineOutput]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
 
         try:
             request = model_cls.model_validate({**body, "request_id": request_id})
         except ValidationError as exc:
             yield validation_error(exc)
+            return
+        except VLLMClientError as exc:  # some of vLLM's validators raise this, not ValueError
+            yield EngineError(
+                status_code=400, message=str(exc), param=getattr(exc, "parameter", None)
+            )
             return
         try:
             result = await handler(request, None)

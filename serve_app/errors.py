@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 TYPES = {
     400: "invalid_request_error",
@@ -59,3 +60,16 @@ def error_body(
             "code": code,
         }
     }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer's body, as the OpenAPI document declares it."""
+
+    error: ErrorDetail

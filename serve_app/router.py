@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import tracing
@@ -40,6 +40,7 @@ from serve_app.gateway import ANONYMOUS, Caller, gateway_handle, state_dir
 from serve_app.keys import KeyOverrides, hash_key, split_key
 from serve_app.limits import Denial
 from serve_app.metering import RequestLabels
+from serve_app.openapi import with_bodies
 from serve_app.relay import (
     MeteredStreamingResponse,
     RequestMeter,
@@ -58,7 +59,7 @@ from serve_app.routing import (
     choose_tier,
     estimate_tokens,
 )
-from serve_app.schemas import ChatRequest, CompletionRequest
+from serve_app.schemas import UNION_TAGS, ChatRequest, CompletionRequest
 from serve_app.telemetry import RouterMetrics
 
 log = logging.getLogger("serve_app.router")
@@ -87,10 +88,48 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    # A union (content: str | parts) reports one error per branch; the deepest says
+    # what is wrong, and the branches' type tags ("str", "list[...]") are no field names.
+    err = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+    parts = err.get("loc", ())
+    loc = ".".join(
+        str(p) for i, p in enumerate(parts) if not is_tag(p, parts[i - 1] if i else None)
+    )
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
+
+
+# Deeper bodies would overflow the recursion of the validators, Ray's serializer or an
+# engine's parser downstream; real tool and response schemas stay far below this.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: dict | list) -> int:
+    """How many objects and arrays deep `value` nests (1 for a flat object)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+def not_json(constant: str) -> None:
+    # Python's json takes NaN and Infinity, which JSON does not: an engine would choke on them
+    raise ValueError(f"{constant} is not JSON")
+
+
+def is_tag(part: object, before: object) -> bool:
+    """Whether a location part names a union's branch, not a field: a type ("str",
+    "list[...]"), or the tag of a tagged union's item (a message's role)."""
+    if not isinstance(part, str):
+        return False
+    return (
+        "[" in part
+        or part in ("str", "int", "float", "bool")
+        or (isinstance(before, int) and part in UNION_TAGS)
+    )
 
 
 def needs_of(parsed: Any, body_bytes: int) -> Needs:
@@ -98,7 +137,7 @@ def needs_of(parsed: Any, body_bytes: int) -> Needs:
     context = estimate_tokens(body_bytes) + (parsed.output_limit or 0)
     if not isinstance(parsed, ChatRequest):
         return Needs(context_tokens=context)
-    fmt = (parsed.response_format or {}).get("type")
+    fmt = parsed.response_format.type if parsed.response_format else None
     return Needs(
         tools=bool(parsed.tools) and parsed.tool_choice != "none",
         thinking=parsed.thinking,
@@ -135,11 +174,21 @@ def denial_error(denial: Denial) -> APIError:
 
 
 class NewKey(BaseModel):
-    plan: str
+    plan: str = Field(min_length=1)
     name: str = Field("", max_length=200)
     overrides: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     expires_at: float | None = None
+
+
+app.openapi = with_bodies(  # type: ignore[method-assign]
+    app,
+    {
+        ("/v1/chat/completions", "post"): ChatRequest,
+        ("/v1/completions", "post"): CompletionRequest,
+        ("/admin/keys", "post"): NewKey,
+    },
+)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -213,16 +262,21 @@ class Router:
         if len(raw) > limit:
             raise APIError(413, f"request body exceeds {limit} bytes")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(raw, parse_constant=not_json)
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             raise APIError(400, "request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             parsed = model_cls.model_validate(body)
         except ValidationError as exc:
             message, param = validation_message(exc)
             raise APIError(400, message, param=param) from None
+        # What goes on is what was validated, in canonical types (`"n": 6.0` becomes 6):
+        # the fields the client set, its extra fields unchanged.
+        body = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
         return body, parsed, len(raw)
 
     async def _caller(self, request: Request) -> Caller:
@@ -253,8 +307,10 @@ class Router:
         if cap is not None and asked is not None and asked > cap:
             raise APIError(400, f"max_tokens exceeds the plan's limit of {cap}", param="max_tokens")
         if cap is not None and asked is None:
-            body["max_tokens"] = cap
-            return cap
+            body["max_tokens"] = asked = cap
+        floor = parsed.min_tokens
+        if floor is not None and asked is not None and floor > asked:
+            raise APIError(400, f"min_tokens exceeds max_tokens ({asked})", param="min_tokens")
         return asked or self.config.gateway.default_output_estimate
 
     async def _dispatch(self, request: Request, kind: str, model_cls: type[BaseModel]) -> Response:
@@ -383,6 +439,11 @@ class Router:
                     headers["x-kimi-retried"] = "1"
                     continue
                 return await self._unavailable(tier, meter, settle, headers, exc)
+            except RayTaskError as exc:  # the tier's code raised: a defect, not an outage
+                log.error("tier %s failed on %s: %r", tier.name, meter.labels.request_id, exc)
+                await settle(meter.record(500, "tier error"))
+                err = APIError(500, "internal error; the request was not served")
+                return err.response(headers)
             except Exception as exc:
                 return await self._unavailable(tier, meter, settle, headers, exc)
         if isinstance(first, Served):
@@ -486,7 +547,7 @@ class Router:
         if not hmac.compare_digest(hash_key(token), self._admin_hash):
             raise APIError(401, "invalid admin credential", code="invalid_admin_key")
 
-    @app.post("/admin/keys")
+    @app.post("/admin/keys", status_code=201)
     async def create_key(self, request: Request) -> JSONResponse:
         self._admin(request)
         _, spec, _ = await self._body(request, NewKey)

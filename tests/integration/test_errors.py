@@ -72,6 +72,50 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
             400,
             "stop",
         ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"temperature": NaN}',
+            400,
+            "JSON",
+        ),
+        (b'{"model": "kimi-k2.5", "x": ' + b"[" * 200 + b"]" * 200 + b"}", 400, "deeper"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "JSON"),  # past Python's recursion limit
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"logit_bias": {"token": 5}}',
+            400,
+            "logit_bias",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"seed": 99999999999999999999999}',
+            400,
+            "seed",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"presence_penalty": 9}',
+            400,
+            "presence_penalty",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "tool", "content": "sunny"}]}',
+            400,
+            "tool_call_id",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"tools": [{"type": "function", "function": {"name": "f", '
+            b'"parameters": {"type": "banana"}}}]}',
+            400,
+            "JSON Schema",
+        ),
+        (
+            b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": "x"}], '
+            b'"stream_options": {"include_usage": true}}',
+            400,
+            "stream",
+        ),
         (  # an image for tiers that are all text-only
             b'{"model": "kimi-k2.5", "messages": [{"role": "user", "content": [{"type": '
             b'"image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}',
@@ -83,6 +127,16 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
 def test_bad_requests(serve_url, content, status, needle):
     err = assert_openai_error(post(serve_url, content=content), status)
     assert needle.lower() in err["message"].lower()
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]], [-1]])
+def test_empty_or_bad_completion_prompt_is_400(serve_url, prompt):
+    r = httpx.post(
+        f"{serve_url}/v1/completions",
+        json={"model": "kimi-k2.5:premium", "prompt": prompt, "max_tokens": 2},
+        timeout=60,
+    )
+    assert assert_openai_error(r, 400)["param"].startswith("prompt")
 
 
 def test_unknown_model_is_404(serve_url):
