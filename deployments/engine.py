@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+ENGINE_DOWN = "the tier's engine stopped while serving this request; retry it"
+
 
 class EngineError(BaseModel):
     status_code: int

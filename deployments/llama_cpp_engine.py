@@ -24,7 +24,7 @@ import httpx
 
 from deployments.artifacts.llama_cpp import llama_binary
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput
+from deployments.engine import ENGINE_DOWN, Engine, EngineError, EngineLoad, EngineOutput
 from deployments.openai_shape import normalize_response, normalize_sse
 from deployments.spec import TierSpec, flags_to_argv
 
@@ -38,7 +38,6 @@ DEFAULT_FLAGS: dict[str, Any] = {
     "parallel": 4,
     "reasoning-format": "deepseek",  # reasoning into `reasoning_content`, as Kimi's API
 }
-ENGINE_DOWN = "the tier's engine stopped while serving this request; retry it"
 
 
 def die_with_parent() -> None:
@@ -196,7 +195,6 @@ class LlamaCppEngine(Engine):
         body = {**body, "model": self.spec.model_id}
         stream = bool(body.get("stream"))
         headers = {"x-request-id": request_id}
-        started = False
         self.in_flight += 1
         try:
             async with self._client.stream(
@@ -209,12 +207,12 @@ class LlamaCppEngine(Engine):
                     yield normalize_response(json.loads(await resp.aread()))
                     return
                 async for event in sse_events(resp):
-                    started = True
                     yield normalize_sse(event)
         except httpx.HTTPError as exc:
             log.warning("request %s lost its engine: %r", request_id, exc)
-            err = EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
-            yield err.sse() if started else err
+            # before any token the router may send the request to another tier; after,
+            # the relay ends the stream with this as its error event
+            yield EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
         finally:
             self.in_flight -= 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput
+from deployments.engine import ENGINE_DOWN, Engine, EngineError, EngineLoad, EngineOutput
 from deployments.openai_shape import normalize_response, normalize_sse
 from deployments.spec import TierSpec, flags_to_argv
 
@@ -99,6 +100,9 @@ class VLLMEngine(Engine):
         seqs = int(self.spec.engine_args.get("max-num-seqs", 256))
         load = vllm_load_from_registry(self.spec.model_id, seqs)
         load.aborted_total = self.aborted
+        # a dead engine core shows at once, not at Serve's next health check: routers
+        # send degradable plans elsewhere while Serve replaces this replica
+        load.healthy = self._client is not None and not self._client.errored
         return load
 
     # ---- requests --------------------------------------------------------------------
@@ -136,11 +140,22 @@ class VLLMEngine(Engine):
             body["logit_bias"] = {**self._control_bias, **(body.get("logit_bias") or {})}
         return body
 
+    def _failed(self, error: dict[str, Any]) -> EngineError:
+        """vLLM's mid-stream error event as ours; a dead engine core is a 503 to retry."""
+        if self._client is not None and self._client.errored:
+            return EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
+        code = error.get("code")
+        return EngineError(
+            status_code=code if isinstance(code, int) and 400 <= code < 600 else 500,
+            message=str(error.get("message") or "the engine failed on this request"),
+            type="server_error",
+        )
+
     async def _serve(
         self, model_cls: Any, body: dict[str, Any], request_id: str, handler: Any
     ) -> AsyncIterator[EngineOutput]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.exceptions import VLLMClientError
+        from vllm.exceptions import VLLMClientError, VLLMServerError
 
         try:
             request = model_cls.model_validate({**body, "request_id": request_id})
@@ -154,6 +169,10 @@ class VLLMEngine(Engine):
             return
         try:
             result = await handler(request, None)
+        except VLLMServerError as exc:  # the engine core died (EngineDeadError)
+            log.error("engine failed on request %s: %r", request_id, exc)
+            yield EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
+            return
         except Exception as exc:  # vLLM raises for a few request errors
             log.exception("engine rejected request %s", request_id)
             yield EngineError(status_code=400, message=str(exc) or type(exc).__name__)
@@ -176,12 +195,23 @@ class VLLMEngine(Engine):
             done = False
             try:
                 async for chunk in gen:
-                    yield normalize_sse(chunk)
+                    failure = error_event(chunk)
+                    yield normalize_sse(chunk) if failure is None else self._failed(failure)
                 done = True
             finally:
                 if not done:  # the client went away: closing the generator aborts the request
                     self.aborted += 1
                 await gen.aclose()
+
+
+def error_event(chunk: str) -> dict[str, Any] | None:
+    """The error object of an SSE error event (vLLM's stream reports failures so)."""
+    if not chunk.startswith('data: {"error"'):
+        return None
+    try:
+        return json.loads(chunk[6:])["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def validation_error(exc: ValidationError) -> EngineError:

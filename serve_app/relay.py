@@ -171,7 +171,13 @@ async def relay_stream(
     the request's start) passes."""
     gen, meter, finish = state.gen, state.meter, state.finish
     deadline = None if timeout_s is None else meter.started + timeout_s
-    error: str | None = None
+    failed: EngineError | None = None  # an engine's error event: the record's status
+
+    async def settle_ended() -> None:
+        if failed is None:
+            await finish(200, None)
+        else:
+            await finish(failed.status_code, failed.message)
 
     async def items() -> AsyncIterator[Any]:
         """The tier's messages, until the deadline (TimeoutError past it)."""
@@ -190,10 +196,10 @@ async def relay_stream(
             out = []
             for chunk in item if isinstance(item, list) else [item]:
                 if isinstance(chunk, EngineError):
-                    error = chunk.message
+                    failed = chunk
                     out.append(chunk.sse())
                 elif chunk.startswith(DONE):
-                    await finish(200 if error is None else 500, error)
+                    await settle_ended()
                     out.append(chunk)
                 elif (event := usage_chunk(chunk)) is not None:
                     add_cost(event, meter)
@@ -206,6 +212,7 @@ async def relay_stream(
                     out.append(chunk)
             if out:
                 yield "".join(out)
+        await settle_ended()  # an engine that stopped without `[DONE]` (it died)
     except TimeoutError:
         err = timeout_error(timeout_s or 0)
         yield err.sse()

@@ -389,10 +389,42 @@ class Router:
             await self.calls.call(lambda: self.gateway.settle.remote(admission.ticket, record))
 
         timeout_s = caller.overrides.request_timeout_s or plan.request_timeout_s
+        affinity = affinity_key(request, body)
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        others = [c for c in candidates if c is not tier]
         try:
-            return await self._call_tier(
-                tier, kind, body, meter, settle, headers, affinity_key(request, body), timeout_s
-            )
+            while True:
+                outcome = await self._call_tier(
+                    tier,
+                    kind,
+                    body,
+                    meter,
+                    settle,
+                    headers,
+                    affinity,
+                    timeout_s,
+                    wants_usage,
+                    may_move=bool(others),
+                )
+                if isinstance(outcome, Response):
+                    return outcome
+                # The tier's engine failed before producing anything: the client has seen
+                # nothing, so the next tier the plan allows serves it (health first).
+                failed = tier.name
+                live = Live(self.loads, self.ttft_p90, self.sent)
+                tier = choose_tier(others, live, plan, self._policy(request)).tier
+                others = [c for c in others if c is not tier]
+                log.warning("tier %s down for %s; moved to %s", failed, request_id, tier.name)
+                self.sent[tier.name] += 1
+                labels = labels.model_copy(update={"tier": tier.name, "degraded": True})
+                meter = RequestMeter(labels=labels, price=tier.price, started=meter.started)
+                headers.update(
+                    {
+                        "x-kimi-tier": tier.name,
+                        "x-kimi-retried": "1",
+                        "x-kimi-degraded": f"{candidates[0].name}->{tier.name}",
+                    }
+                )
         except BaseException:
             await asyncio.shield(settle(meter.record(500, "router error")))
             raise
@@ -407,8 +439,11 @@ class Router:
         headers: dict[str, str],
         affinity: str,
         timeout_s: float | None,
-    ) -> Response:
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        wants_usage: bool,
+        may_move: bool,
+    ) -> Response | EngineError:
+        """The tier's answer, settled; or, where `may_move`, the engine's 503 for a request
+        it failed before producing anything, unsettled, for the caller to send elsewhere."""
         if meter.labels.stream:  # the engine always reports usage so the stream can be metered
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         handle = self.tiers[tier.name].options(stream=True)
@@ -450,6 +485,8 @@ class Router:
             headers["x-kimi-replica"] = first.replica
             first = first.output
         if isinstance(first, EngineError):
+            if may_move and first.status_code == 503:
+                return first
             await settle(meter.record(first.status_code, first.message))
             return JSONResponse(first.body(), first.status_code, headers=headers)
         if isinstance(first, dict):

@@ -13,6 +13,7 @@ import time
 import uuid
 
 import httpx
+import psutil
 import pyarrow.compute as pc
 import pytest
 import ray
@@ -196,12 +197,10 @@ def test_cors_is_off_by_default(serve_url):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
-def test_a_stalled_tier_is_routed_around_until_it_recovers(serve_url, admin):
-    """llama-server frozen (SIGSTOP): its replica reports it unhealthy within seconds, new
-    requests of plans with another tier go there (marked), and it serves again after."""
-    key, _ = new_key(admin, "standard")
-    # one settled replica: earlier tests scale the tier up, and a replica starting now
-    # would bring a llama-server this test did not freeze
+def settled_standard_llama_servers(serve_url: str) -> list[int]:
+    """The standard tier's llama-server, once the tier has one settled replica: earlier
+    tests scale it up, and a replica starting now would bring one the caller did not
+    touch."""
     wait_for(
         "one standard replica",
         lambda: (t := tier_status(serve_url, "standard")) and t["replicas"] == 1,
@@ -215,6 +214,14 @@ def test_a_stalled_tier_is_routed_around_until_it_recovers(serve_url, admin):
         ).stdout.split()
     ]
     assert pids
+    return pids
+
+
+def test_a_stalled_tier_is_routed_around_until_it_recovers(serve_url, admin):
+    """llama-server frozen (SIGSTOP): its replica reports it unhealthy within seconds, new
+    requests of plans with another tier go there (marked), and it serves again after."""
+    key, _ = new_key(admin, "standard")
+    pids = settled_standard_llama_servers(serve_url)
     try:
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
@@ -237,3 +244,112 @@ def test_a_stalled_tier_is_routed_around_until_it_recovers(serve_url, admin):
     assert r.headers["x-kimi-tier"] == "budget"
     assert r.headers["x-kimi-degraded"] == "standard->budget"
     wait_for("standard healthy again", lambda: tier_status(serve_url, "standard")["healthy"], 30)
+
+
+def test_a_request_its_engine_failed_before_any_token_moves_to_the_next_tier(
+    serve_url, admin, state_dir
+):
+    """The standard tier's llama-server killed just before a request reaches it. The
+    `plan_only` strategy sends it there regardless of health, as a router whose figures
+    are a moment old would. Nothing was produced, so the client never sees the failure:
+    budget serves it, marked, and it is metered once, at budget."""
+    key, key_id = new_key(admin, "standard")
+    [pid] = settled_standard_llama_servers(serve_url)
+    before = tier_status(serve_url, "standard")["restarts"]
+    rid = f"moved-{uuid.uuid4().hex}"
+    os.kill(pid, signal.SIGKILL)
+    r = httpx.post(
+        f"{serve_url}/v1/chat/completions",
+        json={"model": "kimi-k2.5", "messages": MSG, "max_tokens": 3},
+        headers={
+            "authorization": f"Bearer {key}",
+            "x-request-id": rid,
+            "x-kimi-routing-strategy": "plan_only",
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kimi-tier"] == "budget" and r.headers["x-kimi-retried"] == "1"
+    assert r.headers["x-kimi-degraded"] == "standard->budget"
+    [record] = [x for x in usage_of(admin, state_dir, key_id) if x["request_id"] == rid]
+    assert (record["tier"], record["status"], record["degraded"]) == ("budget", 200, True)
+    assert record["completion_tokens"] == 3
+    wait_for(
+        "standard's llama-server restarted",
+        lambda: (
+            (t := tier_status(serve_url, "standard")) and t["healthy"] and t["restarts"] > before
+        ),
+        60,
+    )
+
+
+def vllm_engine_cores() -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["name", "cmdline"])
+        if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def test_killed_vllm_engine_ends_streams_cleanly_and_serve_replaces_it(serve_url, admin, state_dir):
+    """vLLM's engine core SIGKILLed mid-stream. The stream ends with a clean error event;
+    the replica reports the tier unhealthy at once, so the default model is served by
+    another tier meanwhile; Serve's health check replaces the replica and premium serves
+    again. The key allows one request at a time: each request after the failure being
+    admitted shows that the failed one gave its slot back."""
+    key, key_id = new_key(admin, "enterprise", max_concurrent=1)
+    auth = {"authorization": f"Bearer {key}"}
+    rid = f"vllm-kill-{uuid.uuid4().hex}"
+    [core] = vllm_engine_cores()
+    body = {
+        "model": "kimi-k2.5:premium",
+        "messages": MSG,
+        "max_tokens": 4000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{serve_url}/v1/chat/completions",
+        json=body,
+        headers={**auth, "x-request-id": rid},
+        timeout=120,
+    ) as s:
+        assert s.status_code == 200
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(core, signal.SIGKILL)
+    last = json.loads(next(e for e in reversed(events) if e != "[DONE]"))
+    assert last["error"]["type"] == "server_error" and "retry" in last["error"]["message"]
+    wait_for(
+        "premium reported unhealthy",
+        lambda: not (t := tier_status(serve_url, "premium")) or not t["healthy"],
+        30,
+    )
+    time.sleep(1.0)  # the routers read the load board every 0.5 s
+    r = httpx.post(
+        f"{serve_url}/v1/chat/completions",
+        json={"model": "kimi-k2.5", "messages": MSG, "max_tokens": 3},
+        headers=auth,
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kimi-tier"] != "premium"
+    assert r.headers["x-kimi-degraded"].startswith("premium->")
+
+    def premium_serves() -> bool:
+        p = httpx.post(
+            f"{serve_url}/v1/chat/completions",
+            json={**body, "stream": False, "max_tokens": 2},
+            headers=auth,
+            timeout=120,
+        )
+        return p.status_code == 200
+
+    wait_for("premium serving again", premium_serves, 420, every_s=5)
+    assert vllm_engine_cores() != [core]
+    [record] = [x for x in usage_of(admin, state_dir, key_id) if x["request_id"] == rid]
+    assert record["status"] >= 500 and record["completion_tokens"] >= 1
