@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 PINNED = re.compile(r"^[A-Za-z0-9_.\-]+(\[[a-z,]+\])?==[0-9][0-9A-Za-z.+\-]*$")
@@ -58,3 +59,15 @@ def test_no_known_vulnerabilities_in_the_installed_environment():
         timeout=900,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_production_clusters_turn_on_ray_token_authentication():
+    """Without it, whoever reaches the dashboard's port can submit a job: run code on
+    every node. Ray 2.60 leaves it off for clusters started with `ray start`."""
+    cluster = PYPROJECT.parent / "cluster"
+    kuberay = yaml.safe_load((cluster / "kuberay-rayservice.yaml").read_text())
+    assert kuberay["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    launcher = yaml.safe_load((cluster / "ray-cluster.gpu.yaml").read_text())
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "/home/ubuntu/.ray/auth_token" in launcher["file_mounts"]
