@@ -66,7 +66,11 @@ class LlamaCppEngine(Engine):
         # misses those still waiting for one of its few HTTP threads, so under load the
         # queue is the larger of the two.
         self.in_flight = 0
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        # Idle connections are dropped before llama-server's own keep-alive timeout (5 s),
+        # so a request rarely lands on one the server is closing at that moment.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(keepalive_expiry=2.0)
+        )
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self._log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{spec.name}.log"
@@ -196,18 +200,29 @@ class LlamaCppEngine(Engine):
         stream = bool(body.get("stream"))
         headers = {"x-request-id": request_id}
         self.in_flight += 1
+        answered = False
         try:
-            async with self._client.stream(
-                "POST", f"{self.base_url}{path}", json=body, headers=headers
-            ) as resp:
-                if resp.status_code != 200:
-                    yield engine_error_from(resp.status_code, await resp.aread())
-                    return
-                if not stream:
-                    yield normalize_response(json.loads(await resp.aread()))
-                    return
-                async for event in sse_events(resp):
-                    yield normalize_sse(event)
+            for attempt in (1, 2):
+                try:
+                    async with self._client.stream(
+                        "POST", f"{self.base_url}{path}", json=body, headers=headers
+                    ) as resp:
+                        answered = True
+                        if resp.status_code != 200:
+                            yield engine_error_from(resp.status_code, await resp.aread())
+                            return
+                        if not stream:
+                            yield normalize_response(json.loads(await resp.aread()))
+                            return
+                        async for event in sse_events(resp):
+                            yield normalize_sse(event)
+                        return
+                except httpx.RemoteProtocolError:
+                    # A pooled connection the server closed as it was reused: no answer
+                    # came, so the request goes once more on a fresh connection.
+                    if answered or attempt == 2:
+                        raise
+                    log.info("request %s: stale connection to llama-server, resent", request_id)
         except httpx.HTTPError as exc:
             log.warning("request %s lost its engine: %r", request_id, exc)
             # before any token the router may send the request to another tier; after,

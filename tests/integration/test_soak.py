@@ -44,13 +44,18 @@ def test_soak_mixed_load_no_errors_and_bounded_memory(serve_url, admin, state_di
                 try:
                     if body["stream"]:
                         with c.stream("POST", f"{serve_url}/v1/chat/completions", json=body) as r:
-                            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-                            ok = r.status_code == 200 and lines[-1] == "data: [DONE]"
-                            ok = ok and not any('"error"' in ln for ln in lines)
-                            results.append((r.status_code if ok else 599, body["model"]))
+                            raw = list(r.iter_lines())
+                            lines = [ln for ln in raw if ln.startswith("data: ")]
+                            errors = [ln for ln in lines if '"error"' in ln]
+                            ok = r.status_code == 200 and lines[-1:] == ["data: [DONE]"]
+                            ok = ok and not errors
+                            # a failure says what it was: the error event, or the body
+                            what = "" if ok else (errors or ["\n".join(raw)])[0][:300]
+                            results.append((r.status_code if ok else 599, body["model"] + what))
                     else:
                         r = c.post(f"{serve_url}/v1/chat/completions", json=body)
-                        results.append((r.status_code, body["model"]))
+                        what = "" if r.status_code == 200 else r.text[:300]
+                        results.append((r.status_code, body["model"] + what))
                 except httpx.HTTPError as exc:
                     results.append((0, repr(exc)))
 
