@@ -236,11 +236,8 @@ def adapt_chat_request(body: dict[str, Any]) -> dict[str, Any]:
     """What llama-server's parser needs that OpenAI does not ask of clients:
     - tool_choice only as a string: a named function becomes "required" over that one
       tool, which is the same constraint;
-    - no null message fields but content (`"name": null` fails its message parser)."""
-    messages = [
-        {k: v for k, v in m.items() if v is not None or k == "content"}
-        for m in body.get("messages", ())
-    ]
+    - text parts only: an assistant's earlier refusal part becomes the text it was."""
+    messages = [{k: as_text_parts(v) for k, v in m.items()} for m in body.get("messages", ())]
     body = {**body, "messages": messages}
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and body.get("tools"):
@@ -248,6 +245,17 @@ def adapt_chat_request(body: dict[str, Any]) -> dict[str, Any]:
         tools = [t for t in body["tools"] if (t.get("function") or {}).get("name") == name]
         return {**body, "tool_choice": "required", "tools": tools}
     return body
+
+
+def as_text_parts(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    return [
+        {"type": "text", "text": p["refusal"]}
+        if isinstance(p, dict) and p.get("type") == "refusal"
+        else p
+        for p in value
+    ]
 
 
 async def sse_events(resp: httpx.Response) -> AsyncIterator[str]:

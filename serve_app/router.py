@@ -59,7 +59,7 @@ from serve_app.routing import (
     choose_tier,
     estimate_tokens,
 )
-from serve_app.schemas import UNION_TAGS, ChatRequest, CompletionRequest
+from serve_app.schemas import UNION_TAGS, ChatRequest, CompletionRequest, canonical_body
 from serve_app.telemetry import RouterMetrics
 
 log = logging.getLogger("serve_app.router")
@@ -274,10 +274,7 @@ class Router:
         except ValidationError as exc:
             message, param = validation_message(exc)
             raise APIError(400, message, param=param) from None
-        # What goes on is what was validated, in canonical types (`"n": 6.0` becomes 6):
-        # the fields the client set, its extra fields unchanged.
-        body = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        return body, parsed, len(raw)
+        return canonical_body(parsed), parsed, len(raw)
 
     async def _caller(self, request: Request) -> Caller:
         key = bearer(request)

@@ -59,7 +59,14 @@ class MediaPart(Open):
     type: Literal["input_audio", "video_url", "image", "video"]
 
 
-ContentPart = Annotated[TextPart | ImagePart | MediaPart, Field(discriminator="type")]
+class RefusalPart(Open):
+    """An assistant's earlier refusal, as OpenAI returns it, sent back in the history."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | ImagePart | MediaPart | RefusalPart, Field(discriminator="type")]
 
 
 Content = str | list[ContentPart]
@@ -70,7 +77,9 @@ class MessageBase(Open):
 
     def has_image(self) -> bool:
         content = getattr(self, "content", None)
-        return isinstance(content, list) and any(p.type != "text" for p in content)
+        return isinstance(content, list) and any(
+            isinstance(p, ImagePart | MediaPart) for p in content
+        )
 
 
 class InstructionMessage(MessageBase):
@@ -129,7 +138,7 @@ Message = Annotated[
 ]
 # The tags a tagged union puts in an error's location after the item's index.
 UNION_TAGS = frozenset(
-    {"system", "developer", "user", "assistant", "tool", "text", "image_url"}
+    {"system", "developer", "user", "assistant", "tool", "text", "image_url", "refusal"}
     | set(MediaPart.model_fields["type"].annotation.__args__)
 )
 
@@ -290,3 +299,16 @@ class CompletionRequest(Sampling):
     @property
     def output_limit(self) -> int | None:
         return self.max_tokens
+
+
+def canonical_body(parsed: BaseModel) -> dict[str, Any]:
+    """What goes on to an engine: the fields the client set, as validated, its extra
+    fields unchanged; without null message fields but content, which vLLM's and
+    llama.cpp's message parsers refuse (`"name": null`)."""
+    body = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if isinstance(parsed, ChatRequest):
+        body["messages"] = [
+            {k: v for k, v in m.items() if v is not None or k == "content"}
+            for m in body["messages"]
+        ]
+    return body

@@ -41,6 +41,23 @@ def test_chat_returns_usage(client, tier):
     assert r.choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("tier", TIERS)
+def test_history_as_agent_frameworks_send_it(client, tier):
+    """Content as parts, an earlier refusal part, a tool round trip, null optional
+    fields: every tier takes the history an OpenAI client sends back."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}], "name": None},
+        *USER,
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+        {"role": "user", "content": "Try a tool."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    r = client.chat.completions.create(model=f"kimi-k2.5:{tier}", messages=history, max_tokens=4)
+    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 20
+
+
 def test_base_model_is_routed_by_plan(client):
     raw = client.chat.completions.with_raw_response.create(
         model="kimi-k2.5", messages=USER, max_tokens=4

@@ -9,9 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.router import MAX_JSON_DEPTH, json_depth, not_json, validation_message
-from serve_app.schemas import ChatRequest, CompletionRequest
+from serve_app.schemas import ChatRequest, CompletionRequest, canonical_body
 
 CHAT = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "hi"}]}
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 TOOL = {
     "type": "function",
     "function": {
@@ -46,6 +47,8 @@ def test_what_clients_send_is_accepted():
                 ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+            {"role": "user", "content": "please"},
         ],
         "tools": [TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
@@ -175,3 +178,22 @@ def test_json_constants_and_depth():
         node["x"] = {}
         node = node["x"]
     assert json_depth(deep) == MAX_JSON_DEPTH + 1
+
+
+def test_engines_get_the_validated_fields_without_null_message_fields():
+    body = {
+        "model": "kimi-k2.5",
+        "messages": [
+            {"role": "user", "content": "hi", "name": None},
+            {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL], "x": 1},
+        ],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": {}}},
+        "vendor_field": {"kept": True},
+    }
+    out = canonical_body(ChatRequest.model_validate(body))
+    assert out["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL], "x": 1},
+    ]
+    assert out["response_format"]["json_schema"]["schema"] == {}
+    assert out["vendor_field"] == {"kept": True} and "n" not in out
