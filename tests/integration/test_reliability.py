@@ -17,6 +17,7 @@ import psutil
 import pyarrow.compute as pc
 import pytest
 import ray
+from ray import serve
 
 from serve_app.metering import read_usage
 from tests.integration.conftest import tier_status, wait_for
@@ -199,13 +200,17 @@ def test_cors_is_off_by_default(serve_url):
 
 def settled_standard_llama_servers(serve_url: str) -> list[int]:
     """The standard tier's llama-server, once the tier has one settled replica: earlier
-    tests scale it up, and a replica starting now would bring one the caller did not
-    touch."""
-    wait_for(
-        "one standard replica",
-        lambda: (t := tier_status(serve_url, "standard")) and t["replicas"] == 1,
-        120,
-    )
+    tests scale it up or replace a replica, and a replica starting now would bring one
+    the caller did not touch. Serve's own view counts the replicas still starting or
+    stopping, which report nothing to the load board yet (or any more)."""
+
+    def settled() -> bool:
+        states = serve.status().applications["kimi"].deployments["tier-standard"]
+        counts = {getattr(k, "value", k): n for k, n in states.replica_states.items() if n}
+        t = tier_status(serve_url, "standard")
+        return counts == {"RUNNING": 1} and bool(t) and t["replicas"] == 1
+
+    wait_for("one settled standard replica", settled, 120)
     time.sleep(2.0)  # a replica being removed has stopped its llama-server by now
     pids = [
         int(p)
