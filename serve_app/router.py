@@ -24,7 +24,7 @@ from typing import Any, get_args
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -174,11 +174,20 @@ def denial_error(denial: Denial) -> APIError:
 
 
 class NewKey(BaseModel):
+    model_config = ConfigDict(strict=True)  # `"expires_at": false` is no time
+
     plan: str = Field(min_length=1)
     name: str = Field("", max_length=200)
     overrides: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    expires_at: float | None = None
+    expires_at: float | None = Field(None, description="Unix time; in the future")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, v: float | None) -> float | None:
+        if v is not None and v <= time.time():
+            raise ValueError("expires_at is not in the future")
+        return v
 
 
 app.openapi = with_bodies(  # type: ignore[method-assign]

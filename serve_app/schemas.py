@@ -303,12 +303,18 @@ class CompletionRequest(Sampling):
 
 def canonical_body(parsed: BaseModel) -> dict[str, Any]:
     """What goes on to an engine: the fields the client set, as validated, its extra
-    fields unchanged; without null message fields but content, which vLLM's and
-    llama.cpp's message parsers refuse (`"name": null`)."""
+    fields unchanged; without null fields in messages (but content) and tools, which
+    vLLM's and llama.cpp's parsers refuse (`"name": null`, `"description": null`)."""
     body = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
     if isinstance(parsed, ChatRequest):
-        body["messages"] = [
-            {k: v for k, v in m.items() if v is not None or k == "content"}
-            for m in body["messages"]
-        ]
+        body["messages"] = [without_nulls(m, keep="content") for m in body["messages"]]
+        if body.get("tools"):
+            body["tools"] = [
+                {**without_nulls(t), "function": without_nulls(t["function"])}
+                for t in body["tools"]
+            ]
     return body
+
+
+def without_nulls(fields: dict[str, Any], keep: str | None = None) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None or k == keep}

@@ -10,6 +10,7 @@ a request that breaks the schema is refused with a 4xx, none hangs, and serving 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import zlib
 
@@ -36,7 +37,7 @@ MODELS = ["kimi-k2.5", "kimi-k2.5:premium", "kimi-k2.5:standard", "kimi-k2.5:bud
 PLANS = ["free", "standard", "premium", "enterprise", None]
 MAX_OUT = 16
 LIMITS = ("max_tokens", "max_completion_tokens", "min_tokens")
-SENT: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+SENT: dict[str, collections.Counter[int | str]] = collections.defaultdict(collections.Counter)
 REFUSED: collections.Counter[str] = collections.Counter()
 
 
@@ -116,14 +117,30 @@ def test_fuzzed_requests_get_clean_answers(
             assert "Traceback" not in response.text
             message = response.json()["error"]["message"]
             REFUSED[f"{response.status_code} {message[:60]}"] += 1
+        elif "text/event-stream" in " ".join(response.headers.get("content-type", [])):
+            assert_well_formed_stream(response.text)
+            SENT[label]["streams checked"] += 1
 
     fuzz()
+
+
+def assert_well_formed_stream(text: str) -> None:
+    """Every event is a JSON object (a chunk, or OpenAI's error object), then `[DONE]`."""
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(isinstance(c, dict) for c in chunks)
+    for c in chunks:
+        if "error" in c:
+            assert set(c["error"]) >= {"message", "type", "param", "code"}, c
+        else:
+            assert c["object"] in ("chat.completion.chunk", "text_completion"), c
 
 
 def test_serving_goes_on_after_fuzzing(client, fuzz_key: str) -> None:
     assert SENT, "the fuzz test sent nothing"
     for label, statuses in sorted(SENT.items()):
-        print(f"fuzzed {label}: {dict(sorted(statuses.items()))}")
+        print(f"fuzzed {label}: {dict(sorted(statuses.items(), key=str))}")
     print("most frequent refusals:", REFUSED.most_common(12))
     out = client.chat.completions.create(
         model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}], max_tokens=2

@@ -188,9 +188,13 @@ def test_engines_get_the_validated_fields_without_null_message_fields():
             {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL], "x": 1},
         ],
         "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": {}}},
+        "tools": [
+            {"type": "function", "function": {"name": "f", "description": None, "parameters": None}}
+        ],
         "vendor_field": {"kept": True},
     }
     out = canonical_body(ChatRequest.model_validate(body))
+    assert out["tools"] == [{"type": "function", "function": {"name": "f"}}]
     assert out["messages"] == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL], "x": 1},
