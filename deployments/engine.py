@@ -15,8 +15,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-ENGINE_DOWN = "the tier's engine stopped while serving this request; retry it"
-
 
 class EngineError(BaseModel):
     status_code: int
@@ -37,6 +35,16 @@ class EngineError(BaseModel):
 
     def sse(self) -> str:
         return f"data: {json.dumps(self.body())}\n\n"
+
+
+def engine_down() -> EngineError:
+    """The engine died under a request: a 503 to retry (before any token, the router
+    sends the request to the plan's next tier itself)."""
+    return EngineError(
+        status_code=503,
+        message="the tier's engine stopped while serving this request; retry it",
+        type="server_error",
+    )
 
 
 class EngineLoad(BaseModel):

@@ -24,7 +24,7 @@ import httpx
 
 from deployments.artifacts.llama_cpp import llama_binary
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.engine import ENGINE_DOWN, Engine, EngineError, EngineLoad, EngineOutput
+from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
 from deployments.openai_shape import normalize_response, normalize_sse
 from deployments.spec import TierSpec, flags_to_argv
 
@@ -227,7 +227,7 @@ class LlamaCppEngine(Engine):
             log.warning("request %s lost its engine: %r", request_id, exc)
             # before any token the router may send the request to another tier; after,
             # the relay ends the stream with this as its error event
-            yield EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
+            yield engine_down()
         finally:
             self.in_flight -= 1
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.engine import ENGINE_DOWN, Engine, EngineError, EngineLoad, EngineOutput
+from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
 from deployments.openai_shape import normalize_response, normalize_sse
 from deployments.spec import TierSpec, flags_to_argv
 
@@ -143,7 +143,7 @@ class VLLMEngine(Engine):
     def _failed(self, error: dict[str, Any]) -> EngineError:
         """vLLM's mid-stream error event as ours; a dead engine core is a 503 to retry."""
         if self._client is not None and self._client.errored:
-            return EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
+            return engine_down()
         code = error.get("code")
         return EngineError(
             status_code=code if isinstance(code, int) and 400 <= code < 600 else 500,
@@ -171,7 +171,7 @@ class VLLMEngine(Engine):
             result = await handler(request, None)
         except VLLMServerError as exc:  # the engine core died (EngineDeadError)
             log.error("engine failed on request %s: %r", request_id, exc)
-            yield EngineError(status_code=503, message=ENGINE_DOWN, type="server_error")
+            yield engine_down()
             return
         except Exception as exc:  # vLLM raises for a few request errors
             log.exception("engine rejected request %s", request_id)

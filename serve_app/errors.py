@@ -21,6 +21,19 @@ TYPES = {
 }
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer's body, as the OpenAPI document declares it."""
+
+    error: ErrorDetail
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -39,37 +52,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, param=self.param, code=self.code)
+        detail = ErrorDetail(
+            message=self.message,
+            type=TYPES.get(self.status, "invalid_request_error"),
+            param=self.param,
+            code=self.code,
+        )
+        return ErrorResponse(error=detail).model_dump()
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(), self.status, headers={**self.headers, **(headers or {})})
-
-
-def error_body(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": TYPES.get(status, "invalid_request_error"),
-            "param": param,
-            "code": code,
-        }
-    }
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every non-2xx answer's body, as the OpenAPI document declares it."""
-
-    error: ErrorDetail

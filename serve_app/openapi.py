@@ -44,17 +44,15 @@ def with_bodies(
             "description": "An error, in OpenAI's format",
             "content": {"application/json": {"schema": add_schema(schemas, ErrorResponse)}},
         }
-        for operations in doc["paths"].values():
-            for operation in operations.values():
-                operation["responses"].pop("422", None)
-                operation["responses"]["default"] = error
         # An API key is optional where the config names an anonymous plan; the admin
         # routes always need the admin token.
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         doc["security"] = [{"bearer": []}, {}]
         for path, operations in doc["paths"].items():
-            if path.startswith("/admin/"):
-                for operation in operations.values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                operation["responses"]["default"] = error
+                if path.startswith("/admin/"):
                     operation["security"] = [{"bearer": []}]
         app.openapi_schema = doc
         return doc

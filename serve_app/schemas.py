@@ -10,7 +10,7 @@ layer, which validates them in full.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import jsonschema
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+INT32 = 2**31 - 1  # token ids and counts: llama.cpp reads them as C ints
 INT64 = 2**63 - 1
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -136,11 +137,16 @@ Message = Annotated[
     InstructionMessage | UserMessage | AssistantMessage | ToolMessage,
     Field(discriminator="role"),
 ]
+
+
+def union_tags(union: Any, field: str) -> set[str]:
+    """The values of `field`'s Literal over the members of a tagged union."""
+    members = get_args(get_args(union)[0])  # Annotated[A | B, ...] -> (A, B)
+    return {tag for m in members for tag in get_args(m.model_fields[field].annotation)}
+
+
 # The tags a tagged union puts in an error's location after the item's index.
-UNION_TAGS = frozenset(
-    {"system", "developer", "user", "assistant", "tool", "text", "image_url", "refusal"}
-    | set(MediaPart.model_fields["type"].annotation.__args__)
-)
+UNION_TAGS = frozenset(union_tags(Message, "role") | union_tags(ContentPart, "type"))
 
 
 class FunctionDef(Open):
@@ -202,11 +208,11 @@ class Sampling(Open):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    top_k: int | None = Field(None, ge=-1, le=INT32)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     logit_bias: dict[str, float] | None = None
-    min_tokens: int | None = Field(None, ge=0, le=2**31 - 1)
+    min_tokens: int | None = Field(None, ge=0, le=INT32)
     ignore_eos: bool | None = None
     user: str | None = Field(None, max_length=512)
 
@@ -225,7 +231,7 @@ class Sampling(Open):
         if len(v) > 1024:
             raise ValueError("at most 1024 logit_bias entries")
         for token, bias in v.items():
-            if not token.isdigit() or int(token) > 2**31 - 1:
+            if not token.isdigit() or int(token) > INT32:
                 raise ValueError(f"logit_bias key {token[:32]!r} is not a token id")
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be between -100 and 100")
@@ -281,7 +287,7 @@ class ChatRequest(Sampling):
 
 
 Text = Annotated[str, StringConstraints(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(min_length=1)]
 
 
 class CompletionRequest(Sampling):
