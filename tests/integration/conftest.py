@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -133,6 +134,21 @@ def serve_url(cluster: object) -> Iterator[str]:
         pytest.fail("the application never became ready")
     yield url
     serve.shutdown()
+
+
+def new_key(admin: httpx.Client, plan: str, **overrides: object) -> tuple[str, str]:
+    """A fresh API key of `plan`, with per-key `overrides`: the key and its id."""
+    r = admin.post("/admin/keys", json={"plan": plan, "name": "test", "overrides": overrides})
+    assert r.status_code == 201, r.text
+    return r.json()["key"], r.json()["key_id"]
+
+
+def flushed_usage(admin: httpx.Client, state_dir: Path) -> Any:
+    """Every usage record so far (the gateway's batch flushed first), as an Arrow table."""
+    from serve_app.metering import read_usage
+
+    assert admin.post("/admin/usage/flush").status_code == 200
+    return read_usage(state_dir / "usage")
 
 
 def metrics_ports() -> list[int]:

@@ -13,10 +13,11 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
-from serve_app.metering import read_usage
 from tests.integration.conftest import (
     OVERLAY,
     Hogs,
+    flushed_usage,
+    new_key,
     saturated,
     tier_status,
     wait_for,
@@ -32,10 +33,6 @@ def chat(url: str, key: str | None, model: str = "kimi-k2.5", **extra: object) -
     headers.update(extra.pop("headers", {}))  # type: ignore[arg-type]
     body = {"model": model, "messages": MSG, "max_tokens": 2, **extra}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
-
-
-def new_key(admin: httpx.Client, plan: str) -> str:
-    return admin.post("/admin/keys", json={"plan": plan}).json()["key"]
 
 
 def node_resources() -> dict[str, dict[str, float]]:
@@ -72,7 +69,7 @@ def test_load_step_scales_tier_up_then_down_with_affinity_between(serve_url, adm
     replica, max 2 replicas): the engine queue grows, a second replica starts; when the
     load stops the tier returns to one replica after `downscale_delay_s`."""
     auto = OVERLAY["standard"]["autoscaling"]
-    key = new_key(admin, "enterprise")
+    key = new_key(admin, "enterprise")[0]
     # start from one replica (earlier load may still be inside its downscale delay)
     wait_for("one standard replica", lambda: replicas(serve_url, "standard") == 1, 90)
     with Hogs(serve_url, key, "kimi-k2.5:standard", n=12, max_tokens=3000):
@@ -113,7 +110,7 @@ def test_budget_tier_scales_to_zero_and_wakes_on_a_request(serve_url, admin):
     delay = OVERLAY["budget"]["autoscaling"]["downscale_to_zero_delay_s"]
     wait_for("budget to scale to zero", lambda: ready()["budget"] == "idle", delay + 60)
     assert httpx.get(f"{serve_url}/ready", timeout=30).status_code == 200  # others serve
-    r = chat(serve_url, new_key(admin, "free"))
+    r = chat(serve_url, new_key(admin, "free")[0])
     assert r.status_code == 200, r.text
     assert r.headers["x-kimi-tier"] == "budget" and r.json()["usage"]["completion_tokens"] == 2
     wait_for("budget reporting again", lambda: replicas(serve_url, "budget") == 1, 30)
@@ -122,7 +119,7 @@ def test_budget_tier_scales_to_zero_and_wakes_on_a_request(serve_url, admin):
 def test_saturated_premium_spills_degradable_plans_and_keeps_premium_plans(
     serve_url, admin, state_dir
 ):
-    enterprise, premium = new_key(admin, "enterprise"), new_key(admin, "premium")
+    enterprise, premium = new_key(admin, "enterprise")[0], new_key(admin, "premium")[0]
     # 8 sequences fit the premium engine (max-num-seqs 8); 20 streams keep it queueing.
     with saturated(serve_url, enterprise, "premium", n=20, max_tokens=300, above=1.5, holds=1.2):
         spilled = chat(serve_url, enterprise)
@@ -136,8 +133,7 @@ def test_saturated_premium_spills_degradable_plans_and_keeps_premium_plans(
     assert "x-kimi-degraded" not in kept.headers
     # plan-only routing (the baseline) would have queued the enterprise request there too
     assert baseline.headers["x-kimi-tier"] == "premium"
-    admin.post("/admin/usage/flush")
-    table = read_usage(state_dir / "usage")
+    table = flushed_usage(admin, state_dir)
     rid = spilled.headers["x-request-id"]
     rec = table.filter(pc.equal(table["request_id"], rid)).to_pylist()
     assert len(rec) == 1 and rec[0]["tier"] == "standard" and rec[0]["degraded"]
@@ -145,7 +141,7 @@ def test_saturated_premium_spills_degradable_plans_and_keeps_premium_plans(
 
 
 def test_lowest_plan_is_shed_with_retry_after_when_its_tier_saturates(serve_url, admin):
-    enterprise, free = new_key(admin, "enterprise"), new_key(admin, "free")
+    enterprise, free = new_key(admin, "enterprise")[0], new_key(admin, "free")[0]
     # 16 long streams on 4 slots: pressure 4, well above shed_pressure 2.0 (1,500 tokens:
     # the budget tier's context is 2,048, and longer asks are refused with a 400)
     with saturated(serve_url, enterprise, "budget", n=16, max_tokens=1500, above=3, holds=2.5):

@@ -15,17 +15,11 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
-from serve_app.metering import read_usage
+from tests.integration.conftest import flushed_usage, new_key
 
 pytestmark = pytest.mark.integration
 
 MSG = [{"role": "user", "content": "hi"}]
-
-
-def new_key(admin: httpx.Client, plan: str, **overrides) -> tuple[str, str]:
-    r = admin.post("/admin/keys", json={"plan": plan, "name": "test", "overrides": overrides})
-    assert r.status_code == 201, r.text
-    return r.json()["key"], r.json()["key_id"]
 
 
 def chat(url: str, key: str | None, model: str = "kimi-k2.5", **extra) -> httpx.Response:
@@ -126,11 +120,6 @@ def test_cost_in_response_header_and_final_stream_chunk(serve_url, admin):
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["usage"]["cost"] > 0
-
-
-def flushed_usage(admin: httpx.Client, state_dir) -> object:
-    assert admin.post("/admin/usage/flush").status_code == 200
-    return read_usage(state_dir / "usage")
 
 
 def test_every_request_metered_with_the_usage_the_client_saw(serve_url, admin, state_dir):

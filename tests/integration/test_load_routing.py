@@ -11,22 +11,21 @@ import httpx
 import pyarrow.compute as pc
 import pytest
 
-from serve_app.metering import read_usage
-from tests.integration.conftest import metrics_ports, saturated
+from tests.integration.conftest import flushed_usage, metrics_ports, new_key, saturated
 
 pytestmark = pytest.mark.integration
 
 
 def test_saturated_tier_spills_degradable_plan(serve_url, admin, state_dir):
-    plan_key = admin.post("/admin/keys", json={"plan": "standard"}).json()
-    hog_key = admin.post("/admin/keys", json={"plan": "enterprise"}).json()["key"]
+    plan_key, _ = new_key(admin, "standard")
+    hog_key, _ = new_key(admin, "enterprise")
     # long streams pinned to the standard tier (it may add a replica meanwhile: 16 streams
     # keep even two replicas' 8 slots over 1.5)
     with saturated(serve_url, hog_key, "standard", n=16, max_tokens=3000, above=1.5, holds=1.5):
         r = httpx.post(
             f"{serve_url}/v1/chat/completions",
             timeout=60,
-            headers={"authorization": f"Bearer {plan_key['key']}"},
+            headers={"authorization": f"Bearer {plan_key}"},
             json={
                 "model": "kimi-k2.5",
                 "max_tokens": 4,
@@ -37,8 +36,7 @@ def test_saturated_tier_spills_degradable_plan(serve_url, admin, state_dir):
     assert r.headers["x-kimi-tier"] == "budget"
     assert r.headers["x-kimi-degraded"] == "standard->budget"
     assert r.json()["model"] == "kimi-k2.5:budget"
-    admin.post("/admin/usage/flush")
-    table = read_usage(state_dir / "usage")
+    table = flushed_usage(admin, state_dir)
     rec = table.filter(pc.equal(table["request_id"], r.headers["x-request-id"])).to_pylist()
     assert len(rec) == 1 and rec[0]["tier"] == "budget" and rec[0]["degraded"]
     # billed at the tier that served it (budget prices; cached prompt tokens cheaper)

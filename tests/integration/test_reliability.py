@@ -19,22 +19,15 @@ import pytest
 import ray
 from ray import serve
 
-from serve_app.metering import read_usage
-from tests.integration.conftest import tier_status, wait_for
+from tests.integration.conftest import flushed_usage, new_key, tier_status, wait_for
 
 pytestmark = pytest.mark.integration
 
 MSG = [{"role": "user", "content": "go"}]
 
 
-def new_key(admin: httpx.Client, plan: str, **overrides: object) -> tuple[str, str]:
-    r = admin.post("/admin/keys", json={"plan": plan, "overrides": overrides}).json()
-    return r["key"], r["key_id"]
-
-
 def usage_of(admin: httpx.Client, state_dir, key_id: str) -> list[dict]:
-    assert admin.post("/admin/usage/flush").status_code == 200
-    table = read_usage(state_dir / "usage")
+    table = flushed_usage(admin, state_dir)
     return table.filter(pc.equal(table["key_id"], key_id)).to_pylist()
 
 
