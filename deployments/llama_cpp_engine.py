@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,17 @@ import httpx
 from deployments.artifacts.llama_cpp import llama_binary
 from deployments.artifacts.resolve import resolve_artifact
 from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
+from deployments.llama_cpp_constrained import (
+    Constraint,
+    TurnWriter,
+    completion_body,
+    constraint_for,
+    schema_error,
+    turn_outputs,
+    unsupported,
+)
 from deployments.openai_shape import normalize_response, normalize_sse
+from deployments.schema_grammar import SchemaGrammar, SchemaNotSupported
 from deployments.spec import TierSpec, flags_to_argv
 
 log = logging.getLogger(__name__)
@@ -71,6 +81,7 @@ class LlamaCppEngine(Engine):
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(keepalive_expiry=2.0)
         )
+        self._schemas = SchemaGrammar()
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self._log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{spec.name}.log"
@@ -188,16 +199,55 @@ class LlamaCppEngine(Engine):
     # ---- requests --------------------------------------------------------------------
 
     def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        return self._proxy("/v1/chat/completions", adapt_chat_request(body), request_id)
+        body = adapt_chat_request(body)
+        constraint = constraint_for(body, self.spec)
+        if constraint is None:
+            return self._proxy("/v1/chat/completions", body, request_id, relay_openai)
+        return self._constrained_chat(body, constraint, request_id)
 
     def completions(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        return self._proxy("/v1/completions", body, request_id)
+        return self._proxy("/v1/completions", body, request_id, relay_openai)
+
+    async def _constrained_chat(
+        self, body: dict[str, Any], constraint: Constraint, request_id: str
+    ) -> AsyncIterator[EngineOutput]:
+        """A forced call or JSON answer under our grammar (llama_cpp_constrained.py)."""
+        refused = unsupported(body)
+        if refused is not None:
+            yield refused
+            return
+        try:
+            grammar = await constraint.grammar(self._schemas)
+        except SchemaNotSupported as exc:
+            yield schema_error(exc, constraint)
+            return
+        template = {k: body[k] for k in TEMPLATE_FIELDS if k in body}
+        try:
+            r = await self._client.post(f"{self.base_url}/apply-template", json=template)
+        except httpx.HTTPError as exc:
+            log.warning("request %s lost its engine: %r", request_id, exc)
+            yield engine_down()
+            return
+        if r.status_code != 200:
+            yield engine_error_from(r.status_code, r.content)
+            return
+        writer = TurnWriter(
+            model=self.spec.model_id,
+            stream=bool(body.get("stream")),
+            include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        )
+
+        def relay(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
+            return turn_outputs(completion_events(resp), writer, constraint)
+
+        payload = completion_body(body, r.json()["prompt"], grammar)
+        async for item in self._proxy("/completion", payload, request_id, relay):
+            yield item
 
     async def _proxy(
-        self, path: str, body: dict[str, Any], request_id: str
+        self, path: str, body: dict[str, Any], request_id: str, relay: Relay
     ) -> AsyncIterator[EngineOutput]:
         body = {**body, "model": self.spec.model_id}
-        stream = bool(body.get("stream"))
         headers = {"x-request-id": request_id}
         self.in_flight += 1
         answered = False
@@ -211,11 +261,8 @@ class LlamaCppEngine(Engine):
                         if resp.status_code != 200:
                             yield engine_error_from(resp.status_code, await resp.aread())
                             return
-                        if not stream:
-                            yield normalize_response(json.loads(await resp.aread()))
-                            return
-                        async for event in sse_events(resp):
-                            yield normalize_sse(event)
+                        async for item in relay(resp):
+                            yield item
                         return
                 except httpx.RemoteProtocolError:
                     # A pooled connection the server closed as it was reused: no answer
@@ -232,19 +279,33 @@ class LlamaCppEngine(Engine):
             self.in_flight -= 1
 
 
+Relay = Callable[[httpx.Response], AsyncIterator[EngineOutput]]
+# What llama-server's template needs to render a chat prompt.
+TEMPLATE_FIELDS = ("messages", "tools", "chat_template_kwargs")
+
+
+async def relay_openai(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
+    """llama-server's own OpenAI answer, in our response shape."""
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        async for event in sse_events(resp):
+            yield normalize_sse(event)
+    else:
+        yield normalize_response(json.loads(await resp.aread()))
+
+
+async def completion_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of a streamed `/completion` answer."""
+    async for event in sse_events(resp):
+        payload = event[6:].strip() if event.startswith("data: ") else ""
+        if payload.startswith("{"):
+            yield json.loads(payload)
+
+
 def adapt_chat_request(body: dict[str, Any]) -> dict[str, Any]:
-    """What llama-server's parser needs that OpenAI does not ask of clients:
-    - tool_choice only as a string: a named function becomes "required" over that one
-      tool, which is the same constraint;
-    - text parts only: an assistant's earlier refusal part becomes the text it was."""
+    """Text parts only, as llama-server's parser needs: an assistant's earlier refusal
+    part becomes the text it was."""
     messages = [{k: as_text_parts(v) for k, v in m.items()} for m in body.get("messages", ())]
-    body = {**body, "messages": messages}
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict) and body.get("tools"):
-        name = (choice.get("function") or {}).get("name")
-        tools = [t for t in body["tools"] if (t.get("function") or {}).get("name") == name]
-        return {**body, "tool_choice": "required", "tools": tools}
-    return body
+    return {**body, "messages": messages}
 
 
 def as_text_parts(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""One response shape whichever engine served: small rewrites of engine JSON and SSE.
+"""One response shape whichever engine served: small rewrites of engine JSON and SSE;
+and the few request fields every engine reads the same way.
 
 vLLM 0.32 names the reasoning field `reasoning`; Kimi's own API and llama.cpp say
 `reasoning_content`, so both engines answer with `reasoning_content`. llama.cpp's
@@ -38,3 +39,13 @@ def normalize_sse(event: str) -> str:
     if not needs:
         return event
     return f"data: {json.dumps(normalize_response(json.loads(payload)))}\n\n"
+
+
+def output_limit(body: dict[str, Any]) -> int | None:
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    return int(limit) if limit else None
+
+
+def thinking_on(body: dict[str, Any]) -> bool:
+    """K2.5's template thinks unless `chat_template_kwargs.thinking` is false."""
+    return (body.get("chat_template_kwargs") or {}).get("thinking", True) is not False

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EngineKind = Literal["vllm", "llama.cpp"]
+# At most 1/THINKING_SHARE of max_tokens goes to reasoning before a forced call or JSON.
+THINKING_SHARE = 4
 
 
 class Strict(BaseModel):
@@ -88,16 +90,36 @@ class TierSpec(Strict):
     )
     env: dict[str, str] = Field(default_factory=dict)
     capabilities: Capabilities = Capabilities()
+    # What `/v1/models` says of the weights; by default the GGUF quant or the dtype.
+    quantization: str | None = None
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
-    # Forced tool calls in thinking mode close the reasoning after this many tokens, so
-    # the call grammar is reached (vLLM's thinking_token_budget); None leaves it open.
+    # Forced tool calls and JSON answers in thinking mode close the reasoning after this
+    # many tokens, so the call or the JSON is reached; None leaves it open.
     forced_tool_thinking_budget: int | None = Field(64, ge=0)
     startup_timeout_s: float = Field(600, gt=0)
 
     @property
     def model_id(self) -> str:
         return f"kimi-k2.5:{self.name}"
+
+    @property
+    def quantization_label(self) -> str | None:
+        args = self.engine_args
+        return (
+            self.quantization
+            or self.artifact.quant
+            or args.get("quantization")
+            or (args.get("dtype"))
+        )
+
+    def thinking_budget(self, max_tokens: int | None) -> int | None:
+        """Reasoning tokens a forced call or JSON answer may spend: the configured budget,
+        cut to a quarter of `max_tokens` so that the call itself still fits."""
+        budget = self.forced_tool_thinking_budget
+        if budget is None or max_tokens is None:
+            return budget
+        return min(budget, max_tokens // THINKING_SHARE)
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:

@@ -1,0 +1,205 @@
+"""Kimi K2.5's assistant turn, as text the engine generates: a grammar that forces it and
+a parser that reads it back, for engines whose own Kimi handling is not strict enough.
+
+A turn is `<think>REASONING</think>CONTENT`, then, when it calls tools, a section:
+`<|tool_calls_section_begin|>` + per call `<|tool_call_begin|>functions.NAME:IDX
+<|tool_call_argument_begin|>{JSON}<|tool_call_end|>` + `<|tool_calls_section_end|>`.
+IDX numbers calls across the conversation (the id a later `tool` message answers).
+
+The grammar is GBNF with token references: every marker must be the special token
+itself (a model cannot spell one out of bytes), the reasoning is bounded in tokens,
+names and indices are literal, and each call's arguments follow the tool's JSON schema
+(rules from llama.cpp's own schema converter, see `schema_grammar.py`). The parser works
+on the same token boundaries, so markers are recognised by id, never by their text.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class Marker(enum.Enum):
+    THINK_END = "</think>"
+    SECTION_BEGIN = "<|tool_calls_section_begin|>"
+    SECTION_END = "<|tool_calls_section_end|>"
+    CALL_BEGIN = "<|tool_call_begin|>"
+    ARG_BEGIN = "<|tool_call_argument_begin|>"
+    CALL_END = "<|tool_call_end|>"
+
+
+# The text of every marker a generated turn may hold; engines render them as text.
+MARKER_TEXTS = [m.value for m in Marker] + ["<think>"]
+
+
+def gbnf_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def token_ref(marker: Marker) -> str:
+    """GBNF that matches the marker's special token only (never its spelling in bytes)."""
+    return marker.value
+
+
+# ---- grammar ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReasoningBound:
+    """How much reasoning a constrained turn may spend: `None` tokens = no bound.
+    `enabled` False: the prompt already closed the reasoning (instant mode)."""
+
+    enabled: bool
+    tokens: int | None = None
+
+    def rule(self) -> str:
+        if not self.enabled:
+            return '""'
+        any_token = f"!{token_ref(Marker.THINK_END)}"
+        body = f"({any_token})*" if self.tokens is None else f"({any_token}){{0,{self.tokens}}}"
+        return f"{body} {token_ref(Marker.THINK_END)}"
+
+
+def tool_calls_grammar(
+    callable_tools: Sequence[str],
+    schema_rules: Mapping[str, str],
+    first_index: int,
+    max_calls: int,
+    reasoning: ReasoningBound,
+) -> str:
+    """Root rules of a turn that must call one or more of `callable_tools`: reasoning
+    within its bound, no free text, then 1..max_calls calls numbered from `first_index`.
+    `schema_rules` names each tool's argument rule (defined by the caller's rules)."""
+    if not callable_tools or max_calls < 1:
+        raise ValueError("a forced call needs at least one tool and one call")
+    lines = [
+        f"root ::= kimi-think {token_ref(Marker.SECTION_BEGIN)} kimi-calls-0 "
+        f"{token_ref(Marker.SECTION_END)}",
+        f"kimi-think ::= {reasoning.rule()}",
+    ]
+    for k in range(max_calls):
+        index = first_index + k
+        choices = " | ".join(
+            f"{gbnf_literal(f'functions.{name}:{index}')} {token_ref(Marker.ARG_BEGIN)} "
+            f"{schema_rules[name]}"
+            for name in callable_tools
+        )
+        lines.append(
+            f"kimi-call-{k} ::= {token_ref(Marker.CALL_BEGIN)} ( {choices} ) "
+            f"{token_ref(Marker.CALL_END)}"
+        )
+        more = f" kimi-calls-{k + 1}?" if k + 1 < max_calls else ""
+        lines.append(f"kimi-calls-{k} ::= kimi-call-{k}{more}")
+    return "\n".join(lines) + "\n"
+
+
+def json_answer_grammar(answer_rule: str, reasoning: ReasoningBound) -> str:
+    """Root rules of a turn whose content is one JSON value matching `answer_rule`."""
+    return f"root ::= kimi-think {answer_rule}\nkimi-think ::= {reasoning.rule()}\n"
+
+
+# ---- parser -------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedCall:
+    position: int  # 0.. within this turn (the OpenAI `index`)
+    id: str  # functions.NAME:IDX
+    name: str
+    arguments: str = ""
+    complete: bool = False
+
+
+@dataclass
+class Delta:
+    """What one step of generation added to the turn."""
+
+    reasoning: str = ""
+    content: str = ""
+    started: ParsedCall | None = None  # a call whose name and id are now known
+    arguments: str = ""  # argument text added to `call`
+    call: ParsedCall | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.reasoning or self.content or self.started or self.arguments)
+
+
+class _State(enum.Enum):
+    REASONING = 1
+    CONTENT = 2
+    SECTION = 3
+    CALL_HEADER = 4
+    ARGUMENTS = 5
+
+
+def call_name(header: str) -> str:
+    """`functions.get_weather:3` -> `get_weather` (Kimi's call id holds the name)."""
+    name = header.strip()
+    name = name.removeprefix("functions.")
+    head, sep, tail = name.rpartition(":")
+    return head if sep and tail.isdigit() else name
+
+
+@dataclass
+class KimiTurnParser:
+    """Reads a generated turn piece by piece; each piece is one token's text and whether
+    that token was a marker. Unfinished calls stay `complete=False`."""
+
+    reasoning_open: bool
+    reasoning: str = ""
+    content: str = ""
+    calls: list[ParsedCall] = field(default_factory=list)
+    _state: _State = _State.CONTENT
+    _header: str = ""
+
+    def __post_init__(self) -> None:
+        self._state = _State.REASONING if self.reasoning_open else _State.CONTENT
+
+    def feed(self, text: str, marker: Marker | None) -> Delta:
+        if marker is not None:
+            return self._marker(marker)
+        state = self._state
+        if state is _State.REASONING:
+            self.reasoning += text
+            return Delta(reasoning=text)
+        if state is _State.CONTENT:
+            self.content += text
+            return Delta(content=text)
+        if state is _State.CALL_HEADER:
+            self._header += text
+        elif state is _State.ARGUMENTS:
+            call = self.calls[-1]
+            call.arguments += text
+            return Delta(arguments=text, call=call)
+        return Delta()  # whitespace between calls carries nothing
+
+    def _marker(self, marker: Marker) -> Delta:
+        state = self._state
+        if marker is Marker.THINK_END and state is _State.REASONING:
+            self._state = _State.CONTENT
+        elif marker is Marker.SECTION_BEGIN:
+            self._state = _State.SECTION
+        elif marker is Marker.CALL_BEGIN:
+            self._state, self._header = _State.CALL_HEADER, ""
+        elif marker is Marker.ARG_BEGIN and state is _State.CALL_HEADER:
+            header = self._header.strip()
+            call = ParsedCall(position=len(self.calls), id=header, name=call_name(header))
+            self.calls.append(call)
+            self._state = _State.ARGUMENTS
+            return Delta(started=call, call=call)
+        elif marker is Marker.CALL_END and state is _State.ARGUMENTS:
+            self.calls[-1].complete = True
+            self._state = _State.SECTION
+        elif marker is Marker.SECTION_END:
+            self._state = _State.CONTENT
+        return Delta()
+
+    @property
+    def complete_calls(self) -> list[ParsedCall]:
+        return [c for c in self.calls if c.complete]
+
+    @property
+    def call_open(self) -> bool:
+        return any(not c.complete for c in self.calls) or self._state is _State.CALL_HEADER

@@ -1,0 +1,189 @@
+"""Kimi's turn format: the grammar we force on llama.cpp tiers and the parser that reads
+turns back (pure logic; the engines are exercised in the integration tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.kimi_format import (
+    KimiTurnParser,
+    Marker,
+    ReasoningBound,
+    call_name,
+    json_answer_grammar,
+    tool_calls_grammar,
+)
+from deployments.llama_cpp_constrained import (
+    MAX_PARALLEL_CALLS,
+    TurnWriter,
+    constraint_for,
+    delta_dict,
+    finish_reason,
+    pieces,
+)
+from deployments.spec import TierSpec
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object"}},
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+SPEC = TierSpec.model_validate(
+    {"name": "standard", "engine": "llama.cpp", "artifact": {"kind": "embedded"}, "max_context": 8}
+)
+
+
+def turn(*items: str | Marker) -> list[tuple[str, Marker | None]]:
+    return [(i.value, i) if isinstance(i, Marker) else (i, None) for i in items]
+
+
+def call(header: str, *args: str) -> list[str | Marker]:
+    return [Marker.CALL_BEGIN, *header, Marker.ARG_BEGIN, *args, Marker.CALL_END]
+
+
+def parse(items, reasoning_open=True):
+    parser = KimiTurnParser(reasoning_open=reasoning_open)
+    deltas = [parser.feed(text, marker) for text, marker in items]
+    return parser, deltas
+
+
+def test_parser_reads_reasoning_and_two_calls():
+    items = turn(
+        "hm",
+        "m",
+        Marker.THINK_END,
+        Marker.SECTION_BEGIN,
+        *call(["functions.get_", "weather:3"], '{"city"', ':"P"}'),
+        *call(["functions.get_time:4"], "{}"),
+        Marker.SECTION_END,
+    )
+    parser, deltas = parse(items)
+    assert parser.reasoning == "hmm" and parser.content == ""
+    assert [(c.position, c.id, c.name, c.arguments) for c in parser.complete_calls] == [
+        (0, "functions.get_weather:3", "get_weather", '{"city":"P"}'),
+        (1, "functions.get_time:4", "get_time", "{}"),
+    ]
+    # the stream's tool-call deltas: id and name once, then argument fragments
+    streamed = [delta_dict(d)["tool_calls"][0] for d in deltas if d.started or d.arguments]
+    assert streamed[0] == {
+        "index": 0,
+        "id": "functions.get_weather:3",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    assert [s["function"]["arguments"] for s in streamed[1:3]] == ['{"city"', ':"P"}']
+    assert all("id" not in s for s in streamed[1:3])
+    assert finish_reason("eos", parser, named=False) == "tool_calls"
+    assert finish_reason("eos", parser, named=True) == "stop"  # as OpenAI says it
+
+
+def test_a_call_cut_off_keeps_the_calls_before_it():
+    items = turn(
+        Marker.SECTION_BEGIN,
+        *call(["functions.get_time:0"], "{}"),
+        Marker.CALL_BEGIN,
+        "functions.get_weather:1",
+        Marker.ARG_BEGIN,
+        '{"ci',
+    )
+    parser, _ = parse(items, reasoning_open=False)
+    assert [c.id for c in parser.complete_calls] == ["functions.get_time:0"]
+    assert parser.call_open
+    assert finish_reason("limit", parser, named=False) == "length"
+    message = TurnWriter(model="m", stream=False).completion(parser, "length", {})
+    assert [c["id"] for c in message["choices"][0]["message"]["tool_calls"]] == [
+        "functions.get_time:0"
+    ]
+
+
+def test_spelled_markers_are_text():
+    """A marker's text that did not come as the special token is ordinary text."""
+    parser, _ = parse(turn("<|tool_calls_section_begin|>", "x"), reasoning_open=False)
+    assert parser.content == "<|tool_calls_section_begin|>x" and not parser.calls
+    assert pieces({"content": "</think>", "tokens": [21]}) == [("</think>", Marker.THINK_END)]
+    assert pieces({"content": "</think>", "tokens": [60, 61, 62]}) == [("</think>", None)]
+    assert pieces({"content": "", "tokens": [2]}) == []
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [("functions.get_weather:12", "get_weather"), ("functions.a:b:0", "a:b"), ("odd", "odd")],
+)
+def test_call_name(header, name):
+    assert call_name(header) == name
+
+
+def test_tool_call_grammar_is_bounded_and_numbered():
+    grammar = tool_calls_grammar(
+        ["get_weather", "get_time"],
+        {"get_weather": "args-0", "get_time": "args-1"},
+        first_index=2,
+        max_calls=2,
+        reasoning=ReasoningBound(enabled=True, tokens=16),
+    )
+    rules = dict(line.split(" ::= ", 1) for line in grammar.strip().splitlines())
+    # no free text: reasoning, then the section at once
+    assert rules["root"] == (
+        "kimi-think <|tool_calls_section_begin|> kimi-calls-0 <|tool_calls_section_end|>"
+    )
+    assert rules["kimi-think"] == "(!</think>){0,16} </think>"
+    assert '"functions.get_weather:2" <|tool_call_argument_begin|> args-0' in rules["kimi-call-0"]
+    assert '"functions.get_time:3" <|tool_call_argument_begin|> args-1' in rules["kimi-call-1"]
+    assert rules["kimi-calls-0"] == "kimi-call-0 kimi-calls-1?"
+    assert rules["kimi-calls-1"] == "kimi-call-1"
+
+
+def test_json_grammar_without_reasoning():
+    grammar = json_answer_grammar("answer", ReasoningBound(enabled=False))
+    assert grammar.splitlines() == ["root ::= kimi-think answer", 'kimi-think ::= ""']
+
+
+def body(**kw):
+    return {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, TIME], **kw}
+
+
+def test_constraints_follow_tool_choice():
+    assert constraint_for(body(tool_choice="auto"), SPEC) is None
+    assert constraint_for(body(), SPEC) is None
+    named = constraint_for(
+        body(tool_choice={"type": "function", "function": {"name": "get_time"}}), SPEC
+    )
+    assert named.callable_tools == ("get_time",) and named.named
+    assert named.parameters["get_time"] == {"type": "object"}  # no parameters: any object
+    required = constraint_for(body(tool_choice="required", max_tokens=64), SPEC)
+    assert required.callable_tools == ("get_weather", "get_time") and not required.named
+    assert required.max_calls == MAX_PARALLEL_CALLS
+    assert required.reasoning == ReasoningBound(enabled=True, tokens=16)  # 64 // 4
+    single = constraint_for(body(tool_choice="required", parallel_tool_calls=False), SPEC)
+    assert single.max_calls == 1 and single.reasoning.tokens == 64
+
+
+def test_call_index_continues_the_conversation():
+    history = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "a"}, {"id": "b"}]},
+        {"role": "tool", "tool_call_id": "a", "content": "1"},
+    ]
+    c = constraint_for(body(messages=history, tool_choice="required"), SPEC)
+    assert c.first_index == 2
+
+
+def test_json_constraints():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    c = constraint_for({"messages": [], "response_format": fmt}, SPEC)
+    assert c.answer_schema == schema
+    instant = {"messages": [], "response_format": {"type": "json_object"}}
+    instant["chat_template_kwargs"] = {"thinking": False}
+    c = constraint_for(instant, SPEC)
+    assert c.answer_schema == {"type": "object"} and not c.reasoning.enabled
+    assert constraint_for({"messages": [], "response_format": {"type": "text"}}, SPEC) is None
+
+
+@pytest.mark.parametrize(
+    ("configured", "max_tokens", "budget"),
+    [(64, None, 64), (64, 64, 16), (64, 4000, 64), (None, 64, None), (0, 64, 0)],
+)
+def test_thinking_budget_fits_inside_max_tokens(configured, max_tokens, budget):
+    spec = SPEC.model_copy(update={"forced_tool_thinking_budget": configured})
+    assert spec.thinking_budget(max_tokens) == budget
