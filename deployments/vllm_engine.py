@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from deployments.artifacts.resolve import resolve_artifact
 from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
-from deployments.openai_shape import normalize_response, normalize_sse
+from deployments.openai_shape import normalize_response, normalize_sse, output_limit, thinking_on
 from deployments.spec import TierSpec, flags_to_argv
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,16 @@ class VLLMEngine(Engine):
 
     def _prepare_chat(self, body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "model": self.spec.model_id}
-        thinking = (body.get("chat_template_kwargs") or {}).get("thinking", True)
         choice = body.get("tool_choice")
-        forced = choice == "required" or isinstance(choice, dict)
-        budget = self.spec.forced_tool_thinking_budget
-        if forced and thinking and budget is not None and body.get("tools"):
+        forced = bool(body.get("tools")) and (choice == "required" or isinstance(choice, dict))
+        json_answer = (body.get("response_format") or {}).get("type") in (
+            "json_schema",
+            "json_object",
+        )
+        budget = self.spec.thinking_budget(output_limit(body))
+        if (forced or json_answer) and thinking_on(body) and budget is not None:
             body.setdefault("thinking_token_budget", budget)
-        if (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
+        if json_answer:
             # xgrammar lets raw control characters into length-bounded JSON strings
             body["logit_bias"] = {**self._control_bias, **(body.get("logit_bias") or {})}
         return body

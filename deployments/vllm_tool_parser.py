@@ -144,6 +144,29 @@ class BoundedKimiK2ToolParser(KimiK2ToolParser):
             request.logit_bias = bias
         return request
 
+    def extract_tool_calls(self, model_output: str, request: Any) -> Any:
+        """Only calls that were closed: vLLM's parser turns a call that `max_tokens` cut
+        off (even inside `functions.NAME:IDX`) into a call of its own, with a name like
+        `functions.` and `{}` for arguments, that the model never made."""
+        info = super().extract_tool_calls(model_output, request)
+        closed = model_output.count(CALL_END)
+        if len(info.tool_calls) <= closed:
+            return info
+        kept = info.tool_calls[:closed]
+        return info.model_copy(update={"tools_called": bool(kept), "tool_calls": kept})
+
+    def finish_streaming(self) -> Any:
+        """The same in a stream: at its end vLLM's parser flushes a call header that never
+        reached `<|tool_call_argument_begin|>` as a new call; a call that starts only now
+        was cut off, so it is not sent."""
+        delta = super().finish_streaming()
+        if delta is None or not delta.tool_calls:
+            return delta
+        kept = [c for c in delta.tool_calls if not (c.function and c.function.name)]
+        if kept or delta.content or delta.reasoning:
+            return delta.model_copy(update={"tool_calls": kept})
+        return None
+
     def get_structural_tag(self, request: Any, **kwargs: Any) -> Any:
         tag = super().get_structural_tag(request, **kwargs)
         if tag is None:

@@ -95,3 +95,46 @@ def test_forced_calls_bias_control_tokens(tok):
         model="m", messages=[{"role": "user", "content": "x"}], tools=[TOOL], tool_choice="auto"
     )
     assert not parser.adjust_request(auto).logit_bias
+
+
+def stream_through(parser, tok, req, text):
+    """Feed `text` to the streaming parser token by token, as vLLM's serving layer does."""
+    ids = tok.encode(text, add_special_tokens=False)
+    deltas, prev_text = [], ""
+    for i in range(len(ids)):
+        cur = tok.decode(ids[: i + 1], skip_special_tokens=False)
+        d = parser.extract_tool_calls_streaming(
+            prev_text, cur, cur[len(prev_text) :], ids[:i], ids[: i + 1], [ids[i]], req
+        )
+        deltas.append(d)
+        prev_text = cur
+    deltas.append(parser.finish_streaming())
+    return [c for d in deltas if d is not None for c in d.tool_calls]
+
+
+CUT = [
+    "<|tool_calls_section_begin|><|tool_call_begin|>functions.",
+    "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+    '<|tool_call_argument_begin|>{"city": "P',
+]
+WHOLE = (
+    "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+    '<|tool_call_argument_begin|>{"city": "P"}<|tool_call_end|>'
+)
+
+
+@pytest.mark.parametrize("text", CUT)
+def test_a_call_cut_off_is_no_call(tok, text):
+    """vLLM's Kimi parser made a call named `functions.` out of a header cut short."""
+    parser, req, _ = tag_for(tok, "required")
+    info = parser.extract_tool_calls(text, req)
+    assert not info.tools_called and not info.tool_calls
+    streamed = stream_through(BoundedKimiK2ToolParser(tok, req.tools), tok, req, text)
+    assert all(c.function.name in (None, "get_weather") for c in streamed)
+
+
+def test_closed_calls_are_kept_before_a_cut_one(tok):
+    parser, req, _ = tag_for(tok, "required")
+    info = parser.extract_tool_calls(WHOLE + CUT[0][len("<|tool_calls_section_begin|>") :], req)
+    assert [c.function.name for c in info.tool_calls] == ["get_weather"]
+    assert info.tool_calls[0].function.arguments == '{"city": "P"}'
