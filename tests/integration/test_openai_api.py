@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
-import jsonschema
 import pytest
 
 pytestmark = pytest.mark.integration
 
 TIERS = ["premium", "standard", "budget"]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Forecast for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 24},
-                "days": {"type": "integer", "minimum": 1, "maximum": 14},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
 USER = [{"role": "user", "content": "What's the weather in Paris this week?"}]
 
 
@@ -107,63 +88,6 @@ def test_thinking_default_and_instant_mode(client, tier):
     msg = instant.choices[0].message
     assert msg.content, "instant mode answers directly"
     assert not (msg.model_extra or {}).get("reasoning_content")
-
-
-@pytest.mark.parametrize("thinking", [True, False])
-@pytest.mark.parametrize("tool_choice", ["named", "required"])
-def test_forced_tool_call_matches_schema(client, thinking, tool_choice):
-    choice = (
-        {"type": "function", "function": {"name": "get_weather"}}
-        if tool_choice == "named"
-        else "required"
-    )
-    r = client.chat.completions.create(
-        model="kimi-k2.5:premium",
-        messages=USER,
-        tools=[WEATHER],
-        tool_choice=choice,
-        max_tokens=400,
-        extra_body={"chat_template_kwargs": {"thinking": thinking}},
-    )
-    calls = r.choices[0].message.tool_calls
-    assert calls, r.choices[0]
-    assert calls[0].function.name == "get_weather"
-    assert calls[0].id.startswith("functions.get_weather:")
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
-
-
-def test_streamed_tool_call_matches_schema(client):
-    stream = client.chat.completions.create(
-        model="kimi-k2.5:premium",
-        messages=USER,
-        tools=[WEATHER],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=400,
-        stream=True,
-        extra_body={"chat_template_kwargs": {"thinking": False}},
-    )
-    name, args = None, ""
-    for chunk in stream:
-        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-            name = call.function.name or name
-            args += call.function.arguments or ""
-    assert name == "get_weather", (name, args)
-    jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
-
-
-def test_json_schema_response_format(client):
-    schema = WEATHER["function"]["parameters"]
-    r = client.chat.completions.create(
-        model="kimi-k2.5:premium",
-        messages=USER,
-        max_tokens=300,
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "forecast", "schema": schema},
-        },
-        extra_body={"chat_template_kwargs": {"thinking": False}},
-    )
-    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
 @pytest.mark.parametrize("tier", TIERS)

@@ -1,0 +1,261 @@
+"""Every tier keeps one contract: forced tool calls and JSON schemas, through the real
+router and the real engines (vLLM premium, llama.cpp standard and budget), with the
+official `openai` SDK. Schemas are bounded: a random-weight model never closes an
+unbounded string."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TIERS = ["premium", "standard", "budget"]
+USER = [{"role": "user", "content": "What's the weather in Paris this week?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+# Small enough that its whole call fits in 64 tokens of this model's byte-level tokens.
+DIGIT = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["n"],
+            "additionalProperties": False,
+        },
+    },
+}
+SIDE = {
+    "type": "function",
+    "function": {
+        "name": "g",
+        "parameters": {
+            "type": "object",
+            "properties": {"s": {"type": "string", "enum": ["a", "b"]}},
+            "required": ["s"],
+            "additionalProperties": False,
+        },
+    },
+}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, DIGIT, SIDE)}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+CITY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "population": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
+    },
+    "required": ["name", "population"],
+    "additionalProperties": False,
+}
+
+
+def thinking(on: bool) -> dict:
+    return {"chat_template_kwargs": {"thinking": on}}
+
+
+def streamed(stream) -> tuple[list[dict], str | None, str]:
+    """Calls assembled from a stream as clients do (by index), its finish reason, and
+    checks of the delta shape: id and name once per call, then argument fragments."""
+    calls: dict[int, dict] = {}
+    reason, content = None, ""
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        reason = choice.finish_reason or reason
+        content += choice.delta.content or ""
+        for d in choice.delta.tool_calls or []:
+            if d.index not in calls:
+                assert d.id and d.function.name, "a call's first delta names it"
+                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+            else:
+                assert not d.id and not d.function.name, "id and name come once"
+            calls[d.index]["arguments"] += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], reason, content
+
+
+def plain(message) -> list[dict]:
+    return [
+        {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+        for c in message.tool_calls or []
+    ]
+
+
+def assert_valid(calls: list[dict], names: set[str]) -> None:
+    assert calls, "a forced call must come"
+    for call in calls:
+        assert call["name"] in names
+        assert call["id"].startswith(f"functions.{call['name']}:")
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("think", [True, False])
+@pytest.mark.parametrize("choice", ["named", "required"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_call_matches_schema(client, tier, think, choice, stream):
+    tool_choice = NAMED if choice == "named" else "required"
+    kwargs = dict(
+        model=f"kimi-k2.5:{tier}",
+        messages=USER,
+        tools=[WEATHER, SIDE],
+        tool_choice=tool_choice,
+        max_tokens=400,
+        extra_body=thinking(think),
+    )
+    if stream:
+        calls, reason, _ = streamed(client.chat.completions.create(stream=True, **kwargs))
+    else:
+        r = client.chat.completions.create(**kwargs)
+        calls, reason = plain(r.choices[0].message), r.choices[0].finish_reason
+    assert_valid(calls, {"get_weather"} if choice == "named" else {"get_weather", "g"})
+    assert reason == ("stop" if choice == "named" else "tool_calls")  # as OpenAI says it
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("think", [True, False])
+def test_json_schema_response_format(client, tier, think):
+    r = client.chat.completions.create(
+        model=f"kimi-k2.5:{tier}",
+        messages=[{"role": "user", "content": "The largest city of France, as JSON."}],
+        max_tokens=120,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": CITY, "strict": True},
+        },
+        extra_body=thinking(think),
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), CITY)
+    assert r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_json_object_response_format(client, tier):
+    """Any JSON object; the schema-less grammar lets strings run on, so this only asks
+    that what comes is a JSON object prefix or a whole object."""
+    r = client.chat.completions.create(
+        model=f"kimi-k2.5:{tier}",
+        messages=[{"role": "user", "content": "JSON please"}],
+        max_tokens=60,
+        response_format={"type": "json_object"},
+        extra_body=thinking(False),
+    )
+    content = r.choices[0].message.content
+    assert content.lstrip().startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_forced_call_with_thinking_fits_in_64_tokens(client, tier):
+    """The thinking budget is fitted inside max_tokens: reasoning, then the call."""
+    r = client.chat.completions.create(
+        model=f"kimi-k2.5:{tier}",
+        messages=USER,
+        tools=[DIGIT],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        max_tokens=64,
+        extra_body=thinking(True),
+    )
+    msg = r.choices[0].message
+    assert (msg.model_extra or {}).get("reasoning_content"), "it reasoned first"
+    assert_valid(plain(msg), {"f"})
+    assert r.choices[0].finish_reason == "stop"  # a named call, as OpenAI says it
+    assert r.usage.completion_tokens <= 64
+
+
+def forced_runs(client, tier: str, parallel: bool | None, seeds: range):
+    for seed in seeds:
+        extra = {**thinking(False), "temperature": 1.0}
+        if parallel is not None:
+            extra["parallel_tool_calls"] = parallel
+        r = client.chat.completions.create(
+            model=f"kimi-k2.5:{tier}",
+            messages=USER,
+            tools=[DIGIT, SIDE],
+            tool_choice="required",
+            max_tokens=300,
+            seed=seed,
+            extra_body=extra,
+        )
+        yield r
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_several_calls_in_one_turn(client, tier):
+    """parallel_tool_calls (the default) lets a turn make several calls, each parsed and
+    with its own id. Sampled with seeds until one turn holds two calls."""
+    for r in forced_runs(client, tier, None, range(40)):
+        calls = plain(r.choices[0].message)
+        assert_valid(calls, {"f", "g"})
+        if len(calls) >= 2:
+            assert len({c["id"] for c in calls}) == len(calls)
+            assert r.choices[0].finish_reason == "tool_calls"
+            return
+    pytest.fail("no turn made two calls in 40 seeded tries")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_parallel_tool_calls_false_gives_one_call(client, tier):
+    for r in forced_runs(client, tier, False, range(8)):
+        calls = plain(r.choices[0].message)
+        assert_valid(calls, {"f", "g"})
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_call_cut_off_by_max_tokens(client, tier):
+    """A call that max_tokens cuts off is not returned as a call, and the answer says
+    `length`, streamed and not alike."""
+    kwargs = dict(
+        model=f"kimi-k2.5:{tier}",
+        messages=USER,
+        tools=[WEATHER],
+        tool_choice=NAMED,
+        max_tokens=12,  # less than `functions.get_weather:0` in this model's tokens
+        temperature=0,
+        extra_body=thinking(False),
+    )
+    r = client.chat.completions.create(**kwargs)
+    assert r.choices[0].finish_reason == "length"
+    assert not r.choices[0].message.tool_calls
+    calls, reason, _ = streamed(client.chat.completions.create(stream=True, **kwargs))
+    assert reason == "length"
+    for call in calls:  # at most the start of the cut call, under its real name
+        assert call["name"] == "get_weather" and not call["arguments"].endswith("}")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_streamed_and_plain_answers_agree(client, tier):
+    kwargs = dict(
+        model=f"kimi-k2.5:{tier}",
+        messages=USER,
+        tools=[WEATHER, SIDE],
+        tool_choice="required",
+        max_tokens=300,
+        temperature=0,
+        extra_body=thinking(False),
+    )
+    r = client.chat.completions.create(**kwargs)
+    calls, reason, _ = streamed(client.chat.completions.create(stream=True, **kwargs))
+    assert calls == plain(r.choices[0].message)
+    assert reason == r.choices[0].finish_reason == "tool_calls"
