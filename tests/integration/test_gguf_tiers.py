@@ -3,11 +3,13 @@ llama-server that dies mid-request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -32,9 +34,6 @@ def test_gguf_artifact_header(quant, ftype):
 def test_llama_cpp_renders_the_same_prompt_as_vllm(tmp_path):
     """llama.cpp's Jinja engine and transformers' render Kimi's template identically."""
     from transformers import AutoTokenizer
-
-    from deployments.artifacts.llama_cpp import llama_binary
-    from deployments.llama_cpp_engine import free_port
 
     tools = [
         {
@@ -63,12 +62,29 @@ def test_llama_cpp_renders_the_same_prompt_as_vllm(tmp_path):
         {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
     ]
     tok = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    with llama_server("Q4_K_M") as url:
+        for thinking in (True, False):
+            kwargs = {"thinking": thinking}
+            body = {"messages": messages, "tools": tools, "chat_template_kwargs": kwargs}
+            prompt = httpx.post(f"{url}/apply-template", json=body).json()["prompt"]
+            expected = tok.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
+            )
+            assert prompt == expected
+
+
+@contextlib.contextmanager
+def llama_server(quant: str) -> Iterator[str]:
+    """A llama-server of our build on the tiny GGUF, outside the app."""
+    from deployments.artifacts.llama_cpp import llama_binary
+    from deployments.llama_cpp_engine import free_port
+
     port = free_port()
     proc = subprocess.Popen(
         [
             str(llama_binary("llama-server")),
             "-m",
-            str(ensure_tiny_gguf("Q4_K_M")),
+            str(ensure_tiny_gguf(quant)),
             "--port",
             str(port),
             "--jinja",
@@ -88,17 +104,43 @@ def test_llama_cpp_renders_the_same_prompt_as_vllm(tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        for thinking in (True, False):
-            kwargs = {"thinking": thinking}
-            body = {"messages": messages, "tools": tools, "chat_template_kwargs": kwargs}
-            prompt = httpx.post(f"{url}/apply-template", json=body).json()["prompt"]
-            expected = tok.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
-            )
-            assert prompt == expected
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_grammar_lets_no_invalid_utf8_through():
+    """Our patch to llama.cpp's grammar (scripts/llama_cpp/patches/grammar-strict-utf8.patch):
+    tokens holding bytes that no UTF-8 text holds are no characters to a grammar, however
+    much the model wants them. Unpatched, they passed as characters and came out as U+FFFD
+    each, past a JSON string's maxLength."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = AutoTokenizer.from_pretrained(ensure_tiny_model()).get_vocab()
+    impossible = [
+        i
+        for text, i in vocab.items()
+        if all(c in to_byte for c in text)
+        and any(to_byte[c] in (0xC0, 0xC1) or to_byte[c] >= 0xF5 for c in text)
+    ]
+    assert impossible, "the byte-level vocabulary holds every byte"
+    with llama_server("Q2_K") as url:
+        r = httpx.post(
+            f"{url}/completion",
+            json={
+                "prompt": "x",
+                "grammar": 'root ::= [^"\\\\\\x00-\\x1F]{8}',
+                "n_predict": 16,
+                "logit_bias": [[i, 50.0] for i in impossible],
+                "return_tokens": True,
+            },
+            timeout=60,
+        ).json()
+    assert not set(r["tokens"]) & set(impossible)
+    assert "\ufffd" not in r["content"] and len(r["content"]) == 8, r["content"]
 
 
 def _llama_server_pid(quant: str) -> int:
