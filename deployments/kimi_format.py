@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -62,42 +62,68 @@ class ReasoningBound:
         return f"{body} {token_ref(Marker.THINK_END)}"
 
 
-def tool_calls_grammar(
-    callable_tools: Sequence[str],
-    schema_rules: Mapping[str, str],
-    first_index: int,
-    max_calls: int,
+@dataclass(frozen=True)
+class CallRules:
+    """The calls a turn may make: to one of `callable_tools` (each with its argument rule
+    from the caller's rules), 1..max_calls of them, numbered from `first_index`."""
+
+    callable_tools: tuple[str, ...]
+    schema_rules: Mapping[str, str]
+    first_index: int = 0
+    max_calls: int = 1
+
+    def rules(self) -> list[str]:
+        if not self.callable_tools or self.max_calls < 1:
+            raise ValueError("a call section needs at least one tool and one call")
+        lines = [
+            f"kimi-section ::= {token_ref(Marker.SECTION_BEGIN)} kimi-calls-0 "
+            f"{token_ref(Marker.SECTION_END)}"
+        ]
+        for k in range(self.max_calls):
+            index = self.first_index + k
+            choices = " | ".join(
+                f"{gbnf_literal(f'functions.{name}:{index}')} {token_ref(Marker.ARG_BEGIN)} "
+                f"{self.schema_rules[name]}"
+                for name in self.callable_tools
+            )
+            lines.append(
+                f"kimi-call-{k} ::= {token_ref(Marker.CALL_BEGIN)} ( {choices} ) "
+                f"{token_ref(Marker.CALL_END)}"
+            )
+            more = f" kimi-calls-{k + 1}?" if k + 1 < self.max_calls else ""
+            lines.append(f"kimi-calls-{k} ::= kimi-call-{k}{more}")
+        return lines
+
+
+def turn_grammar(
     reasoning: ReasoningBound,
+    calls: CallRules | None = None,
+    forced: bool = False,
+    answer_rule: str | None = None,
 ) -> str:
-    """Root rules of a turn that must call one or more of `callable_tools`: reasoning
-    within its bound, no free text, then 1..max_calls calls numbered from `first_index`.
-    `schema_rules` names each tool's argument rule (defined by the caller's rules)."""
-    if not callable_tools or max_calls < 1:
-        raise ValueError("a forced call needs at least one tool and one call")
-    lines = [
-        f"root ::= kimi-think {token_ref(Marker.SECTION_BEGIN)} kimi-calls-0 "
-        f"{token_ref(Marker.SECTION_END)}",
-        f"kimi-think ::= {reasoning.rule()}",
-    ]
-    for k in range(max_calls):
-        index = first_index + k
-        choices = " | ".join(
-            f"{gbnf_literal(f'functions.{name}:{index}')} {token_ref(Marker.ARG_BEGIN)} "
-            f"{schema_rules[name]}"
-            for name in callable_tools
-        )
-        lines.append(
-            f"kimi-call-{k} ::= {token_ref(Marker.CALL_BEGIN)} ( {choices} ) "
-            f"{token_ref(Marker.CALL_END)}"
-        )
-        more = f" kimi-calls-{k + 1}?" if k + 1 < max_calls else ""
-        lines.append(f"kimi-calls-{k} ::= kimi-call-{k}{more}")
+    """Root rules of one assistant turn after the prompt's `<think>`: reasoning within its
+    bound, then
+    - a forced call: the call section at once, no free text before it;
+    - calls the model may make: free text (or the JSON answer) or the call section;
+    - a JSON answer alone: one value matching `answer_rule`."""
+    if calls is None:
+        if answer_rule is None:
+            raise ValueError("a constrained turn needs calls or a JSON answer")
+        body = answer_rule
+    elif forced:
+        body = "kimi-section"
+    elif answer_rule is not None:
+        body = f"( {answer_rule} | kimi-section )"
+    else:
+        body = "kimi-text kimi-section?"
+    lines = [f"root ::= kimi-think {body}", f"kimi-think ::= {reasoning.rule()}"]
+    if calls is not None:
+        lines += calls.rules()
+    if body.startswith("kimi-text"):
+        # any token but the section's opening one; other markers here are text to the
+        # parser, so a call can only come from the schema-bound section
+        lines.append(f"kimi-text ::= (!{token_ref(Marker.SECTION_BEGIN)})*")
     return "\n".join(lines) + "\n"
-
-
-def json_answer_grammar(answer_rule: str, reasoning: ReasoningBound) -> str:
-    """Root rules of a turn whose content is one JSON value matching `answer_rule`."""
-    return f"root ::= kimi-think {answer_rule}\nkimi-think ::= {reasoning.rule()}\n"
 
 
 # ---- parser -------------------------------------------------------------------------
@@ -132,6 +158,7 @@ class _State(enum.Enum):
     SECTION = 3
     CALL_HEADER = 4
     ARGUMENTS = 5
+    DONE = 6  # after the section: the turn is over
 
 
 def call_name(header: str) -> str:
@@ -176,24 +203,29 @@ class KimiTurnParser:
         return Delta()  # whitespace between calls carries nothing
 
     def _marker(self, marker: Marker) -> Delta:
+        """Markers act only where the turn's grammar places them; elsewhere (a section
+        marker inside the reasoning, a call marker outside a section) they are text,
+        so every call reported came from the schema-bound section."""
         state = self._state
-        if marker is Marker.THINK_END and state is _State.REASONING:
+        if state is _State.REASONING and marker is Marker.THINK_END:
             self._state = _State.CONTENT
-        elif marker is Marker.SECTION_BEGIN:
+        elif state is _State.CONTENT and marker is Marker.SECTION_BEGIN:
             self._state = _State.SECTION
-        elif marker is Marker.CALL_BEGIN:
+        elif state is _State.SECTION and marker is Marker.CALL_BEGIN:
             self._state, self._header = _State.CALL_HEADER, ""
-        elif marker is Marker.ARG_BEGIN and state is _State.CALL_HEADER:
+        elif state is _State.SECTION and marker is Marker.SECTION_END:
+            self._state = _State.DONE
+        elif state is _State.CALL_HEADER and marker is Marker.ARG_BEGIN:
             header = self._header.strip()
             call = ParsedCall(position=len(self.calls), id=header, name=call_name(header))
             self.calls.append(call)
             self._state = _State.ARGUMENTS
             return Delta(started=call, call=call)
-        elif marker is Marker.CALL_END and state is _State.ARGUMENTS:
+        elif state is _State.ARGUMENTS and marker is Marker.CALL_END:
             self.calls[-1].complete = True
             self._state = _State.SECTION
-        elif marker is Marker.SECTION_END:
-            self._state = _State.CONTENT
+        elif state in (_State.REASONING, _State.CONTENT):
+            return self.feed(marker.value, None)
         return Delta()
 
     @property

@@ -1,15 +1,17 @@
-"""Forced tool calls and JSON answers on llama.cpp tiers, as strict as on vLLM.
+"""Tool calls and JSON answers on llama.cpp tiers, as strict as on vLLM.
 
 llama-server's own Kimi handler lets free text come before a forced call (a model that
 never writes the section marker never calls), numbers calls with unbounded digits and
-ignores `response_format` altogether. So a request that forces a call (`tool_choice`
-`required` or named) or asks for JSON (`response_format` `json_object` / `json_schema`)
-does not go to its chat endpoint. Instead:
+ignores `response_format` altogether. So a request that offers tools (unless
+`tool_choice` is `none`) or asks for JSON (`response_format` `json_object` /
+`json_schema`) does not go to its chat endpoint. Instead:
 1. the prompt is rendered by llama-server's own template (`/apply-template`: the same
    prompt its chat endpoint would build, all offered tools declared);
-2. generation runs on `/completion` with our grammar (`kimi_format`): reasoning bounded
-   to a budget fitted inside `max_tokens`, then at once the call section (or the JSON),
-   every marker the special token itself, names, call ids and arguments fixed by grammar;
+2. generation runs on `/completion` with our grammar (`kimi_format`): where an answer
+   must come (a forced call, JSON) reasoning bounded to a budget fitted inside
+   `max_tokens`, then at once the call section or the JSON; otherwise free text or the
+   call section; every marker the special token itself, names, call ids and arguments
+   fixed by grammar;
 3. the streamed tokens are parsed back (`KimiTurnParser`) into OpenAI chat chunks, or
    gathered into one chat completion: one generation path for both, so a streamed and a
    non-streamed answer carry the same calls.
@@ -27,11 +29,11 @@ from typing import Any
 from deployments.engine import EngineError
 from deployments.kimi_format import (
     MARKER_TEXTS,
+    CallRules,
     KimiTurnParser,
     Marker,
     ReasoningBound,
-    json_answer_grammar,
-    tool_calls_grammar,
+    turn_grammar,
 )
 from deployments.openai_shape import output_limit, thinking_on
 from deployments.schema_grammar import SchemaGrammar, SchemaNotSupported
@@ -61,52 +63,59 @@ class Constraint:
     """What the grammar enforces for one request."""
 
     reasoning: ReasoningBound
-    callable_tools: tuple[str, ...] = ()  # a forced call to one of these
+    callable_tools: tuple[str, ...] = ()  # calls may go to these (none: no calls)
     parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     first_index: int = 0
     max_calls: int = 1
-    answer_schema: dict[str, Any] | None = None  # a JSON answer instead
+    forced: bool = False  # tool_choice required or named: a call must come, at once
     named: bool = False  # tool_choice named one function (OpenAI then says `stop`)
+    answer_schema: dict[str, Any] | None = None  # content must be JSON of this schema
 
     async def grammar(self, schemas: SchemaGrammar) -> str:
+        wanted = {f"args-{i}": self.parameters[n] for i, n in enumerate(self.callable_tools)}
         if self.answer_schema is not None:
-            rules = await schemas.rules({"answer": self.answer_schema})
-            return json_answer_grammar(rules.rules["answer"], self.reasoning) + rules.grammar
-        names = {name: f"args-{i}" for i, name in enumerate(self.callable_tools)}
-        rules = await schemas.rules({names[n]: self.parameters[n] for n in self.callable_tools})
-        by_tool = {n: rules.rules[names[n]] for n in self.callable_tools}
-        root = tool_calls_grammar(
-            self.callable_tools, by_tool, self.first_index, self.max_calls, self.reasoning
-        )
+            wanted["answer"] = self.answer_schema
+        rules = await schemas.rules(wanted)
+        calls = None
+        if self.callable_tools:
+            by_tool = {n: rules.rules[f"args-{i}"] for i, n in enumerate(self.callable_tools)}
+            calls = CallRules(self.callable_tools, by_tool, self.first_index, self.max_calls)
+        root = turn_grammar(self.reasoning, calls, self.forced, rules.rules.get("answer"))
         return root + rules.grammar
 
 
 def constraint_for(body: dict[str, Any], spec: TierSpec) -> Constraint | None:
-    """The constraint a request needs, or None for llama-server's own chat path."""
-    reasoning = ReasoningBound(
-        enabled=thinking_on(body), tokens=spec.thinking_budget(output_limit(body))
-    )
-    choice, tools = body.get("tool_choice"), body.get("tools") or []
-    if tools and (choice == "required" or isinstance(choice, dict)):
-        offered = [t["function"] for t in tools]
-        named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-        callable_tools = tuple(f["name"] for f in offered if named in (None, f["name"]))
-        parallel = body.get("parallel_tool_calls") is not False
-        return Constraint(
-            reasoning=reasoning,
-            callable_tools=callable_tools,
-            parameters={f["name"]: f.get("parameters") or ANY_OBJECT for f in offered},
-            first_index=calls_in_history(body.get("messages") or []),
-            max_calls=MAX_PARALLEL_CALLS if parallel else 1,
-            named=named is not None,
-        )
+    """The constraint a request needs, or None for llama-server's own chat path (no
+    tools and no JSON answer)."""
     fmt = body.get("response_format") or {}
+    answer = None
     if fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema") or ANY_OBJECT
-        return Constraint(reasoning=reasoning, answer_schema=schema)
-    if fmt.get("type") == "json_object":
-        return Constraint(reasoning=reasoning, answer_schema=ANY_OBJECT)
-    return None
+        answer = (fmt.get("json_schema") or {}).get("schema") or ANY_OBJECT
+    elif fmt.get("type") == "json_object":
+        answer = ANY_OBJECT
+    choice, tools = body.get("tool_choice"), body.get("tools") or []
+    calling = bool(tools) and choice != "none"
+    forced = calling and (choice == "required" or isinstance(choice, dict))
+    if not calling and answer is None:
+        return None
+    # reasoning is bounded only where an answer must come: a forced call or JSON
+    budget = spec.thinking_budget(output_limit(body)) if forced or answer else None
+    reasoning = ReasoningBound(enabled=thinking_on(body), tokens=budget)
+    if not calling:
+        return Constraint(reasoning=reasoning, answer_schema=answer)
+    offered = [t["function"] for t in tools]
+    named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    return Constraint(
+        reasoning=reasoning,
+        callable_tools=tuple(f["name"] for f in offered if named in (None, f["name"])),
+        parameters={f["name"]: f.get("parameters") or ANY_OBJECT for f in offered},
+        first_index=calls_in_history(body.get("messages") or []),
+        # a named choice is one call of that function, as on OpenAI and vLLM
+        max_calls=1 if named or body.get("parallel_tool_calls") is False else MAX_PARALLEL_CALLS,
+        forced=forced,
+        named=named is not None,
+        answer_schema=answer,
+    )
 
 
 def calls_in_history(messages: list[dict[str, Any]]) -> int:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from deployments.kimi_format import (
+    CallRules,
     KimiTurnParser,
     Marker,
     ReasoningBound,
     call_name,
-    json_answer_grammar,
-    tool_calls_grammar,
+    turn_grammar,
 )
 from deployments.llama_cpp_constrained import (
     MAX_PARALLEL_CALLS,
@@ -113,29 +113,66 @@ def test_call_name(header, name):
     assert call_name(header) == name
 
 
-def test_tool_call_grammar_is_bounded_and_numbered():
-    grammar = tool_calls_grammar(
-        ["get_weather", "get_time"],
-        {"get_weather": "args-0", "get_time": "args-1"},
-        first_index=2,
-        max_calls=2,
-        reasoning=ReasoningBound(enabled=True, tokens=16),
-    )
-    rules = dict(line.split(" ::= ", 1) for line in grammar.strip().splitlines())
+def rules_of(grammar: str) -> dict[str, str]:
+    return dict(line.split(" ::= ", 1) for line in grammar.strip().splitlines())
+
+
+CALLS = CallRules(
+    ("get_weather", "get_time"),
+    {"get_weather": "args-0", "get_time": "args-1"},
+    first_index=2,
+    max_calls=2,
+)
+
+
+def test_forced_call_grammar_is_bounded_and_numbered():
+    rules = rules_of(turn_grammar(ReasoningBound(enabled=True, tokens=16), CALLS, forced=True))
     # no free text: reasoning, then the section at once
-    assert rules["root"] == (
-        "kimi-think <|tool_calls_section_begin|> kimi-calls-0 <|tool_calls_section_end|>"
+    assert rules["root"] == "kimi-think kimi-section"
+    assert rules["kimi-section"] == (
+        "<|tool_calls_section_begin|> kimi-calls-0 <|tool_calls_section_end|>"
     )
     assert rules["kimi-think"] == "(!</think>){0,16} </think>"
     assert '"functions.get_weather:2" <|tool_call_argument_begin|> args-0' in rules["kimi-call-0"]
     assert '"functions.get_time:3" <|tool_call_argument_begin|> args-1' in rules["kimi-call-1"]
     assert rules["kimi-calls-0"] == "kimi-call-0 kimi-calls-1?"
     assert rules["kimi-calls-1"] == "kimi-call-1"
+    assert "kimi-text" not in rules
+
+
+def test_auto_grammar_allows_text_or_calls():
+    rules = rules_of(turn_grammar(ReasoningBound(enabled=True), CALLS))
+    assert rules["root"] == "kimi-think kimi-text kimi-section?"
+    assert rules["kimi-think"] == "(!</think>)* </think>"
+    assert rules["kimi-text"] == "(!<|tool_calls_section_begin|>)*"
+    with_json = rules_of(turn_grammar(ReasoningBound(enabled=False), CALLS, answer_rule="answer"))
+    assert with_json["root"] == "kimi-think ( answer | kimi-section )"
 
 
 def test_json_grammar_without_reasoning():
-    grammar = json_answer_grammar("answer", ReasoningBound(enabled=False))
+    grammar = turn_grammar(ReasoningBound(enabled=False), answer_rule="answer")
     assert grammar.splitlines() == ["root ::= kimi-think answer", 'kimi-think ::= ""']
+
+
+def test_markers_out_of_place_are_text():
+    """A call marker outside the section (auto mode's free text may hold one) or a
+    section marker inside the reasoning is text: no call escapes the section's schema."""
+    items = turn(
+        "a",
+        Marker.SECTION_BEGIN,
+        Marker.THINK_END,
+        Marker.CALL_BEGIN,
+        "functions.x:0",
+        Marker.ARG_BEGIN,
+        "{",
+        Marker.CALL_END,
+    )
+    parser, _ = parse(items)
+    assert parser.reasoning == "a<|tool_calls_section_begin|>"
+    assert parser.content == (
+        "<|tool_call_begin|>functions.x:0<|tool_call_argument_begin|>{<|tool_call_end|>"
+    )
+    assert not parser.calls
 
 
 def body(**kw):
@@ -143,15 +180,19 @@ def body(**kw):
 
 
 def test_constraints_follow_tool_choice():
-    assert constraint_for(body(tool_choice="auto"), SPEC) is None
-    assert constraint_for(body(), SPEC) is None
+    assert constraint_for(body(tool_choice="none"), SPEC) is None
+    assert constraint_for({"messages": []}, SPEC) is None
+    auto = constraint_for(body(max_tokens=64), SPEC)
+    assert auto.callable_tools == ("get_weather", "get_time") and not auto.forced
+    assert auto.reasoning.tokens is None  # nothing must come: reasoning unbounded
     named = constraint_for(
         body(tool_choice={"type": "function", "function": {"name": "get_time"}}), SPEC
     )
-    assert named.callable_tools == ("get_time",) and named.named
+    assert named.callable_tools == ("get_time",) and named.named and named.max_calls == 1
     assert named.parameters["get_time"] == {"type": "object"}  # no parameters: any object
     required = constraint_for(body(tool_choice="required", max_tokens=64), SPEC)
     assert required.callable_tools == ("get_weather", "get_time") and not required.named
+    assert required.forced
     assert required.max_calls == MAX_PARALLEL_CALLS
     assert required.reasoning == ReasoningBound(enabled=True, tokens=16)  # 64 // 4
     single = constraint_for(body(tool_choice="required", parallel_tool_calls=False), SPEC)
