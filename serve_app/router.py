@@ -39,6 +39,7 @@ from serve_app.errors import APIError
 from serve_app.gateway import ANONYMOUS, Caller, gateway_handle, state_dir
 from serve_app.keys import KeyOverrides, hash_key, split_key
 from serve_app.limits import Denial
+from serve_app.measured import measured_accuracy
 from serve_app.metering import RequestLabels
 from serve_app.openapi import with_bodies
 from serve_app.relay import (
@@ -227,6 +228,7 @@ class Router:
         self.calls = DetachedCalls()
         self.metrics = RouterMetrics()
         self.tracer = tracing.tracer("kimi-router")
+        self.accuracy = measured_accuracy(self.config.tiers)
         self._refresher = asyncio.create_task(self._refresh_loads())
 
     async def _refresh_loads(self) -> None:
@@ -543,7 +545,9 @@ class Router:
                     "owned_by": "kimi-serve",
                     "max_model_len": tier.max_context,
                     "engine": tier.engine,
+                    "quantization": tier.quantization_label,
                     "capabilities": tier.capabilities.model_dump(),
+                    "measured": self.accuracy.get(tier.name),
                     "pricing": tier.price.model_dump(),
                 }
             )
