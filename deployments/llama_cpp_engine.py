@@ -223,13 +223,14 @@ class LlamaCppEngine(Engine):
             return
         template = {k: body[k] for k in TEMPLATE_FIELDS if k in body}
         try:
-            r = await self._client.post(f"{self.base_url}/apply-template", json=template)
+            async with self._exchange("/apply-template", template, request_id) as r:
+                rendered = await r.aread()
         except httpx.HTTPError as exc:
             log.warning("request %s lost its engine: %r", request_id, exc)
             yield engine_down()
             return
         if r.status_code != 200:
-            yield engine_error_from(r.status_code, r.content)
+            yield engine_error_from(r.status_code, rendered)
             return
         writer = TurnWriter(
             model=self.spec.model_id,
@@ -240,7 +241,7 @@ class LlamaCppEngine(Engine):
         def relay(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
             return turn_outputs(completion_events(resp), writer, constraint)
 
-        payload = completion_body(body, r.json()["prompt"], grammar)
+        payload = completion_body(body, json.loads(rendered)["prompt"], grammar)
         async for item in self._proxy("/completion", payload, request_id, relay):
             yield item
 
@@ -248,28 +249,14 @@ class LlamaCppEngine(Engine):
         self, path: str, body: dict[str, Any], request_id: str, relay: Relay
     ) -> AsyncIterator[EngineOutput]:
         body = {**body, "model": self.spec.model_id}
-        headers = {"x-request-id": request_id}
         self.in_flight += 1
-        answered = False
         try:
-            for attempt in (1, 2):
-                try:
-                    async with self._client.stream(
-                        "POST", f"{self.base_url}{path}", json=body, headers=headers
-                    ) as resp:
-                        answered = True
-                        if resp.status_code != 200:
-                            yield engine_error_from(resp.status_code, await resp.aread())
-                            return
-                        async for item in relay(resp):
-                            yield item
-                        return
-                except httpx.RemoteProtocolError:
-                    # A pooled connection the server closed as it was reused: no answer
-                    # came, so the request goes once more on a fresh connection.
-                    if answered or attempt == 2:
-                        raise
-                    log.info("request %s: stale connection to llama-server, resent", request_id)
+            async with self._exchange(path, body, request_id) as resp:
+                if resp.status_code != 200:
+                    yield engine_error_from(resp.status_code, await resp.aread())
+                    return
+                async for item in relay(resp):
+                    yield item
         except httpx.HTTPError as exc:
             log.warning("request %s lost its engine: %r", request_id, exc)
             # before any token the router may send the request to another tier; after,
@@ -277,6 +264,26 @@ class LlamaCppEngine(Engine):
             yield engine_down()
         finally:
             self.in_flight -= 1
+
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self, path: str, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[httpx.Response]:
+        """One POST to llama-server, its answer read by the caller. A pooled connection
+        that the server closed as it was reused gives no answer: the request then goes
+        once more on a fresh connection (never once an answer has begun)."""
+        url, headers = f"{self.base_url}{path}", {"x-request-id": request_id}
+        answered = False
+        for attempt in (1, 2):
+            try:
+                async with self._client.stream("POST", url, json=body, headers=headers) as resp:
+                    answered = True
+                    yield resp
+                    return
+            except httpx.RemoteProtocolError:
+                if answered or attempt == 2:
+                    raise
+                log.info("request %s: stale connection to llama-server, resent", request_id)
 
 
 Relay = Callable[[httpx.Response], AsyncIterator[EngineOutput]]
