@@ -46,6 +46,7 @@ class VLLMEngine(Engine):
         self._completion: Any = None
         self.aborted = 0
         self._control_bias: dict[str, float] = {}
+        self._json_bias: dict[str, float] = {}
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -81,11 +82,13 @@ class VLLMEngine(Engine):
         await init_app_state(self._client, state, args, tasks)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
-        from deployments.vllm_tool_parser import control_bias
+        from deployments.vllm_tool_parser import control_bias, json_answer_bias
 
         tokenizer = self._client.get_tokenizer()
         # once, not per request: reading the vocabulary of a 160K-token tokenizer is costly
-        self._control_bias = control_bias(tokenizer, tokenizer.get_vocab())
+        vocab = tokenizer.get_vocab()
+        self._control_bias = control_bias(tokenizer, vocab)
+        self._json_bias = json_answer_bias(vocab)
         log.info("vLLM engine for tier %s is up", self.spec.name)
 
     async def shutdown(self) -> None:
@@ -130,7 +133,8 @@ class VLLMEngine(Engine):
     def _prepare_chat(self, body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "model": self.spec.model_id}
         choice = body.get("tool_choice")
-        forced = bool(body.get("tools")) and (choice == "required" or isinstance(choice, dict))
+        calling = bool(body.get("tools")) and choice != "none"
+        forced = calling and (choice == "required" or isinstance(choice, dict))
         json_answer = (body.get("response_format") or {}).get("type") in (
             "json_schema",
             "json_object",
@@ -140,7 +144,8 @@ class VLLMEngine(Engine):
             body.setdefault("thinking_token_budget", budget)
         if json_answer:
             # xgrammar lets raw control characters into length-bounded JSON strings
-            body["logit_bias"] = {**self._control_bias, **(body.get("logit_bias") or {})}
+            bias = {**self._control_bias, **({} if calling else self._json_bias)}
+            body["logit_bias"] = {**bias, **(body.get("logit_bias") or {})}
         return body
 
     def _failed(self, error: dict[str, Any]) -> EngineError:

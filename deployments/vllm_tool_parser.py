@@ -126,6 +126,21 @@ def control_bias(tokenizer: Any, vocab: Mapping[str, int]) -> dict[str, float]:
     return {str(i): -100.0 for i in control_token_ids(tokenizer, vocab)}
 
 
+# Tokens that end a turn: in a JSON answer's unconstrained reasoning one of them would end
+# the turn with no JSON at all. Once the JSON is complete the grammar allows only them, so
+# the bias cannot keep the turn from ending (as with the markers above).
+TURN_ENDS = ("<|im_end|>", "[EOS]")
+
+
+def json_answer_bias(vocab: Mapping[str, int]) -> dict[str, float]:
+    """For a turn that must answer in JSON and has no tools to call: it may neither end
+    before its JSON nor open a tool-call section (Kimi's reasoning parser ends the
+    reasoning there, and the JSON grammar then refuses the section: vLLM fails the
+    request)."""
+    tokens = (MARKERS - {CALL_END}) | set(TURN_ENDS)
+    return {str(vocab[t]): -100.0 for t in tokens if t in vocab}
+
+
 def forced(tool_choice: Any) -> bool:
     return tool_choice == "required" or (
         tool_choice is not None and not isinstance(tool_choice, str)

@@ -138,3 +138,16 @@ def test_closed_calls_are_kept_before_a_cut_one(tok):
     info = parser.extract_tool_calls(WHOLE + CUT[0][len("<|tool_calls_section_begin|>") :], req)
     assert [c.function.name for c in info.tool_calls] == ["get_weather"]
     assert info.tool_calls[0].function.arguments == '{"city": "P"}'
+
+
+def test_json_answers_neither_open_a_call_section_nor_end_early(tok):
+    """Kimi's reasoning parser ends the reasoning at a tool-call section, which a JSON
+    answer's grammar refuses (vLLM then fails the request); an end-of-turn token in the
+    reasoning would end the turn with no JSON."""
+    from deployments.vllm_tool_parser import json_answer_bias
+
+    bias = {int(i) for i, v in json_answer_bias(tok.get_vocab()).items() if v == -100.0}
+    ids = tok.convert_tokens_to_ids
+    assert {ids("<|tool_calls_section_begin|>"), ids("<|tool_call_begin|>")} <= bias
+    assert ids("<|im_end|>") in bias
+    assert ids("<|tool_call_end|>") not in bias and ids("</think>") not in bias
