@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from decimal import Decimal
 from typing import Any
 
 from deployments.artifacts.llama_cpp import llama_binary
+
+log = logging.getLogger(__name__)
 
 HELPER = "kimi-schema-grammar"
 CACHE_SIZE = 256  # distinct tool sets kept converted; agents resend the same tools
@@ -56,10 +59,11 @@ async def convert(schemas: dict[str, dict[str, Any]]) -> SchemaRules:
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate(json.dumps({"schemas": schemas}).encode())
-    if proc.returncode == 2:
-        raise SchemaNotSupported(err.decode(errors="replace").strip())
     if proc.returncode != 0:
-        raise RuntimeError(f"{HELPER} exited with {proc.returncode}: {err.decode()[:500]}")
+        message = err.decode(errors="replace").strip()[:500]
+        if proc.returncode != 2:  # not a refusal but a crash: the schema still gets a 400
+            log.error("%s exited with %s on %s: %s", HELPER, proc.returncode, schemas, message)
+        raise SchemaNotSupported(message or f"{HELPER} exited with {proc.returncode}")
     data = json.loads(out)
     return SchemaRules(grammar=tight_whitespace(data["grammar"]), rules=data["rules"])
 
