@@ -189,24 +189,21 @@ class TurnWriter:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": kind,
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            **fields,
         }
 
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return self._object("chat.completion.chunk", choices=[choice])
+
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage,
-        }
+        return self._object("chat.completion.chunk", choices=[], usage=usage)
 
     def completion(
         self, parser: KimiTurnParser, finish_reason: str, usage: dict[str, Any]
@@ -224,14 +221,8 @@ class TurnWriter:
                 }
                 for c in calls
             ]
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-            "usage": usage,
-        }
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+        return self._object("chat.completion", choices=[choice], usage=usage)
 
 
 def delta_dict(delta: Any) -> dict[str, Any]:

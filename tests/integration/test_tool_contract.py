@@ -14,47 +14,33 @@ pytestmark = pytest.mark.integration
 
 TIERS = ["premium", "standard", "budget"]
 USER = [{"role": "user", "content": "What's the weather in Paris this week?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Forecast for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 24},
-                "days": {"type": "integer", "minimum": 1, "maximum": 14},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
+
+
+def tool(name: str, properties: dict, description: str | None = None) -> dict:
+    """A function tool whose every property is required and nothing else allowed."""
+    parameters = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    function = {"name": name, "parameters": parameters}
+    if description:
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
+WEATHER = tool(
+    "get_weather",
+    {
+        "city": {"type": "string", "maxLength": 24},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
     },
-}
+    "Forecast for a city",
+)
 # Small enough that its whole call fits in 64 tokens of this model's byte-level tokens.
-DIGIT = {
-    "type": "function",
-    "function": {
-        "name": "f",
-        "parameters": {
-            "type": "object",
-            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-            "required": ["n"],
-            "additionalProperties": False,
-        },
-    },
-}
-SIDE = {
-    "type": "function",
-    "function": {
-        "name": "g",
-        "parameters": {
-            "type": "object",
-            "properties": {"s": {"type": "string", "enum": ["a", "b"]}},
-            "required": ["s"],
-            "additionalProperties": False,
-        },
-    },
-}
+DIGIT = tool("f", {"n": {"type": "integer", "minimum": 0, "maximum": 9}})
+SIDE = tool("g", {"s": {"type": "string", "enum": ["a", "b"]}})
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, DIGIT, SIDE)}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 CITY = {
