@@ -13,33 +13,11 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
-
-SCHEMA = pa.schema(
-    [
-        ("time", pa.timestamp("ms", tz="UTC")),
-        ("request_id", pa.string()),
-        ("key_id", pa.string()),
-        ("plan", pa.string()),
-        ("tier", pa.string()),
-        ("model", pa.string()),
-        ("endpoint", pa.string()),
-        ("stream", pa.bool_()),
-        ("status", pa.int32()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("reasoning_tokens", pa.int64()),
-        ("cached_tokens", pa.int64()),
-        ("ttft_ms", pa.float64()),
-        ("latency_ms", pa.float64()),
-        ("cost_usd", pa.float64()),
-        ("degraded", pa.bool_()),
-        ("error", pa.string()),
-    ]
-)
 
 
 class RequestLabels(BaseModel):
@@ -70,6 +48,31 @@ class UsageRecord(RequestLabels):
     @property
     def day(self) -> str:
         return datetime.fromtimestamp(self.time, UTC).strftime("%Y-%m-%d")
+
+
+# The Parquet columns are the record's fields (one definition: a field added to the model
+# is a column); these two keep a type of their own: `time` is Unix seconds in the record
+# and a UTC timestamp for analysts, `status` an HTTP status.
+ARROW_TYPES: dict[type, pa.DataType] = {
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    str: pa.string(),
+}
+COLUMN_TYPES = {"time": pa.timestamp("ms", tz="UTC"), "status": pa.int32()}
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    """`time` first, then the fields in the model's order."""
+    columns = []
+    for name, info in model.model_fields.items():
+        base = next(a for a in (*get_args(info.annotation), info.annotation) if a in ARROW_TYPES)
+        columns.append(pa.field(name, COLUMN_TYPES.get(name, ARROW_TYPES[base])))
+    columns.sort(key=lambda f: f.name != "time")
+    return pa.schema(columns)
+
+
+SCHEMA = arrow_schema(UsageRecord)
 
 
 class MeterWriter:

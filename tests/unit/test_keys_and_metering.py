@@ -108,3 +108,39 @@ def test_usage_report_groups_by_key_plan_tier_day(tmp_path):
     assert report[0] == "key_id | tier | requests | prompt_tokens | completion_tokens | cost_usd"
     assert report[2] == "k | budget | 4 | 46 | 20 | 0.004000"
     assert report[3] == "k | premium | 1 | 15 | 5 | 0.001000"
+
+
+def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
+    """The Parquet columns derive from the record model: a record with every field set,
+    flushed and read back, comes back whole (a field missing from the columns would be
+    lost data)."""
+    from datetime import UTC, datetime
+
+    values = {
+        "request_id": "req-1",
+        "key_id": "k1",
+        "plan": "standard",
+        "tier": "budget",
+        "model": "kimi-k2.5",
+        "endpoint": "chat",
+        "stream": True,
+        "degraded": True,
+        "time": 1_790_000_000.25,
+        "status": 504,
+        "prompt_tokens": 11,
+        "completion_tokens": 22,
+        "reasoning_tokens": 3,
+        "cached_tokens": 4,
+        "ttft_ms": 12.5,
+        "latency_ms": 99.5,
+        "cost_usd": 0.000123,
+        "error": "timeout",
+    }
+    assert set(values) == set(UsageRecord.model_fields), "the test sets every field"
+    w = MeterWriter(tmp_path, batch_size=1)
+    w.append(UsageRecord(**values))
+    w.close()
+    (row,) = pq.read_table(next(tmp_path.glob("day=*/part-*.parquet"))).to_pylist()
+    assert row.pop("time") == datetime.fromtimestamp(values.pop("time"), UTC)
+    assert row == values
+    assert read_usage(tmp_path).num_rows == 1
