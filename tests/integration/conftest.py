@@ -98,7 +98,7 @@ def cluster(state_dir: Path) -> Iterator[object]:
     os.environ["KIMI_SERVE_STATE"] = str(state_dir)
     os.environ["KIMI_SERVE_ADMIN_TOKEN"] = ADMIN_TOKEN
     os.environ["KIMI_SERVE_TRACES"] = f"file:{state_dir / 'traces.jsonl'}"
-    # A 2-core machine needs more logical CPUs than it reports (DESIGN.md).
+    # A 2-core machine needs more logical CPUs than it reports (README, `make serve`).
     c = Cluster(initialize_head=True, head_node_args={**NODES["head"], "include_dashboard": False})
     c.add_node(**NODES["h200"])
     c.add_node(**NODES["ram"])
