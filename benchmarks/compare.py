@@ -36,6 +36,7 @@ import psutil
 import yaml
 
 from benchmarks.loadgen import LoadSpec, run_load, summarize
+from deployments.ports import free_port
 from deployments.spec import TierSpec, flags_to_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,12 +125,6 @@ def serve_args() -> dict[str, Any]:
 def tier_spec(name: str) -> TierSpec:
     raw = next(t for t in serve_args()["tiers"] if t["name"] == name)
     return TierSpec.model_validate({k: v for k, v in raw.items() if k in TierSpec.model_fields})
-
-
-def free_port() -> int:
-    from deployments.llama_cpp_engine import free_port as fp
-
-    return fp()
 
 
 def wait_http(url: str, timeout: float = 600) -> None:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from deployments.llama_cpp_constrained import (
     unsupported,
 )
 from deployments.openai_shape import normalize_response, normalize_sse
+from deployments.ports import free_port
 from deployments.schema_grammar import SchemaGrammar, SchemaNotSupported
 from deployments.spec import TierSpec, flags_to_argv
 
@@ -57,12 +57,6 @@ def die_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LlamaCppEngine(Engine):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +17,9 @@ import httpx
 import openai
 import pytest
 
+from deployments.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 ADMIN_TOKEN = "test-admin-token"
@@ -115,7 +110,7 @@ def serve_url(cluster: object) -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(session_app_args()), name="kimi", route_prefix="/")
     url = f"http://127.0.0.1:{port}"

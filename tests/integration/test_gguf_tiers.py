@@ -77,7 +77,7 @@ def test_llama_cpp_renders_the_same_prompt_as_vllm(tmp_path):
 def llama_server(quant: str) -> Iterator[str]:
     """A llama-server of our build on the tiny GGUF, outside the app."""
     from deployments.artifacts.llama_cpp import llama_binary
-    from deployments.llama_cpp_engine import free_port
+    from deployments.ports import free_port
 
     port = free_port()
     proc = subprocess.Popen(
