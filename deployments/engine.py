@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
@@ -61,6 +62,14 @@ class EngineLoad(BaseModel):
 
 
 EngineOutput = str | dict[str, Any] | EngineError
+
+
+class Endpoint(StrEnum):
+    """The engine call a request makes: a method of `Engine` and of the tier deployment,
+    and the usage record's `endpoint`."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
 
 
 class Engine(abc.ABC):

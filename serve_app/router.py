@@ -30,7 +30,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import tracing
-from deployments.engine import EngineError
+from deployments.engine import Endpoint, EngineError
 from deployments.loadboard import TierLoad, board
 from deployments.tier import Served
 from serve_app.config import BASE_MODEL, AppConfig, Plan, Strategy, TierEntry
@@ -321,7 +321,9 @@ class Router:
             raise APIError(400, f"min_tokens exceeds max_tokens ({asked})", param="min_tokens")
         return asked or self.config.gateway.default_output_estimate
 
-    async def _dispatch(self, request: Request, kind: str, model_cls: type[BaseModel]) -> Response:
+    async def _dispatch(
+        self, request: Request, kind: Endpoint, model_cls: type[BaseModel]
+    ) -> Response:
         with self.tracer.start_as_current_span("router.request") as span:
             try:
                 response = await self._dispatch_traced(request, kind, model_cls, span)
@@ -333,7 +335,7 @@ class Router:
             return response
 
     async def _dispatch_traced(
-        self, request: Request, kind: str, model_cls: type[BaseModel], span: Any
+        self, request: Request, kind: Endpoint, model_cls: type[BaseModel], span: Any
     ) -> Response:
         request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
         body, parsed, size = await self._body(request, model_cls)
@@ -376,7 +378,7 @@ class Router:
             plan=caller.plan,
             tier=tier.name,
             model=parsed.model,
-            endpoint=kind,
+            endpoint=kind.value,
             stream=bool(body.get("stream")),
             degraded=decision.degraded,
         )
@@ -440,7 +442,7 @@ class Router:
     async def _call_tier(
         self,
         tier: TierEntry,
-        kind: str,
+        kind: Endpoint,
         body: dict,
         meter: RequestMeter,
         settle: Any,
@@ -457,7 +459,7 @@ class Router:
         handle = self.tiers[tier.name].options(stream=True)
         deadline = None if timeout_s is None else meter.started + timeout_s
         for attempt in (1, 2):
-            gen = getattr(handle, kind).remote(
+            gen = getattr(handle, kind.value).remote(
                 body, meter.labels.request_id, tracing.inject(), affinity=affinity
             )
             try:
@@ -524,11 +526,11 @@ class Router:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._dispatch(request, "chat", ChatRequest)
+        return await self._dispatch(request, Endpoint.CHAT, ChatRequest)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._dispatch(request, "completions", CompletionRequest)
+        return await self._dispatch(request, Endpoint.COMPLETIONS, CompletionRequest)
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
