@@ -128,13 +128,13 @@ def unsupported(body: dict[str, Any]) -> EngineError | None:
     if body.get("logprobs"):
         return EngineError(
             status_code=400,
-            message="logprobs is not supported with forced tool calls or JSON answers on this tier",
+            message="logprobs is not supported with tools or JSON answers on this tier",
             param="logprobs",
         )
     if (body.get("n") or 1) > 1:
         return EngineError(
             status_code=400,
-            message="n > 1 is not supported with forced tool calls or JSON answers on this tier",
+            message="n > 1 is not supported with tools or JSON answers on this tier",
             param="n",
         )
     return None
