@@ -289,6 +289,8 @@ async def relay_openai(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
     """llama-server's own OpenAI answer, in our response shape."""
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         async for event in sse_events(resp):
+            if event.strip() == "data: null":  # how it opens a stream of several prompts
+                continue
             yield normalize_sse(event)
     else:
         yield normalize_response(json.loads(await resp.aread()))

@@ -68,6 +68,10 @@ def steer(case: schemathesis.Case) -> None:
             body[field] = 1 + value % MAX_OUT
     if type(body.get("min_tokens")) is int and type(body.get("max_tokens")) is int:
         body["min_tokens"] = min(body["min_tokens"], body["max_tokens"])
+    # Half the generation requests that do not say stream (and set no stream_options, which
+    # need it) stream, so the streaming paths of every engine are fuzzed too.
+    if "model" in body and "stream" not in body and "stream_options" not in body:
+        body["stream"] = roll % 2 == 0
 
 
 # (schemathesis's own pytest loader needs a pytest internal that pytest 9 dropped, so the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -96,6 +98,20 @@ def test_text_completions(client, tier):
     assert r.object == "text_completion"
     assert r.usage.completion_tokens == 5
     assert r.choices[0].text
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_streamed_completions_of_several_prompts(serve_url, tier):
+    """Every event is a chunk: llama-server opens such a stream with `data: null`."""
+    body = {"model": f"kimi-k2.5:{tier}", "prompt": ["Once", "Twice"], "max_tokens": 3}
+    with httpx.stream(
+        "POST", f"{serve_url}/v1/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all(c["object"] == "text_completion" for c in chunks), chunks[:2]
+    assert {ch["index"] for c in chunks for ch in c["choices"]} == {0, 1}
 
 
 def test_models_lists_base_and_tiers(client):
