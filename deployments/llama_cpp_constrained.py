@@ -35,13 +35,19 @@ from deployments.kimi_format import (
     ReasoningBound,
     turn_grammar,
 )
-from deployments.openai_shape import output_limit, thinking_on
+from deployments.openai_shape import (
+    ANY_OBJECT,
+    answer_schema,
+    call_forced,
+    calls_offered,
+    output_limit,
+    thinking_on,
+)
 from deployments.schema_grammar import SchemaGrammar, SchemaNotSupported
 from deployments.spec import TierSpec
 
 # Calls one forced turn may make with parallel_tool_calls (each is one grammar rule).
 MAX_PARALLEL_CALLS = 8
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 # OpenAI sampling fields and their `/completion` names.
 SAMPLING_FIELDS = {
@@ -87,15 +93,8 @@ class Constraint:
 def constraint_for(body: dict[str, Any], spec: TierSpec) -> Constraint | None:
     """The constraint a request needs, or None for llama-server's own chat path (no
     tools and no JSON answer)."""
-    fmt = body.get("response_format") or {}
-    answer = None
-    if fmt.get("type") == "json_schema":
-        answer = (fmt.get("json_schema") or {}).get("schema") or ANY_OBJECT
-    elif fmt.get("type") == "json_object":
-        answer = ANY_OBJECT
-    choice, tools = body.get("tool_choice"), body.get("tools") or []
-    calling = bool(tools) and choice != "none"
-    forced = calling and (choice == "required" or isinstance(choice, dict))
+    answer = answer_schema(body)
+    calling, forced = calls_offered(body), call_forced(body)
     if not calling and answer is None:
         return None
     # reasoning is bounded only where an answer must come: a forced call or JSON
@@ -103,7 +102,8 @@ def constraint_for(body: dict[str, Any], spec: TierSpec) -> Constraint | None:
     reasoning = ReasoningBound(enabled=thinking_on(body), tokens=budget)
     if not calling:
         return Constraint(reasoning=reasoning, answer_schema=answer)
-    offered = [t["function"] for t in tools]
+    offered = [t["function"] for t in body["tools"]]
+    choice = body.get("tool_choice")
     named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
     return Constraint(
         reasoning=reasoning,

@@ -49,3 +49,27 @@ def output_limit(body: dict[str, Any]) -> int | None:
 def thinking_on(body: dict[str, Any]) -> bool:
     """K2.5's template thinks unless `chat_template_kwargs.thinking` is false."""
     return (body.get("chat_template_kwargs") or {}).get("thinking", True) is not False
+
+
+def calls_offered(body: dict[str, Any]) -> bool:
+    """The request lets the model call tools."""
+    return bool(body.get("tools")) and body.get("tool_choice") != "none"
+
+
+def call_forced(body: dict[str, Any]) -> bool:
+    """`tool_choice` is `required` or names a function: a call must come."""
+    choice = body.get("tool_choice")
+    return calls_offered(body) and (choice == "required" or isinstance(choice, dict))
+
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def answer_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema the answer must match (`json_object`: any object), or None."""
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema") or ANY_OBJECT
+    if fmt.get("type") == "json_object":
+        return ANY_OBJECT
+    return None

@@ -105,13 +105,8 @@ class TierSpec(Strict):
 
     @property
     def quantization_label(self) -> str | None:
-        args = self.engine_args
-        return (
-            self.quantization
-            or self.artifact.quant
-            or args.get("quantization")
-            or (args.get("dtype"))
-        )
+        engine_says = self.engine_args.get("quantization") or self.engine_args.get("dtype")
+        return self.quantization or self.artifact.quant or engine_says
 
     def thinking_budget(self, max_tokens: int | None) -> int | None:
         """Reasoning tokens a forced call or JSON answer may spend: the configured budget,

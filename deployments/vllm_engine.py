@@ -19,7 +19,15 @@ from pydantic import ValidationError
 
 from deployments.artifacts.resolve import resolve_artifact
 from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
-from deployments.openai_shape import normalize_response, normalize_sse, output_limit, thinking_on
+from deployments.openai_shape import (
+    answer_schema,
+    call_forced,
+    calls_offered,
+    normalize_response,
+    normalize_sse,
+    output_limit,
+    thinking_on,
+)
 from deployments.spec import TierSpec, flags_to_argv
 
 log = logging.getLogger(__name__)
@@ -132,19 +140,13 @@ class VLLMEngine(Engine):
 
     def _prepare_chat(self, body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "model": self.spec.model_id}
-        choice = body.get("tool_choice")
-        calling = bool(body.get("tools")) and choice != "none"
-        forced = calling and (choice == "required" or isinstance(choice, dict))
-        json_answer = (body.get("response_format") or {}).get("type") in (
-            "json_schema",
-            "json_object",
-        )
+        json_answer = answer_schema(body) is not None
         budget = self.spec.thinking_budget(output_limit(body))
-        if (forced or json_answer) and thinking_on(body) and budget is not None:
+        if (call_forced(body) or json_answer) and thinking_on(body) and budget is not None:
             body.setdefault("thinking_token_budget", budget)
         if json_answer:
             # xgrammar lets raw control characters into length-bounded JSON strings
-            bias = {**self._control_bias, **({} if calling else self._json_bias)}
+            bias = {**self._control_bias, **({} if calls_offered(body) else self._json_bias)}
             body["logit_bias"] = {**bias, **(body.get("logit_bias") or {})}
         return body
 
