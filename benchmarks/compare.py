@@ -67,7 +67,9 @@ class MemorySampler:
                         continue
                     rss = p.info["memory_info"].rss
                     cmd = " ".join(p.info["cmdline"] or [])
-                    if not any(k in cmd for k in ("ray", "vllm", "llama", "serve", "python")):
+                    # lower-cased: vLLM titles its engine processes "VLLM::EngineCore" etc.
+                    low = cmd.lower()
+                    if not any(k in low for k in ("ray", "vllm", "llama", "serve", "python")):
                         continue
                     name = label(p.info["name"], cmd)
                     total += rss

@@ -282,11 +282,25 @@ def test_a_request_its_engine_failed_before_any_token_moves_to_the_next_tier(
 
 
 def vllm_engine_cores() -> list[int]:
+    """vLLM titles its engine process "VLLM::EngineCore". The kernel keeps the first 15
+    characters as the process name, which reads reliably; /proc's cmdline, which holds the
+    whole title, can read back empty while the process remaps its memory."""
     return [
         p.pid
         for p in psutil.process_iter(["name", "cmdline"])
-        if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
+        if "EngineCor" in (p.info["name"] or "") or "EngineCore" in (p.info["cmdline"] or [""])[0]
     ]
+
+
+def the_vllm_engine_core() -> int:
+    found: list[int] = []
+
+    def one() -> bool:
+        found[:] = vllm_engine_cores()
+        return len(found) == 1
+
+    wait_for("exactly one vLLM engine core", one, 30)
+    return found[0]
 
 
 def test_killed_vllm_engine_ends_streams_cleanly_and_serve_replaces_it(serve_url, admin, state_dir):
@@ -298,7 +312,7 @@ def test_killed_vllm_engine_ends_streams_cleanly_and_serve_replaces_it(serve_url
     key, key_id = new_key(admin, "enterprise", max_concurrent=1)
     auth = {"authorization": f"Bearer {key}"}
     rid = f"vllm-kill-{uuid.uuid4().hex}"
-    [core] = vllm_engine_cores()
+    core = the_vllm_engine_core()
     body = {
         "model": "kimi-k2.5:premium",
         "messages": MSG,
