@@ -103,7 +103,7 @@ def label(name: str, cmd: str) -> str:
         "ServeReplica:kimi:tier-premium",
         "ServeReplica:kimi:tier-standard",
         "ServeReplica:kimi:tier-budget",
-        "ServeReplica:kimi:Router",
+        "ServeReplica:kimi:Ingress",
         "ServeController",
         "ProxyActor",
         "gcs_server",
@@ -343,9 +343,8 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
     """CPU time of the router's per-request decision path, in-process (no network)."""
     from serve_app.config import load_config
     from serve_app.limits import KeyState, Limits
-    from serve_app.router import needs_of
-    from serve_app.routing import Live, candidate_tiers, choose_tier
     from serve_app.schemas import ChatRequest
+    from serve_app.tier_choice import Live, candidate_tiers, choose_tier, needs_of
 
     cfg = load_config(serve_args())
     body = {

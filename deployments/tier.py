@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from deployments import tracing
-from deployments.engine import Engine, EngineLoad, EngineOutput
+from deployments.engine import Endpoint, Engine, EngineLoad, EngineOutput
 from deployments.loadboard import ReplicaLoad, board
 from deployments.spec import TierSpec
 
@@ -74,6 +74,14 @@ async def coalesce(source: AsyncIterator[EngineOutput]) -> AsyncIterator[TierOut
                 await task
 
 
+async def served(replica: str, source: AsyncIterator[EngineOutput]) -> AsyncIterator[TierOutput]:
+    """A tier call's messages: the engine's outputs coalesced, the first one `Served`."""
+    first = True
+    async for item in coalesce(source):
+        yield Served(replica, item) if first else item
+        first = False
+
+
 def make_engine(spec: TierSpec) -> Engine:
     if spec.engine == "vllm":
         from deployments.vllm_engine import VLLMEngine
@@ -115,39 +123,17 @@ class TierServer:
             await asyncio.sleep(LOAD_REPORT_S)
 
     # `affinity` is read by the tier's request router (replica_router.py), not here.
-    async def chat(
+    async def generate(
         self,
+        endpoint: Endpoint,
         body: dict[str, Any],
         request_id: str,
         trace_ctx: dict[str, str] | None = None,
         affinity: str | None = None,
     ) -> AsyncIterator[TierOutput]:
-        async for item in self._traced(
-            "engine.chat", request_id, trace_ctx, self.engine.chat(body, request_id)
-        ):
-            yield item
-
-    async def completions(
-        self,
-        body: dict[str, Any],
-        request_id: str,
-        trace_ctx: dict[str, str] | None = None,
-        affinity: str | None = None,
-    ) -> AsyncIterator[TierOutput]:
-        async for item in self._traced(
-            "engine.completions", request_id, trace_ctx, self.engine.completions(body, request_id)
-        ):
-            yield item
-
-    async def _traced(
-        self,
-        name: str,
-        request_id: str,
-        trace_ctx: dict[str, str] | None,
-        source: AsyncIterator[EngineOutput],
-    ) -> AsyncIterator[TierOutput]:
+        """One engine call, its outputs as `served` sends them."""
         span = self.tracer.start_span(
-            name,
+            f"engine.{endpoint.value}",
             context=tracing.extract(trace_ctx),
             attributes={
                 "kimi.tier": self.spec.name,
@@ -155,11 +141,12 @@ class TierServer:
                 "kimi.request_id": request_id,
             },
         )
+        source = getattr(self.engine, endpoint.value)(body, request_id)
         items = 0
         try:
-            async for item in coalesce(source):
+            async for item in served(self.replica, source):
                 items += 1
-                yield Served(self.replica, item) if items == 1 else item
+                yield item
         finally:
             span.set_attribute("kimi.messages", items)
             span.end()

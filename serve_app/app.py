@@ -8,12 +8,12 @@ from ray.serve.deployment import Application
 
 from deployments.tier import build_tier
 from serve_app.config import load_config
-from serve_app.router import Router
+from serve_app.ingress import Ingress
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = load_config(args)  # raises ConfigError naming the field
     tiers = {tier.name: build_tier(tier) for tier in config.tiers}
-    return Router.options(num_replicas=config.router.num_replicas).bind(
+    return Ingress.options(num_replicas=config.router.num_replicas).bind(
         config.model_dump(mode="json"), tiers
     )

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from deployments.engine import EngineError
+
 TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -17,6 +19,7 @@ TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    504: "timeout",
     503: "service_unavailable",
 }
 
@@ -43,6 +46,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -50,11 +54,24 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.type = type or TYPES.get(status, "invalid_request_error")
+
+    @classmethod
+    def from_engine(cls, err: EngineError, headers: dict[str, str]) -> APIError:
+        """An engine's refusal as the client sees it, its type and code kept."""
+        return cls(
+            err.status_code,
+            err.message,
+            param=err.param,
+            code=err.code,
+            headers=headers,
+            type=err.type,
+        )
 
     def body(self) -> dict[str, Any]:
         detail = ErrorDetail(
             message=self.message,
-            type=TYPES.get(self.status, "invalid_request_error"),
+            type=self.type,
             param=self.param,
             code=self.code,
         )

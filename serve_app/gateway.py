@@ -1,6 +1,6 @@
 """The gateway's shared state: one Ray actor for the whole cluster.
 
-Every router replica, on every node, authenticates, admits and settles through this one
+Every ingress replica, on every node, authenticates, admits and settles through this one
 actor, so rate limits, concurrency caps and budgets hold across replicas rather than per
 process. It owns the key store (SQLite) and the usage meter (write-ahead log + Parquet)
 in the state directory. Ray restarts it if it dies; keys, monthly totals and metered
@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from serve_app.config import Plan
-from serve_app.keys import KeyInfo, KeyOverrides, KeyStore
+from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey
 from serve_app.limits import Denial, KeyState, Limits
 from serve_app.metering import MeterWriter, UsageRecord
 
@@ -150,19 +150,11 @@ class GatewayState:
 
     # ---- admin -----------------------------------------------------------------------
 
-    def create_key(
-        self,
-        plan: str,
-        name: str,
-        overrides: dict[str, Any],
-        metadata: dict[str, Any],
-        expires_at: float | None,
-    ) -> tuple[str, KeyInfo]:
-        if plan not in self.plans:
-            raise ValueError(f"unknown plan {plan!r}; plans: {sorted(self.plans)}")
-        return self.keys.create(
-            plan, name, KeyOverrides.model_validate(overrides), metadata, expires_at
-        )
+    def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
+        if spec.plan not in self.plans:
+            raise ValueError(f"unknown plan {spec.plan!r}; plans: {sorted(self.plans)}")
+        overrides = KeyOverrides.model_validate(spec.overrides)
+        return self.keys.create(spec.plan, spec.name, overrides, spec.metadata, spec.expires_at)
 
     def list_keys(self) -> list[KeyInfo]:
         return self.keys.list()
@@ -178,12 +170,44 @@ class GatewayState:
         self.meter.close()
 
 
-def gateway_handle(
+class GatewayClient:
+    """The gateway actor's calls, awaited: what the pipeline and the admin API use."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    async def authenticate(self, key: str) -> Caller | Denial:
+        return await self._actor.authenticate.remote(key)
+
+    async def admit(self, caller: Caller, est_tokens: int, est_cost: float) -> Admission | Denial:
+        return await self._actor.admit.remote(caller, est_tokens, est_cost)
+
+    async def settle(self, ticket: str, record: UsageRecord | None) -> None:
+        await self._actor.settle.remote(ticket, record)
+
+    async def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
+        """Raises `ValueError` for a plan or overrides the gateway refuses."""
+        try:
+            return await self._actor.create_key.remote(spec)
+        except Exception as exc:  # Ray wraps the actor's ValueError
+            raise ValueError(str(getattr(exc, "cause", exc))) from None
+
+    async def list_keys(self) -> list[KeyInfo]:
+        return await self._actor.list_keys.remote()
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return await self._actor.revoke_key.remote(key_id)
+
+    async def flush(self) -> None:
+        await self._actor.flush.remote()
+
+
+def connect_gateway(
     root: Path, plans: dict[str, dict], batch_size: int, flush_interval_s: float
-) -> Any:
-    """The cluster's gateway actor, created by the first router replica that asks."""
+) -> GatewayClient:
+    """The cluster's gateway actor, created by the first ingress replica that asks."""
     handle = GatewayState.options(  # type: ignore[attr-defined]
         name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
     ).remote(str(root), plans, batch_size, flush_interval_s)
     handle.configure.remote(plans)
-    return handle
+    return GatewayClient(handle)

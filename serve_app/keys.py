@@ -17,11 +17,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.config import LimitFields
 
 PREFIX = "sk-kimi-"
+
+
+class NewKey(BaseModel):
+    """An operator's request for a key (`POST /admin/keys`)."""
+
+    model_config = ConfigDict(strict=True)  # `"expires_at": false` is no time
+
+    plan: str = Field(min_length=1)
+    name: str = Field("", max_length=200)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    expires_at: float | None = Field(None, description="Unix time; in the future")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, v: float | None) -> float | None:
+        if v is not None and v <= time.time():
+            raise ValueError("expires_at is not in the future")
+        return v
 
 
 class KeyOverrides(LimitFields):

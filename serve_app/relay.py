@@ -1,4 +1,4 @@
-"""Relaying a tier's answer to the client while metering it.
+"""Relaying a tier's answer while metering it (the pipeline's part of a stream).
 
 The usage record is settled (durably metered) before the client receives the end of its
 answer: the JSON body for a plain request, `data: [DONE]` for a stream. A stream the
@@ -14,8 +14,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from starlette.responses import StreamingResponse
 
 from deployments.engine import EngineError
 from serve_app.config import Price
@@ -117,28 +115,6 @@ class StreamSettlement:
             await self.finish(499, "client disconnected")
 
 
-class MeteredStreamingResponse(StreamingResponse):
-    """A stream whose usage is settled when the response ends by any path: the body
-    generator may be left unfinished when the transport fails under it."""
-
-    def __init__(self, content: Any, settlement: StreamSettlement, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.settlement = settlement
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async def receive_or_disconnect() -> Any:
-            try:
-                return await receive()
-            except Exception:  # Ray's transport raises when the client is gone
-                return {"type": "http.disconnect"}
-
-        self.settlement.delivered = True
-        try:
-            await super().__call__(scope, receive_or_disconnect, send)
-        finally:
-            await self.settlement.abandon()
-
-
 class UndeliveredStreams:
     """Streams handed to the web framework whose response never started: a client that
     hangs up at that moment cancels the request task before the response runs, and
@@ -219,6 +195,7 @@ async def relay_stream(
         gen.cancel()  # the engine stops generating for it
         await finish(504, err.message)
     except asyncio.CancelledError:
+        gen.cancel()  # Ray would cancel it with the request's task; not every caller is Ray
         await finish(499, "client disconnected")
         raise
     except Exception as exc:

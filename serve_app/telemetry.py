@@ -1,4 +1,4 @@
-"""Router metrics, exported through Ray's metrics agent to the cluster's Prometheus
+"""The ingress's metrics, exported through Ray's metrics agent to the cluster's Prometheus
 endpoint (and so to the Ray dashboard and Grafana)."""
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
 
-class RouterMetrics:
+def per_plan_and_tier(name: str, doc: str, buckets: list[float]) -> metrics.Histogram:
+    return metrics.Histogram(name, doc, boundaries=buckets, tag_keys=("plan", "tier"))
+
+
+class IngressMetrics:
     def __init__(self) -> None:
         tags = ("plan", "tier", "status", "degraded")
         self.requests = metrics.Counter(
@@ -27,24 +31,15 @@ class RouterMetrics:
             "kimi_tokens", "tokens by plan, tier and kind", tag_keys=("plan", "tier", "kind")
         )
         self.cost = metrics.Counter("kimi_cost_usd", "billed USD", tag_keys=("plan", "tier"))
-        self.ttft = metrics.Histogram(
-            "kimi_ttft_seconds",
-            "time to first token",
-            boundaries=TTFT_BUCKETS,
-            tag_keys=("plan", "tier"),
-        )
-        self.latency = metrics.Histogram(
-            "kimi_request_latency_seconds",
-            "end-to-end latency",
-            boundaries=LATENCY_BUCKETS,
-            tag_keys=("plan", "tier"),
+        self.ttft = per_plan_and_tier("kimi_ttft_seconds", "time to first token", TTFT_BUCKETS)
+        self.latency = per_plan_and_tier(
+            "kimi_request_latency_seconds", "end-to-end latency", LATENCY_BUCKETS
         )
         self.shed = metrics.Counter("kimi_shed", "requests shed under load", tag_keys=("plan",))
-        self.tpot = metrics.Histogram(
+        self.tpot = per_plan_and_tier(
             "kimi_tpot_seconds",
             "time per output token after the first (mean inter-token latency of a request)",
-            boundaries=TPOT_BUCKETS,
-            tag_keys=("plan", "tier"),
+            TPOT_BUCKETS,
         )
         self.queue = metrics.Gauge(
             "kimi_tier_sequences",

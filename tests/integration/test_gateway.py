@@ -199,7 +199,7 @@ def test_killing_a_router_replica_loses_no_completed_record(serve_url, admin, st
     routers = [
         a
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "Router" in a["name"] and a["namespace"] == "serve"
+        if "Ingress" in a["name"] and a["namespace"] == "serve"
     ]
     assert len(routers) == 2
     ray.kill(ray.get_actor(routers[0]["name"], namespace="serve"), no_restart=False)

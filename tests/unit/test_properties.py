@@ -14,7 +14,7 @@ from deployments.replica_router import ReplicaView, rank_replicas
 from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.limits import Bucket, KeyState, Limits
-from serve_app.routing import Live, LoadPolicy, Needs, candidate_tiers, choose_tier, pressure
+from serve_app.tier_choice import Live, LoadPolicy, Needs, candidate_tiers, choose_tier, pressure
 
 CFG = load_config(app_args(Path(__file__).resolve().parents[2] / "serve_config.yaml"))
 settings.register_profile("ci", max_examples=200, deadline=None)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from deployments.engine import EngineLoad
 from serve_app.config import BASE_MODEL, AppConfig, Plan, Strategy, TierEntry
 from serve_app.errors import APIError
+from serve_app.schemas import ChatRequest, CompletionRequest
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,21 @@ class Needs:
     vision: bool = False
     json_schema: bool = False
     context_tokens: int = 0  # a low estimate of prompt + requested output
+
+
+def needs_of(request: ChatRequest | CompletionRequest, body_bytes: int) -> Needs:
+    # The whole body stands for the prompt: messages, tools and schema all reach it.
+    context = estimate_tokens(body_bytes) + (request.output_limit or 0)
+    if not isinstance(request, ChatRequest):
+        return Needs(context_tokens=context)
+    fmt = request.response_format.type if request.response_format else None
+    return Needs(
+        tools=bool(request.tools) and request.tool_choice != "none",
+        thinking=request.thinking,
+        vision=request.wants_vision,
+        json_schema=fmt in ("json_schema", "json_object"),
+        context_tokens=context,
+    )
 
 
 def estimate_tokens(chars: int) -> int:

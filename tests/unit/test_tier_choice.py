@@ -8,7 +8,7 @@ from deployments.engine import EngineLoad
 from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.errors import APIError
-from serve_app.routing import (
+from serve_app.tier_choice import (
     LatencyWindow,
     Live,
     LoadPolicy,

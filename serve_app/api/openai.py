@@ -1,0 +1,91 @@
+"""OpenAI's API: chat completions, completions and the model list.
+
+The wire format is the canonical one, so translation is validation: the body becomes a
+`ChatRequest` or `CompletionRequest`, the pipeline's answer goes back as JSON or SSE,
+refusals as OpenAI's error object (`serve_app/errors.py`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from deployments.engine import Endpoint
+from serve_app.api.http import SettledStreamingResponse, bearer, read_json, validated
+from serve_app.config import BASE_MODEL, AppConfig
+from serve_app.errors import APIError
+from serve_app.measured import measured_accuracy
+from serve_app.pipeline import Completed, Inbound, Pipeline, Result
+from serve_app.schemas import ChatRequest, CompletionRequest, canonical_body
+
+
+def render(result: Result) -> Response:
+    if isinstance(result, Completed):
+        return JSONResponse(result.body, headers=result.headers)
+    return SettledStreamingResponse(result, result.events)
+
+
+class OpenAIAPI:
+    def __init__(self, pipeline: Pipeline, config: AppConfig) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.accuracy = measured_accuracy(config.tiers)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, Endpoint.CHAT, ChatRequest)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, Endpoint.COMPLETIONS, CompletionRequest)
+
+    async def _serve(
+        self, request: Request, endpoint: Endpoint, model: type[ChatRequest | CompletionRequest]
+    ) -> Response:
+        try:
+            inbound = await self._inbound(request, endpoint, model)
+            return render(await self.pipeline.serve(inbound))
+        except APIError as exc:
+            exc.headers.setdefault("x-kimi-router", self.pipeline.replica)
+            raise
+
+    async def _inbound(
+        self, request: Request, endpoint: Endpoint, model: type[ChatRequest | CompletionRequest]
+    ) -> Inbound:
+        body, size = await read_json(request, self.config.router.max_body_bytes)
+        parsed = validated(body, model)
+        headers = request.headers
+        return Inbound(
+            endpoint=endpoint,
+            request=parsed,
+            body=canonical_body(parsed),
+            body_bytes=size,
+            api_key=bearer(request),
+            request_id=headers.get("x-request-id") or f"req-{uuid.uuid4().hex}",
+            session=headers.get("x-session-id"),
+            strategy=headers.get("x-kimi-routing-strategy"),
+        )
+
+    def models(self) -> dict[str, Any]:
+        created = int(time.time())
+        data: list[dict[str, Any]] = [
+            {"id": BASE_MODEL, "object": "model", "created": created, "owned_by": "kimi-serve"}
+        ]
+        for tier in self.config.tiers:
+            data.append(
+                {
+                    "id": tier.model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "kimi-serve",
+                    "max_model_len": tier.max_context,
+                    "engine": tier.engine,
+                    "quantization": tier.quantization_label,
+                    "capabilities": tier.capabilities.model_dump(),
+                    "measured": self.accuracy.get(tier.name),
+                    "pricing": tier.price.model_dump(),
+                }
+            )
+        return {"object": "list", "data": data}

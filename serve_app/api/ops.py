@@ -1,0 +1,47 @@
+"""Liveness, readiness and the tiers' live figures, for load balancers and operators."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from deployments.loadboard import TierLoad
+from serve_app.config import AppConfig
+
+Snapshot = Callable[[], Awaitable[dict[str, TierLoad]]]
+
+
+class OpsAPI:
+    def __init__(self, config: AppConfig, snapshot: Snapshot) -> None:
+        self.config = config
+        self.snapshot = snapshot
+
+    def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def ready(self) -> JSONResponse:
+        """Ready while some tier has a healthy replica. A tier at zero replicas whose
+        catalogue allows zero is `"idle"`: ready, it starts on the next request."""
+        loads = await self.snapshot()
+        tiers: dict[str, bool | str] = {}
+        for entry in self.config.tiers:
+            load = loads.get(entry.name)
+            if load is not None and load.replicas > 0:
+                tiers[entry.name] = load.healthy
+            else:
+                tiers[entry.name] = "idle" if entry.autoscaling.min_replicas == 0 else False
+        ok = any(v is True for v in tiers.values())
+        return JSONResponse({"ready": ok, "tiers": tiers}, 200 if ok else 503)
+
+    async def status(self) -> dict[str, Any]:
+        """Live engine figures per tier, summed over its replicas (each listed under
+        `members`), as the replicas last reported them (every 0.5 s)."""
+        loads = await self.snapshot()
+        return {
+            "tiers": {
+                t.name: (loads[t.name].model_dump() if t.name in loads else None)
+                for t in self.config.tiers
+            }
+        }

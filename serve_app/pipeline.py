@@ -1,0 +1,452 @@
+"""The request pipeline, the same for every wire format.
+
+From a canonical, validated request to a result: the caller and plan, the tier by plan
+and live load, admission against the caller's limits and budgets, the tier call (one
+retry if the replica was lost, the plan's next tier if the engine failed before any
+token), and settlement: every request admitted leaves exactly one usage record, however
+it ends. Results are typed values (`Completed`, `Streamed`); refusals are `APIError`s.
+Adapters (`serve_app/api/`) turn wire requests into `Inbound` and results back into
+their format; this module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol, get_args
+
+from opentelemetry.trace import Span
+
+from deployments import tracing
+from deployments.engine import Endpoint, EngineError
+from deployments.loadboard import TierLoad
+from deployments.tier import Served
+from serve_app.config import AppConfig, Plan, Strategy, TierEntry
+from serve_app.detached import DetachedCalls
+from serve_app.errors import APIError
+from serve_app.gateway import ANONYMOUS, Admission, Caller
+from serve_app.keys import KeyOverrides, split_key
+from serve_app.limits import Denial
+from serve_app.metering import RequestLabels, UsageRecord
+from serve_app.relay import (
+    RequestMeter,
+    StreamSettlement,
+    UndeliveredStreams,
+    add_cost,
+    relay_stream,
+    timeout_error,
+)
+from serve_app.schemas import ChatRequest, CompletionRequest
+from serve_app.telemetry import IngressMetrics
+from serve_app.tier_calls import ReplicaLost, TierCall, TierFault, TierRequest, Tiers
+from serve_app.tier_choice import (
+    LatencyWindow,
+    Live,
+    LoadPolicy,
+    candidate_tiers,
+    choose_tier,
+    needs_of,
+)
+
+log = logging.getLogger("serve_app.pipeline")
+
+
+class Gateway(Protocol):
+    """The cluster-wide gateway's request-path calls (`gateway.GatewayClient`)."""
+
+    async def authenticate(self, key: str) -> Caller | Denial: ...
+
+    async def admit(
+        self, caller: Caller, est_tokens: int, est_cost: float
+    ) -> Admission | Denial: ...
+
+    async def settle(self, ticket: str, record: UsageRecord | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A request as every adapter hands it over: validated, in the canonical (OpenAI
+    chat or completion) shape the engines take."""
+
+    endpoint: Endpoint
+    request: ChatRequest | CompletionRequest
+    body: dict[str, Any]  # the engine body (`schemas.canonical_body`)
+    body_bytes: int
+    api_key: str | None
+    request_id: str
+    session: str | None = None  # the client's conversation id, for replica affinity
+    strategy: str | None = None  # a routing strategy asked for per request
+
+
+@dataclass(frozen=True)
+class Completed:
+    body: dict[str, Any]  # the OpenAI-shaped answer, `usage.cost` filled in
+    headers: dict[str, str]
+
+
+@dataclass
+class Streamed:
+    """An answer as a stream of OpenAI-shaped SSE events (`data: ...\\n\\n`, several may
+    come in one string). The consumer calls `started()` once it starts sending and
+    `close()` when it ends by any path; the record is settled exactly once either way."""
+
+    events: AsyncIterator[str]
+    settlement: StreamSettlement
+    headers: dict[str, str]
+
+    def started(self) -> None:
+        self.settlement.delivered = True
+
+    async def close(self) -> None:
+        await self.settlement.abandon()
+
+
+Result = Completed | Streamed
+
+
+class NothingServed(Exception):
+    """The engine failed before producing anything (its 503): the request may move."""
+
+    def __init__(self, error: EngineError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass
+class RequestContext:
+    """One request's state from admission to settlement."""
+
+    inbound: Inbound
+    caller: Caller
+    plan: Plan
+    policy: LoadPolicy
+    candidates: list[TierEntry]
+    tier: TierEntry
+    meter: RequestMeter
+    admission: Admission
+    headers: dict[str, str]
+    timeout_s: float | None
+    wants_usage: bool  # as the client asked; engines are always asked for usage
+    settled: bool = False
+    others: list[TierEntry] = field(default_factory=list)  # where it may still move
+
+    def move_to(self, tier: TierEntry) -> None:
+        """Serve it on `tier` instead; it stays one request, timed from its start."""
+        self.tier = tier
+        self.others = [c for c in self.others if c is not tier]
+        labels = self.meter.labels.model_copy(update={"tier": tier.name, "degraded": True})
+        self.meter = RequestMeter(labels=labels, price=tier.price, started=self.meter.started)
+        self.headers.update(
+            {
+                "x-kimi-tier": tier.name,
+                "x-kimi-retried": "1",
+                "x-kimi-degraded": f"{self.candidates[0].name}->{tier.name}",
+            }
+        )
+
+
+def affinity_key(session: str | None, body: dict[str, Any]) -> str:
+    """Which conversation a request continues, so its tier sends it to the replica that
+    holds the conversation's prefix: the client's session id if it sends one, else a
+    digest of the conversation's opening (system prompt and first user turn), which
+    every later turn repeats."""
+    if session:
+        return f"s:{session[:200]}"
+    opening = body.get("messages", [])[:2] if "messages" in body else body.get("prompt")
+    raw = json.dumps(opening, sort_keys=True, default=str)[:4096]
+    return "p:" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+def denial_error(denial: Denial) -> APIError:
+    headers = {}
+    if denial.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(denial.retry_after_s)))
+    return APIError(denial.status, denial.message, code=denial.code, headers=headers)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: AppConfig,
+        tiers: Tiers,
+        gateway: Gateway,
+        replica: str,
+        metrics: IngressMetrics,
+    ) -> None:
+        self.config = config
+        self.tiers = tiers
+        self.gateway = gateway
+        self.replica = replica
+        self.metrics = metrics
+        r = config.router
+        self.policy = LoadPolicy(
+            r.overload_pressure, r.shed_pressure, r.shed_below_priority, r.strategy
+        )
+        self.loads: dict[str, TierLoad] = {}
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.ttft = LatencyWindow()
+        self.ttft_p90: dict[str, float] = {}  # read with the loads, not sorted per request
+        self.undelivered = UndeliveredStreams()
+        self.calls = DetachedCalls()
+        self.tracer = tracing.tracer("kimi-router")
+
+    async def refresh(self, loads: dict[str, TierLoad]) -> None:
+        """New tier figures (the ingress reads them every `load_refresh_s`)."""
+        self.loads = loads
+        self.sent = collections.Counter()
+        self.ttft_p90 = self.ttft.p90_ms()
+        self.metrics.observe_loads(loads)
+        if reaped := await self.undelivered.reap():
+            log.warning("settled %d streams whose response never started", reaped)
+
+    def _live(self) -> Live:
+        return Live(self.loads, self.ttft_p90, self.sent)
+
+    # ---- the request -----------------------------------------------------------------
+
+    async def serve(self, inbound: Inbound) -> Result:
+        with self.tracer.start_as_current_span("router.request") as span:
+            try:
+                result = await self._serve(inbound, span)
+            except APIError as exc:
+                span.set_attribute("http.status_code", exc.status)
+                exc.headers.setdefault("x-kimi-router", self.replica)
+                raise
+            span.set_attribute("http.status_code", 200)
+            return result
+
+    async def _serve(self, inbound: Inbound, span: Span) -> Result:
+        caller = await self._caller(inbound.api_key)
+        plan = self.config.plans[caller.plan]
+        needs = needs_of(inbound.request, inbound.body_bytes)
+        candidates = candidate_tiers(inbound.request.model, plan, caller.plan, self.config, needs)
+        policy = self._policy(inbound.strategy)
+        decision = choose_tier(candidates, self._live(), plan, policy)
+        if decision.shed:
+            self.metrics.shed.inc(1, {"plan": caller.plan})
+            raise APIError(
+                503,
+                "the service is saturated; lower-priority plans are shed first",
+                code="overloaded",
+                headers={"retry-after": "2"},
+            )
+        tier = decision.tier
+        self.sent[tier.name] += 1
+        span.set_attributes(
+            {
+                "kimi.plan": caller.plan,
+                "kimi.tier": tier.name,
+                "kimi.degraded": decision.degraded,
+                "kimi.request_id": inbound.request_id,
+            }
+        )
+        out_est = self._output_limit(inbound, plan, caller)
+        prompt_est = inbound.body_bytes // 4  # ~4 bytes a token; settled with the real count
+        admission = await self.calls.call(
+            lambda: self.gateway.admit(
+                caller, prompt_est + out_est, tier.price.cost(prompt_est, out_est)
+            ),
+            on_abandon=self._give_back,
+        )
+        if isinstance(admission, Denial):
+            raise denial_error(admission)
+        labels = RequestLabels(
+            request_id=inbound.request_id,
+            key_id=caller.key_id,
+            plan=caller.plan,
+            tier=tier.name,
+            model=inbound.request.model,
+            endpoint=inbound.endpoint.value,
+            stream=bool(inbound.body.get("stream")),
+            degraded=decision.degraded,
+        )
+        # Ray Serve's proxy echoes x-request-id (ours comes from it), so it is not repeated.
+        headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
+        if decision.degraded:
+            headers["x-kimi-degraded"] = f"{candidates[0].name}->{tier.name}"
+        ctx = RequestContext(
+            inbound=inbound,
+            caller=caller,
+            plan=plan,
+            policy=policy,
+            candidates=candidates,
+            tier=tier,
+            meter=RequestMeter(labels=labels, price=tier.price),
+            admission=admission,
+            headers=headers,
+            timeout_s=caller.overrides.request_timeout_s or plan.request_timeout_s,
+            wants_usage=bool((inbound.body.get("stream_options") or {}).get("include_usage")),
+            others=[c for c in candidates if c is not tier],
+        )
+        try:
+            return await self._with_failover(ctx)
+        except BaseException:
+            if not ctx.settled:
+                await asyncio.shield(self._settle(ctx, ctx.meter.record(500, "router error")))
+            raise
+
+    async def _with_failover(self, ctx: RequestContext) -> Result:
+        while True:
+            try:
+                return await self._call_tier(ctx)
+            except NothingServed:
+                # The client has seen nothing, so the next tier the plan allows serves it
+                # (health first).
+                failed = ctx.tier.name
+                ctx.move_to(choose_tier(ctx.others, self._live(), ctx.plan, ctx.policy).tier)
+                log.warning(
+                    "tier %s down for %s; moved to %s",
+                    failed,
+                    ctx.inbound.request_id,
+                    ctx.tier.name,
+                )
+                self.sent[ctx.tier.name] += 1
+
+    async def _call_tier(self, ctx: RequestContext) -> Result:
+        """The tier's answer, settled (a stream settles as it ends); `NothingServed`
+        where the engine failed before any output and another tier may take it."""
+        body, meter = ctx.inbound.body, ctx.meter
+        if meter.labels.stream:  # the engine always reports usage so the stream can be metered
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        deadline = None if ctx.timeout_s is None else meter.started + ctx.timeout_s
+        for attempt in (1, 2):
+            call = self.tiers.call(
+                TierRequest(
+                    tier=ctx.tier.name,
+                    endpoint=ctx.inbound.endpoint,
+                    body=body,
+                    request_id=ctx.inbound.request_id,
+                    trace=tracing.inject(),
+                    affinity=affinity_key(ctx.inbound.session, body),
+                )
+            )
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                first = await asyncio.wait_for(call.__anext__(), left)
+                break
+            except TimeoutError:
+                call.cancel()
+                await self._refuse(ctx, timeout_error(ctx.timeout_s or 0))
+            except ReplicaLost as exc:
+                if attempt == 1:
+                    # The replica died before answering: the client has seen nothing, so
+                    # once more (Serve routes to a live replica, or waits for its restart).
+                    log.warning(
+                        "tier %s replica lost, retrying %s: %s",
+                        ctx.tier.name,
+                        ctx.inbound.request_id,
+                        exc,
+                    )
+                    ctx.headers["x-kimi-retried"] = "1"
+                    continue
+                await self._unavailable(ctx, exc)
+            except TierFault as exc:
+                log.error("tier %s failed on %s: %s", ctx.tier.name, ctx.inbound.request_id, exc)
+                await self._settle(ctx, meter.record(500, "tier error"))
+                raise APIError(
+                    500, "internal error; the request was not served", headers=ctx.headers
+                ) from None
+            except Exception as exc:
+                await self._unavailable(ctx, exc)
+        if isinstance(first, Served):
+            ctx.headers["x-kimi-replica"] = first.replica
+            first = first.output
+        if isinstance(first, EngineError):
+            if ctx.others and first.status_code == 503:
+                raise NothingServed(first)
+            await self._refuse(ctx, first)
+        if isinstance(first, dict):
+            meter.first_at = time.monotonic()
+            cost = add_cost(first, meter)
+            await self._settle(ctx, meter.record(200))
+            return Completed(first, {**ctx.headers, "x-kimi-cost-usd": f"{cost:.9f}"})
+        return self._stream(ctx, first, call)
+
+    def _stream(self, ctx: RequestContext, first: Any, call: TierCall) -> Streamed:
+        async def settle(record: UsageRecord) -> None:
+            await self._settle(ctx, record)
+
+        state = StreamSettlement(ctx.meter, settle, call)
+        ctx.settled = True  # from here the stream's settlement owns the record
+        self.undelivered.add(state)
+        return Streamed(
+            relay_stream(first, state, ctx.wants_usage, ctx.timeout_s), state, dict(ctx.headers)
+        )
+
+    # ---- refusals and settlement -------------------------------------------------------
+
+    async def _refuse(self, ctx: RequestContext, err: EngineError) -> NoReturn:
+        await self._settle(ctx, ctx.meter.record(err.status_code, err.message))
+        raise APIError.from_engine(err, ctx.headers)
+
+    async def _unavailable(self, ctx: RequestContext, exc: Exception) -> NoReturn:
+        log.error("tier %s call failed: %r", ctx.tier.name, exc)
+        await self._settle(ctx, ctx.meter.record(503, repr(exc)))
+        raise APIError(
+            503,
+            "the tier is unavailable; retry shortly",
+            headers={**ctx.headers, "retry-after": "5"},
+        )
+
+    async def _settle(self, ctx: RequestContext, record: UsageRecord) -> None:
+        ctx.settled = True
+        self.metrics.observe(record)
+        if record.ttft_ms is not None:
+            self.ttft.observe(record.tier, record.ttft_ms)
+        await self.calls.call(lambda: self.gateway.settle(ctx.admission.ticket, record))
+
+    async def _give_back(self, admission: Admission | Denial) -> None:
+        if not isinstance(admission, Denial):
+            await self.gateway.settle(admission.ticket, None)
+
+    # ---- the caller --------------------------------------------------------------------
+
+    async def _caller(self, key: str | None) -> Caller:
+        anon = self.config.router.anonymous_plan
+        if key is not None and anon is not None and split_key(key) is None:
+            # Where key-less use is allowed, a placeholder that is not one of our keys
+            # (SDKs insist on some api_key) is served as anonymous; a wrong sk-kimi- key
+            # is still refused.
+            key = None
+        if key is None:
+            if anon is None:
+                raise APIError(
+                    401,
+                    "an API key is required: Authorization: Bearer <key>",
+                    code="invalid_api_key",
+                )
+            return Caller(ANONYMOUS, anon, KeyOverrides())
+        result = await self.gateway.authenticate(key)
+        if isinstance(result, Denial):
+            raise denial_error(result)
+        return result
+
+    def _policy(self, asked: str | None) -> LoadPolicy:
+        if not asked or not self.config.router.allow_strategy_header:
+            return self.policy
+        if asked not in get_args(Strategy):
+            raise APIError(
+                400, f"unknown routing strategy {asked!r}", param="x-kimi-routing-strategy"
+            )
+        return dataclasses.replace(self.policy, strategy=asked)
+
+    def _output_limit(self, inbound: Inbound, plan: Plan, caller: Caller) -> int:
+        """Enforce the plan's max output; fill it in when the request sets none."""
+        cap = caller.overrides.max_output_tokens or plan.max_output_tokens
+        asked = inbound.request.output_limit
+        if cap is not None and asked is not None and asked > cap:
+            raise APIError(400, f"max_tokens exceeds the plan's limit of {cap}", param="max_tokens")
+        if cap is not None and asked is None:
+            inbound.body["max_tokens"] = asked = cap
+        floor = inbound.request.min_tokens
+        if floor is not None and asked is not None and floor > asked:
+            raise APIError(400, f"min_tokens exceeds max_tokens ({asked})", param="min_tokens")
+        return asked or self.config.gateway.default_output_estimate

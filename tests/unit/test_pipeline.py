@@ -1,0 +1,377 @@
+"""The request pipeline with in-process engines: failover, time limits, clients leaving,
+lost replicas and budgets, settled exactly once, in seconds and without Ray or a model.
+
+The engines implement `deployments/engine.py`; their calls go through the tier's own
+`served` (coalescing, the first message naming the replica), so the pipeline sees what a
+tier replica sends. The gateway keeps each key's state with the real `limits.KeyState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.engine import Endpoint, Engine, EngineLoad, EngineOutput, engine_down
+from deployments.tier import served
+from serve_app.cli import app_args
+from serve_app.config import load_config
+from serve_app.errors import APIError
+from serve_app.gateway import Admission, Caller, plan_limits
+from serve_app.keys import KeyOverrides
+from serve_app.limits import Denial, KeyState
+from serve_app.metering import UsageRecord
+from serve_app.pipeline import Completed, Inbound, Pipeline, Streamed
+from serve_app.schemas import ChatRequest, canonical_body
+from serve_app.telemetry import IngressMetrics
+from serve_app.tier_calls import ReplicaLost, TierRequest
+
+CFG = load_config(app_args(Path(__file__).resolve().parents[2] / "serve_config.yaml"))
+KEY = "sk-kimi-abcdefghijkl-" + "s" * 24
+
+
+class FakeEngine(Engine):
+    """Answers `tokens` tokens, one every `delay_s`; or fails before any (`down`); or
+    never answers (`hang`). Records what it was asked and whether it was stopped."""
+
+    def __init__(self, tokens: int = 4, delay_s: float = 0.0) -> None:
+        self.tokens = tokens
+        self.delay_s = delay_s
+        self.down = False
+        self.hang = False
+        self.requests: list[str] = []
+        self.stopped: list[str] = []  # requests ended before they finished
+
+    async def _answer(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request_id)
+        finished = False
+        try:
+            if self.down:
+                yield engine_down()
+                finished = True
+                return
+            if self.hang:
+                await asyncio.Event().wait()
+            usage = {"prompt_tokens": 5, "completion_tokens": self.tokens, "total_tokens": 5}
+            if not body.get("stream"):
+                await asyncio.sleep(self.delay_s * self.tokens)
+                message = {"role": "assistant", "content": "x" * self.tokens}
+                yield {
+                    "object": "chat.completion",
+                    "choices": [{"message": message}],
+                    "usage": usage,
+                }
+            else:
+                for _ in range(self.tokens):
+                    await asyncio.sleep(self.delay_s)
+                    chunk = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self.stopped.append(request_id)
+
+    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        return self._answer(body, request_id)
+
+    def completions(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        return self._answer(body, request_id)
+
+    async def start(self) -> None:
+        pass
+
+    async def load(self) -> EngineLoad:
+        return EngineLoad()
+
+    async def check_health(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
+class InProcessCall:
+    """A tier call as Ray's streaming handle gives it: the engine runs on its own (here a
+    task, there the replica) and its outputs queue up for `__anext__`; only `cancel`
+    stops it, not a reader that stops waiting."""
+
+    END = object()
+
+    def __init__(self, source: AsyncIterator[Any]) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(source))
+
+    async def _run(self, source: AsyncIterator[Any]) -> None:
+        try:
+            async for item in source:
+                self._queue.put_nowait(item)
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+        finally:
+            self._queue.put_nowait(self.END)
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is self.END:
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class LostCall:
+    async def __anext__(self) -> Any:
+        raise ReplicaLost("the replica's actor died")
+
+    def cancel(self) -> None:
+        pass
+
+
+class InProcessTiers:
+    def __init__(self, **engines: FakeEngine) -> None:
+        self.engines = engines
+        self.lose_next: dict[str, int] = {}  # tier -> calls whose replica dies first
+
+    def call(self, req: TierRequest) -> InProcessCall | LostCall:
+        if self.lose_next.get(req.tier):
+            self.lose_next[req.tier] -= 1
+            return LostCall()
+        engine = self.engines[req.tier]
+        source = getattr(engine, req.endpoint.value)(req.body, req.request_id)
+        return InProcessCall(served(f"{req.tier}-0", source))
+
+
+class FakeGateway:
+    """The gateway's request path over the real per-key limits."""
+
+    def __init__(self, plan: str = "enterprise", **overrides: Any) -> None:
+        self.caller = Caller("abcdefghijkl", plan, KeyOverrides(**overrides))
+        self.state = KeyState(plan_limits(CFG.plans[plan], self.caller.overrides))
+        self.tickets: dict[str, int] = {}
+        self.records: list[UsageRecord] = []
+
+    async def authenticate(self, key: str) -> Caller | Denial:
+        return self.caller if key == KEY else Denial(401, "invalid_api_key", "no such key")
+
+    async def admit(self, caller: Caller, est_tokens: int, est_cost: float) -> Admission | Denial:
+        denial = self.state.check(est_tokens, est_cost, time.time())
+        if denial is not None:
+            return denial
+        self.state.admit(est_tokens, time.time())
+        ticket = f"t{len(self.tickets)}"
+        self.tickets[ticket] = est_tokens
+        return Admission(ticket, {})
+
+    async def settle(self, ticket: str, record: UsageRecord | None) -> None:
+        est = self.tickets.pop(ticket)
+        tokens = record.prompt_tokens + record.completion_tokens if record else 0
+        self.state.settle(est, tokens, record.cost_usd if record else 0.0, time.time())
+        if record is not None:
+            self.records.append(record)
+
+
+def pipeline(tiers: InProcessTiers, gateway: FakeGateway) -> Pipeline:
+    return Pipeline(CFG, tiers, gateway, "ingress-0", IngressMetrics())
+
+
+def inbound(model: str = "kimi-k2.5", stream: bool = False, **extra: Any) -> Inbound:
+    request = ChatRequest.model_validate(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream} | extra
+    )
+    body = canonical_body(request)
+    return Inbound(
+        endpoint=Endpoint.CHAT,
+        request=request,
+        body=body,
+        body_bytes=len(json.dumps(body)),
+        api_key=KEY,
+        request_id=f"req-{time.monotonic_ns()}",
+    )
+
+
+async def drain(stream: Streamed) -> list[str]:
+    events = []
+    stream.started()
+    try:
+        async for text in stream.events:
+            events.extend(e for e in text.split("\n\n") if e)
+    finally:
+        await stream.close()
+    return events
+
+
+def engines() -> dict[str, FakeEngine]:
+    return {"premium": FakeEngine(), "standard": FakeEngine(), "budget": FakeEngine()}
+
+
+async def test_an_engine_failing_before_any_token_moves_the_request_to_the_next_tier():
+    eng = engines()
+    eng["premium"].down = True
+    gateway = FakeGateway("enterprise")
+    result = await pipeline(InProcessTiers(**eng), gateway).serve(inbound())
+    assert isinstance(result, Completed)
+    assert result.headers["x-kimi-tier"] == "standard"
+    assert result.headers["x-kimi-retried"] == "1"
+    assert result.headers["x-kimi-degraded"] == "premium->standard"
+    [record] = gateway.records
+    assert (record.tier, record.status, record.degraded) == ("standard", 200, True)
+    assert record.completion_tokens == 4 and gateway.state.in_flight == 0
+
+
+async def test_the_last_tier_failing_is_a_503_settled_once():
+    eng = engines()
+    eng["premium"].down = True
+    gateway = FakeGateway("enterprise")
+    with pytest.raises(APIError) as err:
+        await pipeline(InProcessTiers(**eng), gateway).serve(inbound("kimi-k2.5:premium"))
+    assert err.value.status == 503 and err.value.type == "server_error"
+    [record] = gateway.records
+    assert record.status == 503 and gateway.state.in_flight == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_plan_time_limit_ends_the_request_504_settled(stream: bool):
+    eng = engines()
+    eng["premium"].hang = True
+    gateway = FakeGateway("enterprise", request_timeout_s=0.3)
+    p = pipeline(InProcessTiers(**eng), gateway)
+    with pytest.raises(APIError) as err:
+        await p.serve(inbound("kimi-k2.5:premium", stream=stream))
+    assert err.value.status == 504 and err.value.code == "request_timeout"
+    assert err.value.headers["x-kimi-tier"] == "premium"
+    [record] = gateway.records
+    assert record.status == 504 and gateway.state.in_flight == 0
+    await asyncio.sleep(0.05)  # the cancelled call closes its engine request
+    assert eng["premium"].stopped == eng["premium"].requests
+
+
+async def test_the_time_limit_mid_stream_ends_it_with_an_error_event():
+    eng = {"premium": FakeEngine(tokens=100, delay_s=0.02)}
+    gateway = FakeGateway("enterprise", request_timeout_s=0.3)
+    result = await pipeline(InProcessTiers(**eng), gateway).serve(
+        inbound("kimi-k2.5:premium", stream=True)
+    )
+    assert isinstance(result, Streamed)
+    events = await drain(result)
+    assert json.loads(events[-1][6:])["error"]["code"] == "request_timeout"
+    [record] = gateway.records
+    assert record.status == 504 and 0 < record.completion_tokens < 100
+    await asyncio.sleep(0.05)
+    assert eng["premium"].stopped == eng["premium"].requests
+
+
+async def test_a_stream_is_settled_before_done_and_only_once():
+    gateway = FakeGateway("enterprise")
+    result = await pipeline(InProcessTiers(**engines()), gateway).serve(inbound(stream=True))
+    assert isinstance(result, Streamed)
+    events = await drain(result)
+    assert events[-1] == "data: [DONE]"
+    [record] = gateway.records
+    assert record.status == 200 and record.completion_tokens == 4
+    assert gateway.state.in_flight == 0
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_stream_carries_usage_only_when_asked_and_is_metered_either_way(
+    include_usage: bool,
+):
+    gateway = FakeGateway("enterprise")
+    asked = {"stream_options": {"include_usage": True}} if include_usage else {}
+    result = await pipeline(InProcessTiers(**engines()), gateway).serve(
+        inbound(stream=True, **asked)
+    )
+    assert isinstance(result, Streamed)
+    events = [json.loads(e[6:]) for e in (await drain(result))[:-1]]
+    with_usage = [e for e in events if e.get("usage")]
+    if include_usage:
+        assert [e["usage"]["completion_tokens"] for e in with_usage] == [4]
+        assert with_usage[0]["usage"]["cost"] > 0
+    else:
+        assert not with_usage
+    [record] = gateway.records
+    assert record.completion_tokens == 4 and record.cost_usd > 0
+
+
+async def test_a_client_leaving_mid_stream_is_settled_once_and_stops_the_engine():
+    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.01)}
+    gateway = FakeGateway("enterprise")
+    result = await pipeline(InProcessTiers(**eng), gateway).serve(
+        inbound("kimi-k2.5:premium", stream=True)
+    )
+    assert isinstance(result, Streamed)
+    result.started()
+    received = []
+
+    async def client() -> None:
+        async for text in result.events:
+            received.append(text)
+
+    reader = asyncio.create_task(client())
+    while len(received) < 3:
+        await asyncio.sleep(0.01)
+    reader.cancel()  # the connection drops: the response task is cancelled...
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await result.close()  # ...and the response closes its stream, as it always does
+    await result.close()
+    [record] = gateway.records
+    assert record.status == 499 and 3 <= record.completion_tokens < 1000
+    assert gateway.state.in_flight == 0
+    await asyncio.sleep(0.05)
+    assert eng["premium"].stopped == eng["premium"].requests
+
+
+async def test_a_lost_replica_is_retried_once():
+    tiers = InProcessTiers(**engines())
+    tiers.lose_next["premium"] = 1
+    gateway = FakeGateway("enterprise")
+    result = await pipeline(tiers, gateway).serve(inbound("kimi-k2.5:premium"))
+    assert isinstance(result, Completed)
+    assert result.headers["x-kimi-retried"] == "1" and result.headers["x-kimi-tier"] == "premium"
+    [record] = gateway.records
+    assert record.status == 200
+
+
+async def test_a_replica_lost_twice_is_a_503_settled_once():
+    tiers = InProcessTiers(**engines())
+    tiers.lose_next["premium"] = 2
+    gateway = FakeGateway("enterprise")
+    with pytest.raises(APIError) as err:
+        await pipeline(tiers, gateway).serve(inbound("kimi-k2.5:premium"))
+    assert err.value.status == 503 and err.value.headers["retry-after"] == "5"
+    [record] = gateway.records
+    assert record.status == 503 and gateway.state.in_flight == 0
+    assert tiers.engines["premium"].requests == []  # no engine ever saw it
+
+
+async def test_a_spent_budget_refuses_with_402_and_meters_nothing():
+    gateway = FakeGateway("enterprise", monthly_token_budget=2000)
+    p = pipeline(InProcessTiers(**engines()), gateway)
+    first = await p.serve(inbound(max_tokens=1000))
+    assert isinstance(first, Completed)
+    with pytest.raises(APIError) as err:
+        await p.serve(inbound(max_tokens=1990))
+    assert err.value.status == 402 and err.value.code == "insufficient_quota"
+    assert err.value.headers["x-kimi-router"] == "ingress-0"
+    assert len(gateway.records) == 1 and gateway.state.in_flight == 0
+
+
+async def test_a_wrong_key_is_refused_before_any_tier_is_called():
+    eng = engines()
+    gateway = FakeGateway("enterprise")
+    bad = dataclasses.replace(inbound(), api_key="sk-kimi-zzzzzzzzzzzz-" + "q" * 24)
+    with pytest.raises(APIError) as err:
+        await pipeline(InProcessTiers(**eng), gateway).serve(bad)
+    assert err.value.status == 401
+    assert not gateway.records and all(not e.requests for e in eng.values())
