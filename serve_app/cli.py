@@ -130,7 +130,7 @@ def usage_report(root: Path, by: list[str]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimi-serve")
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-artifacts", help="build the tiny model and its GGUF files")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("check-config", help="validate a serve config's application args")
     c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     c.add_argument("--app", default=None)
-    w = sub.add_parser("wait-ready", help="wait until the router answers /ready")
+    w = sub.add_parser("wait-ready", help="wait until the app answers /ready")
     w.add_argument("--url", default="http://127.0.0.1:8000")
     w.add_argument("--timeout", type=float, default=600)
     k = sub.add_parser("keys", help="create, list or revoke API keys (admin API)")
@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     u = sub.add_parser("usage", help="usage report from the metered Parquet files")
     u.add_argument("--dir", type=Path, default=None, help="usage dir (default: state dir)")
     u.add_argument("--by", default="key_id,plan,tier,day")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
 
     if args.cmd == "build-artifacts":
         build_artifacts(args.config)

@@ -38,10 +38,10 @@ from serve_app.limits import Denial
 from serve_app.metering import RequestLabels, UsageRecord
 from serve_app.relay import (
     RequestMeter,
+    StreamRelay,
     StreamSettlement,
     UndeliveredStreams,
     add_cost,
-    relay_stream,
     timeout_error,
 )
 from serve_app.schemas import ChatRequest, CompletionRequest
@@ -120,16 +120,25 @@ class NothingServed(Exception):
         self.error = error
 
 
+@dataclass(frozen=True)
+class Route:
+    """Who asks, under which plan, and the tiers that may serve it, best first."""
+
+    caller: Caller
+    plan: Plan
+    policy: LoadPolicy
+    candidates: list[TierEntry]
+    tier: TierEntry  # the first choice
+    degraded: bool  # the first choice is not the plan's first tier
+
+
 @dataclass
 class RequestContext:
     """One request's state from admission to settlement."""
 
     inbound: Inbound
-    caller: Caller
-    plan: Plan
-    policy: LoadPolicy
-    candidates: list[TierEntry]
-    tier: TierEntry
+    route: Route
+    tier: TierEntry  # serving it now
     meter: RequestMeter
     admission: Admission
     headers: dict[str, str]
@@ -137,6 +146,10 @@ class RequestContext:
     wants_usage: bool  # as the client asked; engines are always asked for usage
     settled: bool = False
     others: list[TierEntry] = field(default_factory=list)  # where it may still move
+
+    @property
+    def id(self) -> str:
+        return self.inbound.request_id
 
     def move_to(self, tier: TierEntry) -> None:
         """Serve it on `tier` instead; it stays one request, timed from its start."""
@@ -148,7 +161,7 @@ class RequestContext:
             {
                 "x-kimi-tier": tier.name,
                 "x-kimi-retried": "1",
-                "x-kimi-degraded": f"{self.candidates[0].name}->{tier.name}",
+                "x-kimi-degraded": f"{self.route.candidates[0].name}->{tier.name}",
             }
         )
 
@@ -224,7 +237,26 @@ class Pipeline:
             return result
 
     async def _serve(self, inbound: Inbound, span: Span) -> Result:
-        caller = await self._caller(inbound.api_key)
+        route = self._route(inbound, await self._caller(inbound.api_key))
+        span.set_attributes(
+            {
+                "kimi.plan": route.caller.plan,
+                "kimi.tier": route.tier.name,
+                "kimi.degraded": route.degraded,
+                "kimi.request_id": inbound.request_id,
+            }
+        )
+        ctx = self._context(inbound, route, await self._admit(inbound, route))
+        try:
+            return await self._with_failover(ctx)
+        except BaseException:
+            if not ctx.settled:
+                await asyncio.shield(self._settle(ctx, ctx.meter.record(500, "router error")))
+            raise
+
+    def _route(self, inbound: Inbound, caller: Caller) -> Route:
+        """The tiers the caller's plan allows for this request, and the one to try first;
+        a refusal if none can serve it, or if the plan is shed under load."""
         plan = self.config.plans[caller.plan]
         needs = needs_of(inbound.request, inbound.body_bytes)
         candidates = candidate_tiers(inbound.request.model, plan, caller.plan, self.config, needs)
@@ -238,26 +270,23 @@ class Pipeline:
                 code="overloaded",
                 headers={"retry-after": "2"},
             )
-        tier = decision.tier
-        self.sent[tier.name] += 1
-        span.set_attributes(
-            {
-                "kimi.plan": caller.plan,
-                "kimi.tier": tier.name,
-                "kimi.degraded": decision.degraded,
-                "kimi.request_id": inbound.request_id,
-            }
-        )
-        out_est = self._output_limit(inbound, plan, caller)
+        self.sent[decision.tier.name] += 1
+        return Route(caller, plan, policy, candidates, decision.tier, decision.degraded)
+
+    async def _admit(self, inbound: Inbound, route: Route) -> Admission:
+        out_est = self._output_limit(inbound, route.plan, route.caller)
         prompt_est = inbound.body_bytes // 4  # ~4 bytes a token; settled with the real count
+        cost_est = route.tier.price.cost(prompt_est, out_est)
         admission = await self.calls.call(
-            lambda: self.gateway.admit(
-                caller, prompt_est + out_est, tier.price.cost(prompt_est, out_est)
-            ),
+            lambda: self.gateway.admit(route.caller, prompt_est + out_est, cost_est),
             on_abandon=self._give_back,
         )
         if isinstance(admission, Denial):
             raise denial_error(admission)
+        return admission
+
+    def _context(self, inbound: Inbound, route: Route, admission: Admission) -> RequestContext:
+        tier, caller = route.tier, route.caller
         labels = RequestLabels(
             request_id=inbound.request_id,
             key_id=caller.key_id,
@@ -266,32 +295,23 @@ class Pipeline:
             model=inbound.request.model,
             endpoint=inbound.endpoint.value,
             stream=bool(inbound.body.get("stream")),
-            degraded=decision.degraded,
+            degraded=route.degraded,
         )
         # Ray Serve's proxy echoes x-request-id (ours comes from it), so it is not repeated.
         headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
-        if decision.degraded:
-            headers["x-kimi-degraded"] = f"{candidates[0].name}->{tier.name}"
-        ctx = RequestContext(
+        if route.degraded:
+            headers["x-kimi-degraded"] = f"{route.candidates[0].name}->{tier.name}"
+        return RequestContext(
             inbound=inbound,
-            caller=caller,
-            plan=plan,
-            policy=policy,
-            candidates=candidates,
+            route=route,
             tier=tier,
             meter=RequestMeter(labels=labels, price=tier.price),
             admission=admission,
             headers=headers,
-            timeout_s=caller.overrides.request_timeout_s or plan.request_timeout_s,
+            timeout_s=caller.overrides.request_timeout_s or route.plan.request_timeout_s,
             wants_usage=bool((inbound.body.get("stream_options") or {}).get("include_usage")),
-            others=[c for c in candidates if c is not tier],
+            others=[c for c in route.candidates if c is not tier],
         )
-        try:
-            return await self._with_failover(ctx)
-        except BaseException:
-            if not ctx.settled:
-                await asyncio.shield(self._settle(ctx, ctx.meter.record(500, "router error")))
-            raise
 
     async def _with_failover(self, ctx: RequestContext) -> Result:
         while True:
@@ -301,61 +321,15 @@ class Pipeline:
                 # The client has seen nothing, so the next tier the plan allows serves it
                 # (health first).
                 failed = ctx.tier.name
-                ctx.move_to(choose_tier(ctx.others, self._live(), ctx.plan, ctx.policy).tier)
-                log.warning(
-                    "tier %s down for %s; moved to %s",
-                    failed,
-                    ctx.inbound.request_id,
-                    ctx.tier.name,
-                )
+                route = ctx.route
+                ctx.move_to(choose_tier(ctx.others, self._live(), route.plan, route.policy).tier)
+                log.warning("tier %s down for %s; moved to %s", failed, ctx.id, ctx.tier.name)
                 self.sent[ctx.tier.name] += 1
 
     async def _call_tier(self, ctx: RequestContext) -> Result:
         """The tier's answer, settled (a stream settles as it ends); `NothingServed`
         where the engine failed before any output and another tier may take it."""
-        body, meter = ctx.inbound.body, ctx.meter
-        if meter.labels.stream:  # the engine always reports usage so the stream can be metered
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        deadline = None if ctx.timeout_s is None else meter.started + ctx.timeout_s
-        for attempt in (1, 2):
-            call = self.tiers.call(
-                TierRequest(
-                    tier=ctx.tier.name,
-                    endpoint=ctx.inbound.endpoint,
-                    body=body,
-                    request_id=ctx.inbound.request_id,
-                    trace=tracing.inject(),
-                    affinity=affinity_key(ctx.inbound.session, body),
-                )
-            )
-            try:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0)
-                first = await asyncio.wait_for(call.__anext__(), left)
-                break
-            except TimeoutError:
-                call.cancel()
-                await self._refuse(ctx, timeout_error(ctx.timeout_s or 0))
-            except ReplicaLost as exc:
-                if attempt == 1:
-                    # The replica died before answering: the client has seen nothing, so
-                    # once more (Serve routes to a live replica, or waits for its restart).
-                    log.warning(
-                        "tier %s replica lost, retrying %s: %s",
-                        ctx.tier.name,
-                        ctx.inbound.request_id,
-                        exc,
-                    )
-                    ctx.headers["x-kimi-retried"] = "1"
-                    continue
-                await self._unavailable(ctx, exc)
-            except TierFault as exc:
-                log.error("tier %s failed on %s: %s", ctx.tier.name, ctx.inbound.request_id, exc)
-                await self._settle(ctx, meter.record(500, "tier error"))
-                raise APIError(
-                    500, "internal error; the request was not served", headers=ctx.headers
-                ) from None
-            except Exception as exc:
-                await self._unavailable(ctx, exc)
+        first, call = await self._first_message(ctx)
         if isinstance(first, Served):
             ctx.headers["x-kimi-replica"] = first.replica
             first = first.output
@@ -364,11 +338,55 @@ class Pipeline:
                 raise NothingServed(first)
             await self._refuse(ctx, first)
         if isinstance(first, dict):
-            meter.first_at = time.monotonic()
-            cost = add_cost(first, meter)
-            await self._settle(ctx, meter.record(200))
+            ctx.meter.first_at = time.monotonic()
+            cost = add_cost(first, ctx.meter)
+            await self._settle(ctx, ctx.meter.record(200))
             return Completed(first, {**ctx.headers, "x-kimi-cost-usd": f"{cost:.9f}"})
         return self._stream(ctx, first, call)
+
+    async def _first_message(self, ctx: RequestContext) -> tuple[Any, TierCall]:
+        """Call the tier and wait for its first message, within the plan's time limit;
+        once more if the replica was lost before answering (the client has seen nothing;
+        Serve routes to a live replica, or waits for its restart)."""
+        body = ctx.inbound.body
+        if ctx.meter.labels.stream:  # engines always report usage so a stream is metered
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        deadline = None if ctx.timeout_s is None else ctx.meter.started + ctx.timeout_s
+        for attempt in (1, 2):
+            call = self.tiers.call(self._tier_request(ctx))
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                return await asyncio.wait_for(call.__anext__(), left), call
+            except TimeoutError:
+                call.cancel()
+                await self._refuse(ctx, timeout_error(ctx.timeout_s or 0))
+            except ReplicaLost as exc:
+                if attempt == 2:
+                    await self._unavailable(ctx, exc)
+                log.warning("tier %s replica lost, retrying %s: %s", ctx.tier.name, ctx.id, exc)
+                ctx.headers["x-kimi-retried"] = "1"
+            except TierFault as exc:
+                log.error("tier %s failed on %s: %s", ctx.tier.name, ctx.id, exc)
+                await self._settle(ctx, ctx.meter.record(500, "tier error"))
+                raise APIError(
+                    500,
+                    "internal error; the request was not served",
+                    headers=ctx.headers,
+                ) from None
+            except Exception as exc:
+                await self._unavailable(ctx, exc)
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _tier_request(self, ctx: RequestContext) -> TierRequest:
+        body = ctx.inbound.body
+        return TierRequest(
+            tier=ctx.tier.name,
+            endpoint=ctx.inbound.endpoint,
+            body=body,
+            request_id=ctx.id,
+            trace=tracing.inject(),
+            affinity=affinity_key(ctx.inbound.session, body),
+        )
 
     def _stream(self, ctx: RequestContext, first: Any, call: TierCall) -> Streamed:
         async def settle(record: UsageRecord) -> None:
@@ -378,7 +396,9 @@ class Pipeline:
         ctx.settled = True  # from here the stream's settlement owns the record
         self.undelivered.add(state)
         return Streamed(
-            relay_stream(first, state, ctx.wants_usage, ctx.timeout_s), state, dict(ctx.headers)
+            StreamRelay(first, state, ctx.wants_usage, ctx.timeout_s).run(),
+            state,
+            dict(ctx.headers),
         )
 
     # ---- refusals and settlement -------------------------------------------------------
@@ -434,7 +454,9 @@ class Pipeline:
             return self.policy
         if asked not in get_args(Strategy):
             raise APIError(
-                400, f"unknown routing strategy {asked!r}", param="x-kimi-routing-strategy"
+                400,
+                f"unknown routing strategy {asked!r}",
+                param="x-kimi-routing-strategy",
             )
         return dataclasses.replace(self.policy, strategy=asked)
 

@@ -139,73 +139,86 @@ class UndeliveredStreams:
         return reaped
 
 
-async def relay_stream(
-    first: Any, state: StreamSettlement, client_wants_usage: bool, timeout_s: float | None = None
-) -> AsyncIterator[str]:
-    """Relay SSE chunks (tiers send lists of the chunks ready); settle before `[DONE]`;
-    cancel the tier call if the client goes or the plan's time limit (`timeout_s` from
-    the request's start) passes."""
-    gen, meter, finish = state.gen, state.meter, state.finish
-    deadline = None if timeout_s is None else meter.started + timeout_s
-    failed: EngineError | None = None  # an engine's error event: the record's status
+class StreamRelay:
+    """One stream: the tier's messages (lists of the SSE chunks ready) to the client's
+    events, metered; settled before `[DONE]`; the tier call cancelled if the client goes
+    or the plan's time limit (`timeout_s` from the request's start) passes."""
 
-    async def settle_ended() -> None:
-        if failed is None:
-            await finish(200, None)
-        else:
-            await finish(failed.status_code, failed.message)
+    def __init__(
+        self, first: Any, state: StreamSettlement, wants_usage: bool, timeout_s: float | None
+    ) -> None:
+        self.first = first
+        self.state = state
+        self.wants_usage = wants_usage
+        self.timeout_s = timeout_s
+        self.failed: EngineError | None = None  # an engine's error event: the record's status
 
-    async def items() -> AsyncIterator[Any]:
+    async def run(self) -> AsyncIterator[str]:
+        state = self.state
+        try:
+            async for item in self._items():
+                if out := await self._events(item):
+                    yield out
+            await self._settle_ended()  # an engine that stopped without `[DONE]` (it died)
+        except TimeoutError:
+            err = timeout_error(self.timeout_s or 0)
+            yield err.sse()
+            state.gen.cancel()  # the engine stops generating for it
+            await state.finish(504, err.message)
+        except asyncio.CancelledError:
+            state.gen.cancel()  # Ray cancels it with the request's task; not every caller is Ray
+            await state.finish(499, "client disconnected")
+            raise
+        except Exception as exc:
+            log.exception("stream from tier failed")
+            err = EngineError(
+                status_code=503,
+                message="the tier failed mid-stream; retry the request",
+                type="server_error",
+            )
+            yield err.sse()
+            await state.finish(503, repr(exc))
+        finally:
+            await state.abandon()
+
+    async def _items(self) -> AsyncIterator[Any]:
         """The tier's messages, until the deadline (TimeoutError past it)."""
-        yield first
+        meter = self.state.meter
+        deadline = None if self.timeout_s is None else meter.started + self.timeout_s
+        yield self.first
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
             try:
-                yield await asyncio.wait_for(gen.__anext__(), left)
+                yield await asyncio.wait_for(self.state.gen.__anext__(), left)
             except StopAsyncIteration:
                 return
 
-    try:
-        async for item in items():
-            if meter.first_at is None:
-                meter.first_at = time.monotonic()
-            out = []
-            for chunk in item if isinstance(item, list) else [item]:
-                if isinstance(chunk, EngineError):
-                    failed = chunk
-                    out.append(chunk.sse())
-                elif chunk.startswith(DONE):
-                    await settle_ended()
-                    out.append(chunk)
-                elif (event := usage_chunk(chunk)) is not None:
-                    add_cost(event, meter)
-                    if client_wants_usage or event.get("choices"):
-                        if not client_wants_usage:
-                            event.pop("usage")
-                        out.append(f"data: {json.dumps(event)}\n\n")
-                else:
-                    meter.chunks += 1
-                    out.append(chunk)
-            if out:
-                yield "".join(out)
-        await settle_ended()  # an engine that stopped without `[DONE]` (it died)
-    except TimeoutError:
-        err = timeout_error(timeout_s or 0)
-        yield err.sse()
-        gen.cancel()  # the engine stops generating for it
-        await finish(504, err.message)
-    except asyncio.CancelledError:
-        gen.cancel()  # Ray would cancel it with the request's task; not every caller is Ray
-        await finish(499, "client disconnected")
-        raise
-    except Exception as exc:
-        log.exception("stream from tier failed")
-        err = EngineError(
-            status_code=503,
-            message="the tier failed mid-stream; retry the request",
-            type="server_error",
-        )
-        yield err.sse()
-        await finish(503, repr(exc))
-    finally:
-        await state.abandon()
+    async def _events(self, item: Any) -> str:
+        """One message's chunks as the client gets them (usage only if it asked)."""
+        meter = self.state.meter
+        if meter.first_at is None:
+            meter.first_at = time.monotonic()
+        out = []
+        for chunk in item if isinstance(item, list) else [item]:
+            if isinstance(chunk, EngineError):
+                self.failed = chunk
+                out.append(chunk.sse())
+            elif chunk.startswith(DONE):
+                await self._settle_ended()
+                out.append(chunk)
+            elif (event := usage_chunk(chunk)) is not None:
+                add_cost(event, meter)
+                if self.wants_usage or event.get("choices"):
+                    if not self.wants_usage:
+                        event.pop("usage")
+                    out.append(f"data: {json.dumps(event)}\n\n")
+            else:
+                meter.chunks += 1
+                out.append(chunk)
+        return "".join(out)
+
+    async def _settle_ended(self) -> None:
+        if self.failed is None:
+            await self.state.finish(200, None)
+        else:
+            await self.state.finish(self.failed.status_code, self.failed.message)

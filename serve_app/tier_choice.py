@@ -54,29 +54,33 @@ def estimate_tokens(chars: int) -> int:
     return chars // 6
 
 
+def plan_tiers(model: str, plan: Plan, plan_name: str, config: AppConfig) -> list[str]:
+    """The tiers `model` names for this plan: the plan's own for the base model, the
+    one a pinned model names if the plan allows pinning it."""
+    if model == BASE_MODEL:
+        return plan.tiers
+    tier = model.split(":", 1)[1] if model.startswith(f"{BASE_MODEL}:") else None
+    if tier is None or tier not in {t.name for t in config.tiers}:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist",
+            param="model",
+            code="model_not_found",
+        )
+    if tier not in plan.tiers or not plan.allow_pin:
+        raise APIError(
+            403,
+            f"Plan '{plan_name}' may not use '{model}'",
+            param="model",
+            code="tier_not_in_plan",
+        )
+    return [tier]
+
+
 def candidate_tiers(
     model: str, plan: Plan, plan_name: str, config: AppConfig, needs: Needs
 ) -> list[TierEntry]:
-    if model == BASE_MODEL:
-        names = plan.tiers
-    elif model.startswith(f"{BASE_MODEL}:"):
-        tier = model.split(":", 1)[1]
-        if tier not in {t.name for t in config.tiers}:
-            raise APIError(
-                404, f"The model '{model}' does not exist", param="model", code="model_not_found"
-            )
-        if tier not in plan.tiers or not plan.allow_pin:
-            raise APIError(
-                403,
-                f"Plan '{plan_name}' may not use '{model}'",
-                param="model",
-                code="tier_not_in_plan",
-            )
-        names = [tier]
-    else:
-        raise APIError(
-            404, f"The model '{model}' does not exist", param="model", code="model_not_found"
-        )
+    names = plan_tiers(model, plan, plan_name, config)
     tiers = [config.tier(n) for n in names]
     able = [t for t in tiers if missing_capability(t, needs) is None]
     if not able:
