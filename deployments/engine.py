@@ -38,6 +38,12 @@ class EngineError(BaseModel):
         return f"data: {json.dumps(self.body())}\n\n"
 
 
+def token_count(count: int) -> dict[str, Any]:
+    """A tokenize answer: the prompt's tokens as usage, nothing generated."""
+    usage = {"prompt_tokens": count, "completion_tokens": 0, "total_tokens": count}
+    return {"object": "tokenization", "usage": usage}
+
+
 def engine_down() -> EngineError:
     """The engine died under a request: a 503 to retry (before any token, the router
     sends the request to the plan's next tier itself)."""
@@ -70,6 +76,7 @@ class Endpoint(StrEnum):
 
     CHAT = "chat"
     COMPLETIONS = "completions"
+    TOKENIZE = "tokenize"  # a chat's prompt counted, nothing generated (not billed)
 
 
 class Engine(abc.ABC):
@@ -81,6 +88,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def completions(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]: ...
+
+    @abc.abstractmethod
+    def tokenize(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        """A chat body's prompt as the engine renders it, counted: one dict with OpenAI's
+        `usage` (`prompt_tokens`), or an `EngineError`."""
 
     @abc.abstractmethod
     async def load(self) -> EngineLoad: ...

@@ -105,11 +105,10 @@ def turn_grammar(
     bound, then
     - a forced call: the call section at once, no free text before it;
     - calls the model may make: free text (or the JSON answer) or the call section;
-    - a JSON answer alone: one value matching `answer_rule`."""
+    - a JSON answer alone: one value matching `answer_rule`;
+    - neither: free text (the reasoning's bound is the point)."""
     if calls is None:
-        if answer_rule is None:
-            raise ValueError("a constrained turn needs calls or a JSON answer")
-        body = answer_rule
+        body = "kimi-text" if answer_rule is None else answer_rule
     elif forced:
         body = "kimi-section"
     elif answer_rule is not None:

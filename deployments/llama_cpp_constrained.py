@@ -41,6 +41,7 @@ from deployments.openai_shape import (
     call_forced,
     calls_offered,
     output_limit,
+    reasoning_budget,
     thinking_on,
 )
 from deployments.schema_grammar import SchemaGrammar, SchemaNotSupported
@@ -92,14 +93,13 @@ class Constraint:
 
 def constraint_for(body: dict[str, Any], spec: TierSpec) -> Constraint | None:
     """The constraint a request needs, or None for llama-server's own chat path (no
-    tools and no JSON answer)."""
+    tools, no JSON answer and no thinking budget)."""
     answer = answer_schema(body)
     calling, forced = calls_offered(body), call_forced(body)
-    if not calling and answer is None:
+    asked = body.get("thinking_token_budget") if thinking_on(body) else None
+    if not calling and answer is None and asked is None:
         return None
-    # reasoning is bounded only where an answer must come: a forced call or JSON
-    budget = spec.thinking_budget(output_limit(body)) if forced or answer else None
-    reasoning = ReasoningBound(enabled=thinking_on(body), tokens=budget)
+    reasoning = ReasoningBound(enabled=thinking_on(body), tokens=reasoning_budget(body, spec))
     if not calling:
         return Constraint(reasoning=reasoning, answer_schema=answer)
     offered = [t["function"] for t in body["tools"]]

@@ -23,7 +23,14 @@ import httpx
 
 from deployments.artifacts.llama_cpp import llama_binary
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
+from deployments.engine import (
+    Engine,
+    EngineError,
+    EngineLoad,
+    EngineOutput,
+    engine_down,
+    token_count,
+)
 from deployments.llama_cpp_constrained import (
     Constraint,
     TurnWriter,
@@ -33,7 +40,7 @@ from deployments.llama_cpp_constrained import (
     turn_outputs,
     unsupported,
 )
-from deployments.openai_shape import normalize_response, normalize_sse
+from deployments.openai_shape import PROMPT_FIELDS, normalize_response, normalize_sse
 from deployments.ports import free_port
 from deployments.schema_grammar import SchemaGrammar, SchemaNotSupported
 from deployments.spec import TierSpec, flags_to_argv
@@ -215,16 +222,9 @@ class LlamaCppEngine(Engine):
         except SchemaNotSupported as exc:
             yield schema_error(exc, constraint)
             return
-        template = {k: body[k] for k in TEMPLATE_FIELDS if k in body}
-        try:
-            async with self._exchange("/apply-template", template, request_id) as r:
-                rendered = await r.aread()
-        except httpx.HTTPError as exc:
-            log.warning("request %s lost its engine: %r", request_id, exc)
-            yield engine_down()
-            return
-        if r.status_code != 200:
-            yield engine_error_from(r.status_code, rendered)
+        prompt = await self._render(body, request_id)
+        if isinstance(prompt, EngineError):
+            yield prompt
             return
         writer = TurnWriter(
             model=self.spec.model_id,
@@ -235,9 +235,38 @@ class LlamaCppEngine(Engine):
         def relay(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
             return turn_outputs(completion_events(resp), writer, constraint)
 
-        payload = completion_body(body, json.loads(rendered)["prompt"], grammar)
+        payload = completion_body(body, prompt, grammar)
         async for item in self._proxy("/completion", payload, request_id, relay):
             yield item
+
+    async def tokenize(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        prompt = await self._render(body, request_id)
+        if isinstance(prompt, EngineError):
+            yield prompt
+            return
+        ask = {"content": prompt, "add_special": False, "parse_special": True}
+        answer = await self._post("/tokenize", ask, request_id)
+        yield answer if isinstance(answer, EngineError) else token_count(len(answer["tokens"]))
+
+    async def _render(self, body: dict[str, Any], request_id: str) -> str | EngineError:
+        """The chat's prompt as llama-server's template renders it."""
+        template = {k: body[k] for k in PROMPT_FIELDS if k in body}
+        answer = await self._post("/apply-template", template, request_id)
+        return answer if isinstance(answer, EngineError) else answer["prompt"]
+
+    async def _post(
+        self, path: str, body: dict[str, Any], request_id: str
+    ) -> dict[str, Any] | EngineError:
+        """One small JSON exchange with llama-server."""
+        try:
+            async with self._exchange(path, body, request_id) as r:
+                raw = await r.aread()
+        except httpx.HTTPError as exc:
+            log.warning("request %s lost its engine: %r", request_id, exc)
+            return engine_down()
+        if r.status_code != 200:
+            return engine_error_from(r.status_code, raw)
+        return json.loads(raw)
 
     async def _proxy(
         self, path: str, body: dict[str, Any], request_id: str, relay: Relay
@@ -281,8 +310,6 @@ class LlamaCppEngine(Engine):
 
 
 Relay = Callable[[httpx.Response], AsyncIterator[EngineOutput]]
-# What llama-server's template needs to render a chat prompt.
-TEMPLATE_FIELDS = ("messages", "tools", "chat_template_kwargs")
 
 
 async def relay_openai(resp: httpx.Response) -> AsyncIterator[EngineOutput]:

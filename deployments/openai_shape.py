@@ -9,9 +9,14 @@ vLLM 0.32 names the reasoning field `reasoning`; Kimi's own API and llama.cpp sa
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deployments.spec import TierSpec
 
 ENGINE_ONLY_KEYS = ("timings",)
+# What renders a chat's prompt (for a template or a token count).
+PROMPT_FIELDS = ("messages", "tools", "chat_template_kwargs")
 
 
 def normalize_response(body: dict[str, Any]) -> dict[str, Any]:
@@ -73,3 +78,13 @@ def answer_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     if fmt.get("type") == "json_object":
         return ANY_OBJECT
     return None
+
+
+def reasoning_budget(body: dict[str, Any], spec: TierSpec) -> int | None:
+    """The thinking tokens a turn may spend: what the request asks for, and where an
+    answer must come (a forced call, JSON) no more than leaves room for it."""
+    asked = body.get("thinking_token_budget")
+    must_answer = call_forced(body) or answer_schema(body) is not None
+    fitted = spec.thinking_budget(output_limit(body)) if must_answer else None
+    bounds = [b for b in (asked, fitted) if b is not None]
+    return min(bounds) if bounds else None

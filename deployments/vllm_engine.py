@@ -18,14 +18,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.engine import Engine, EngineError, EngineLoad, EngineOutput, engine_down
+from deployments.engine import (
+    Engine,
+    EngineError,
+    EngineLoad,
+    EngineOutput,
+    engine_down,
+    token_count,
+)
 from deployments.openai_shape import (
+    PROMPT_FIELDS,
     answer_schema,
-    call_forced,
     calls_offered,
     normalize_response,
     normalize_sse,
-    output_limit,
+    reasoning_budget,
     thinking_on,
 )
 from deployments.spec import TierSpec, flags_to_argv
@@ -52,6 +59,7 @@ class VLLMEngine(Engine):
         self._client: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._tokenization: Any = None
         self.aborted = 0
         self._control_bias: dict[str, float] = {}
         self._json_bias: dict[str, float] = {}
@@ -90,6 +98,7 @@ class VLLMEngine(Engine):
         await init_app_state(self._client, state, args, tasks)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
+        self._tokenization = state.serving_tokenization
         from deployments.vllm_tool_parser import control_bias, json_answer_bias
 
         tokenizer = self._client.get_tokenizer()
@@ -138,12 +147,24 @@ class VLLMEngine(Engine):
         ):
             yield item
 
+    async def tokenize(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest
+
+        prompt = {k: body[k] for k in PROMPT_FIELDS if k in body}
+        async for item in self._serve(
+            TokenizeChatRequest,
+            {**prompt, "model": self.spec.model_id},
+            request_id,
+            self._tokenization.create_tokenize,
+        ):
+            yield token_count(item["count"]) if isinstance(item, dict) else item
+
     def _prepare_chat(self, body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "model": self.spec.model_id}
         json_answer = answer_schema(body) is not None
-        budget = self.spec.thinking_budget(output_limit(body))
-        if (call_forced(body) or json_answer) and thinking_on(body) and budget is not None:
-            body.setdefault("thinking_token_budget", budget)
+        budget = reasoning_budget(body, self.spec)
+        if budget is not None and thinking_on(body):
+            body["thinking_token_budget"] = budget
         if json_answer:
             # xgrammar lets raw control characters into length-bounded JSON strings
             bias = {**self._control_bias, **({} if calls_offered(body) else self._json_bias)}

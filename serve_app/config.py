@@ -6,6 +6,7 @@ a bad config fails `serve run`/`serve deploy` with the offending field named.
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,12 +107,23 @@ class GatewaySettings(BaseModel):
     )
 
 
+class ModelAlias(BaseModel):
+    """A model name clients send (agent CLIs send their own) and the model it means."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str = Field(min_length=1, description="shell-style, case-insensitive: claude-*")
+    model: str = Field(description="kimi-k2.5, or kimi-k2.5:<tier> to prefer that tier")
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tiers: list[TierEntry] = Field(min_length=1)
     plans: dict[str, Plan]
     router: RouterSettings = RouterSettings()
     gateway: GatewaySettings = GatewaySettings()
+    model_aliases: list[ModelAlias] = Field(
+        default_factory=list, description="first match wins; our own names never match"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
@@ -125,7 +137,21 @@ class AppConfig(BaseModel):
         anon = self.router.anonymous_plan
         if anon is not None and anon not in self.plans:
             raise ValueError(f"router.anonymous_plan: unknown plan {anon!r}")
+        ours = {BASE_MODEL, *(t.model_id for t in self.tiers)}
+        for i, alias in enumerate(self.model_aliases):
+            if alias.model not in ours:
+                raise ValueError(f"model_aliases.{i}.model: unknown model {alias.model!r}")
         return self
+
+    def alias(self, model: str) -> str | None:
+        """The model an alias maps `model` to, if it is not one of ours and one matches."""
+        if model == BASE_MODEL or model.startswith(f"{BASE_MODEL}:"):
+            return None
+        name = model.lower()
+        return next(
+            (a.model for a in self.model_aliases if fnmatch.fnmatchcase(name, a.pattern.lower())),
+            None,
+        )
 
     def tier(self, name: str) -> TierEntry:
         return next(t for t in self.tiers if t.name == name)

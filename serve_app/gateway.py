@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from deployments.engine import Endpoint
 from serve_app.config import Plan
 from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey
 from serve_app.limits import Denial, KeyState, Limits
@@ -139,7 +140,9 @@ class GatewayState:
         (durably, before this returns). `record=None` releases without metering."""
         key_id, est = self.tickets.pop(ticket, (None, 0))
         now = time.time()
-        tokens = record.prompt_tokens + record.completion_tokens if record else 0
+        # a prompt counted (count_tokens) is no use of the model: no budget spent
+        used = record is not None and record.endpoint != Endpoint.TOKENIZE
+        tokens = record.prompt_tokens + record.completion_tokens if used else 0
         cost = record.cost_usd if record else 0.0
         if key_id is not None and key_id in self.states:
             self.states[key_id].settle(est, tokens, cost, now)

@@ -19,6 +19,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.loadboard import TierLoad, board
 from serve_app.api.admin import AdminAPI
+from serve_app.api.anthropic import AnthropicAPI
+from serve_app.api.anthropic_models import CountTokensRequest, MessagesRequest
+from serve_app.api.anthropic_models import ErrorResponse as AnthropicError
 from serve_app.api.openai import OpenAIAPI
 from serve_app.api.ops import OpsAPI
 from serve_app.config import AppConfig
@@ -57,8 +60,11 @@ app.openapi = with_bodies(  # type: ignore[method-assign]
     {
         ("/v1/chat/completions", "post"): ChatRequest,
         ("/v1/completions", "post"): CompletionRequest,
+        ("/v1/messages", "post"): MessagesRequest,
+        ("/v1/messages/count_tokens", "post"): CountTokensRequest,
         ("/admin/keys", "post"): NewKey,
     },
+    {"/v1/messages": AnthropicError},
 )
 
 
@@ -76,6 +82,7 @@ class Ingress:
         replica = serve.get_replica_context().replica_id.unique_id
         self.pipeline = Pipeline(self.config, RayTiers(tiers), gateway, replica, IngressMetrics())
         self.openai = OpenAIAPI(self.pipeline, self.config)
+        self.anthropic = AnthropicAPI(self.pipeline, self.config)
         self.admin = AdminAPI(gateway, gw.admin_token_env, self.config.router.max_body_bytes)
         self.ops = OpsAPI(self.config, self._snapshot)
         self._refresher = asyncio.create_task(self._refresh_loads())
@@ -99,6 +106,14 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self.openai.completions(request)
+
+    @app.post("/v1/messages")
+    async def messages(self, request: Request) -> Response:
+        return await self.anthropic.messages(request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(self, request: Request) -> Response:
+        return await self.anthropic.count_tokens(request)
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

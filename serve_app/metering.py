@@ -31,6 +31,8 @@ class RequestLabels(BaseModel):
     endpoint: str
     stream: bool
     degraded: bool = False
+    api: str = "openai"  # the wire format it came in (openai, anthropic)
+    session_id: str | None = None  # the client's conversation, where it names one
 
 
 class UsageRecord(RequestLabels):

@@ -20,11 +20,14 @@ REF = "#/components/schemas/{model}"
 
 
 def with_bodies(
-    app: FastAPI, bodies: dict[tuple[str, str], type[BaseModel]]
+    app: FastAPI,
+    bodies: dict[tuple[str, str], type[BaseModel]],
+    error_shapes: dict[str, type[BaseModel]] | None = None,
 ) -> Callable[[], dict[str, Any]]:
     """An `app.openapi` replacement: FastAPI's document, plus `bodies[(path, method)]` as
     each route's JSON request body, OpenAI's error object as every route's non-2xx
-    answer, and a bearer-token security scheme."""
+    answer (or, for the paths starting with a key of `error_shapes`, that API's own), and
+    a bearer-token security scheme."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -40,10 +43,15 @@ def with_bodies(
         # FastAPI's own 422 never happens: validation errors are 400s in OpenAI's format
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)
-        error = {
-            "description": "An error, in OpenAI's format",
-            "content": {"application/json": {"schema": add_schema(schemas, ErrorResponse)}},
-        }
+
+        def error(path: str) -> dict[str, Any]:
+            prefix = next((p for p in error_shapes or {} if path.startswith(p)), None)
+            model = (error_shapes or {})[prefix] if prefix is not None else ErrorResponse
+            return {
+                "description": "An error, in the API's own format",
+                "content": {"application/json": {"schema": add_schema(schemas, model)}},
+            }
+
         # An API key is optional where the config names an anonymous plan; the admin
         # routes always need the admin token.
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -51,7 +59,7 @@ def with_bodies(
         for path, operations in doc["paths"].items():
             for operation in operations.values():
                 operation["responses"].pop("422", None)
-                operation["responses"]["default"] = error
+                operation["responses"]["default"] = error(path)
                 if path.startswith("/admin/"):
                     operation["security"] = [{"bearer": []}]
         app.openapi_schema = doc

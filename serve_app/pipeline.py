@@ -29,7 +29,7 @@ from deployments import tracing
 from deployments.engine import Endpoint, EngineError
 from deployments.loadboard import TierLoad
 from deployments.tier import Served
-from serve_app.config import AppConfig, Plan, Strategy, TierEntry
+from serve_app.config import AppConfig, Plan, Price, Strategy, TierEntry
 from serve_app.detached import DetachedCalls
 from serve_app.errors import APIError
 from serve_app.gateway import ANONYMOUS, Admission, Caller
@@ -84,6 +84,7 @@ class Inbound:
     request_id: str
     session: str | None = None  # the client's conversation id, for replica affinity
     strategy: str | None = None  # a routing strategy asked for per request
+    api: str = "openai"  # the wire format, for the usage record
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class RequestContext:
         self.tier = tier
         self.others = [c for c in self.others if c is not tier]
         labels = self.meter.labels.model_copy(update={"tier": tier.name, "degraded": True})
-        self.meter = RequestMeter(labels=labels, price=tier.price, started=self.meter.started)
+        price = price_of(self.inbound, tier)
+        self.meter = RequestMeter(labels=labels, price=price, started=self.meter.started)
         self.headers.update(
             {
                 "x-kimi-tier": tier.name,
@@ -164,6 +166,14 @@ class RequestContext:
                 "x-kimi-degraded": f"{self.route.candidates[0].name}->{tier.name}",
             }
         )
+
+
+FREE = Price(input_per_mtok=0, output_per_mtok=0)
+
+
+def price_of(inbound: Inbound, tier: TierEntry) -> Price:
+    """What the tier charges for this request: counting a prompt is free."""
+    return FREE if inbound.endpoint is Endpoint.TOKENIZE else tier.price
 
 
 def affinity_key(session: str | None, body: dict[str, Any]) -> str:
@@ -276,9 +286,12 @@ class Pipeline:
     async def _admit(self, inbound: Inbound, route: Route) -> Admission:
         out_est = self._output_limit(inbound, route.plan, route.caller)
         prompt_est = inbound.body_bytes // 4  # ~4 bytes a token; settled with the real count
-        cost_est = route.tier.price.cost(prompt_est, out_est)
+        if inbound.endpoint is Endpoint.TOKENIZE:  # counting a prompt spends no budget
+            tokens_est, cost_est = 0, 0.0
+        else:
+            tokens_est, cost_est = prompt_est + out_est, route.tier.price.cost(prompt_est, out_est)
         admission = await self.calls.call(
-            lambda: self.gateway.admit(route.caller, prompt_est + out_est, cost_est),
+            lambda: self.gateway.admit(route.caller, tokens_est, cost_est),
             on_abandon=self._give_back,
         )
         if isinstance(admission, Denial):
@@ -296,6 +309,8 @@ class Pipeline:
             endpoint=inbound.endpoint.value,
             stream=bool(inbound.body.get("stream")),
             degraded=route.degraded,
+            api=inbound.api,
+            session_id=inbound.session[:200] if inbound.session else None,
         )
         # Ray Serve's proxy echoes x-request-id (ours comes from it), so it is not repeated.
         headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
@@ -305,7 +320,7 @@ class Pipeline:
             inbound=inbound,
             route=route,
             tier=tier,
-            meter=RequestMeter(labels=labels, price=tier.price),
+            meter=RequestMeter(labels=labels, price=price_of(inbound, tier)),
             admission=admission,
             headers=headers,
             timeout_s=caller.overrides.request_timeout_s or route.plan.request_timeout_s,

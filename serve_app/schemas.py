@@ -254,6 +254,8 @@ class ChatRequest(Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's name: thinking mode closes its reasoning after this many tokens (every tier)
+    thinking_token_budget: int | None = Field(None, ge=1, le=INT32)
 
     @model_validator(mode="after")
     def _tool_choice(self) -> ChatRequest:

@@ -54,6 +54,18 @@ def estimate_tokens(chars: int) -> int:
     return chars // 6
 
 
+def resolve_alias(model: str, plan: Plan, config: AppConfig) -> str:
+    """The model an alias names (an agent CLI's own model name). An alias to a tier the
+    plan may not pin means the plan's own tiers: the alias prefers, the plan decides."""
+    target = config.alias(model)
+    if target is None:
+        return model
+    tier = target.partition(":")[2]
+    if tier and (tier not in plan.tiers or not plan.allow_pin):
+        return BASE_MODEL
+    return target
+
+
 def plan_tiers(model: str, plan: Plan, plan_name: str, config: AppConfig) -> list[str]:
     """The tiers `model` names for this plan: the plan's own for the base model, the
     one a pinned model names if the plan allows pinning it."""
@@ -80,7 +92,7 @@ def plan_tiers(model: str, plan: Plan, plan_name: str, config: AppConfig) -> lis
 def candidate_tiers(
     model: str, plan: Plan, plan_name: str, config: AppConfig, needs: Needs
 ) -> list[TierEntry]:
-    names = plan_tiers(model, plan, plan_name, config)
+    names = plan_tiers(resolve_alias(model, plan, config), plan, plan_name, config)
     tiers = [config.tier(n) for n in names]
     able = [t for t in tiers if missing_capability(t, needs) is None]
     if not able:

@@ -90,6 +90,18 @@ def validated(body: dict[str, Any], model: type[M]) -> M:
         raise APIError(400, message, param=param) from None
 
 
+# The headers clients name their conversation in, most specific first: ours, Claude
+# Code's (since 2.1.86), Codex's, and the underscore form some agents send.
+SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id", "session-id", "session_id")
+
+
+def session_of(request: Request) -> str | None:
+    for name in SESSION_HEADERS:
+        if value := request.headers.get(name, "").strip():
+            return value[:200]
+    return None
+
+
 def bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
@@ -101,8 +113,13 @@ class SettledStreamingResponse(StreamingResponse):
     transport fails under it, so the stream is closed (and settled) when the response
     ends by any path."""
 
-    def __init__(self, stream: Streamed, content: AsyncIterator[str]) -> None:
-        headers = {**stream.headers, "cache-control": "no-cache"}
+    def __init__(
+        self,
+        stream: Streamed,
+        content: AsyncIterator[str],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        headers = {**(headers or stream.headers), "cache-control": "no-cache"}
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self.stream = stream
 

@@ -15,7 +15,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from deployments.engine import Endpoint
-from serve_app.api.http import SettledStreamingResponse, bearer, read_json, validated
+from serve_app.api.http import (
+    SettledStreamingResponse,
+    bearer,
+    read_json,
+    session_of,
+    validated,
+)
 from serve_app.config import BASE_MODEL, AppConfig
 from serve_app.errors import APIError
 from serve_app.measured import measured_accuracy
@@ -64,7 +70,7 @@ class OpenAIAPI:
             body_bytes=size,
             api_key=bearer(request),
             request_id=headers.get("x-request-id") or f"req-{uuid.uuid4().hex}",
-            session=headers.get("x-session-id"),
+            session=session_of(request),
             strategy=headers.get("x-kimi-routing-strategy"),
         )
 

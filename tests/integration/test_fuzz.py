@@ -83,6 +83,8 @@ def steer(case: schemathesis.Case) -> None:
         for method, path in [
             ("POST", "/v1/chat/completions"),
             ("POST", "/v1/completions"),
+            ("POST", "/v1/messages"),
+            ("POST", "/v1/messages/count_tokens"),
             ("POST", "/admin/keys"),
             ("DELETE", "/admin/keys/{key_id}"),
         ]
@@ -123,8 +125,12 @@ def test_fuzzed_requests_get_clean_answers(
             REFUSED[f"{response.status_code} {message[:60]}"] += 1
         elif "text/event-stream" in " ".join(response.headers.get("content-type", [])):
             # schemathesis stops reading a stream after 20 events (or its timeout) and
-            # keeps the events complete by then: those are checked, `[DONE]` cannot be
-            assert_well_formed_stream(response.text, ended=not response.stream_cut_short)
+            # keeps the events complete by then: those are checked, the end cannot be
+            ended = not response.stream_cut_short
+            if path.startswith("/v1/messages"):
+                assert_well_formed_anthropic_stream(response.text, ended)
+            else:
+                assert_well_formed_stream(response.text, ended)
             SENT[label]["streams checked"] += 1
             SENT[label]["streams cut short by the client"] += response.stream_cut_short
 
@@ -146,6 +152,20 @@ def assert_well_formed_stream(text: str, ended: bool) -> None:
             assert set(c["error"]) >= {"message", "type", "param", "code"}, c
         else:
             assert c["object"] in ("chat.completion.chunk", "text_completion"), c
+
+
+def assert_well_formed_anthropic_stream(text: str, ended: bool) -> None:
+    """Every event names its type, its data says the same, the first starts the message
+    and, where the client read the stream to its end, the last stops it (or is an error)."""
+    names = [ln[7:] for ln in text.split("\n") if ln.startswith("event: ")]
+    datas = [json.loads(ln[6:]) for ln in text.split("\n") if ln.startswith("data: ")]
+    assert names and [d["type"] for d in datas] == names, text[:300]
+    assert names[0] == "message_start"
+    if ended:
+        assert names[-1] in ("message_stop", "error"), names[-3:]
+    for d in datas:
+        if d["type"] == "error":
+            assert set(d["error"]) >= {"type", "message"}, d
 
 
 def test_serving_goes_on_after_fuzzing(client, fuzz_key: str) -> None:

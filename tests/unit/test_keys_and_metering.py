@@ -125,6 +125,8 @@ def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
         "endpoint": "chat",
         "stream": True,
         "degraded": True,
+        "api": "anthropic",
+        "session_id": "sess-1",
         "time": 1_790_000_000.25,
         "status": 504,
         "prompt_tokens": 11,

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from deployments.engine import Endpoint, Engine, EngineLoad, EngineOutput, engine_down
+from deployments.engine import (
+    Endpoint,
+    Engine,
+    EngineLoad,
+    EngineOutput,
+    engine_down,
+    token_count,
+)
 from deployments.tier import served
 from serve_app.cli import app_args
 from serve_app.config import load_config
@@ -84,6 +91,10 @@ class FakeEngine(Engine):
 
     def completions(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
         return self._answer(body, request_id)
+
+    async def tokenize(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request_id)
+        yield token_count(len(json.dumps(body["messages"])) // 4)
 
     async def start(self) -> None:
         pass

@@ -1,0 +1,397 @@
+"""Anthropic Messages <-> the canonical OpenAI chat shape, both ways, pure.
+
+Requests: system and content blocks become chat messages (`tool_result` blocks become
+tool messages ahead of the user's other blocks, as OpenAI orders them), tools and
+`tool_choice` their OpenAI forms, `thinking` K2.5's thinking or instant mode with a
+thinking budget. Answers: a chat completion becomes a message (thinking, text and
+`tool_use` blocks), a chunk stream becomes Anthropic's event stream.
+
+Tool-use ids carry the engine's call id (`functions.get_weather:0`, the form K2.5 was
+trained on), encoded into Anthropic's `toolu_` form and decoded when it comes back, so
+the conversation the model sees keeps its own ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from serve_app.api.anthropic_models import (
+    ContentBlock,
+    Conversation,
+    ImageBlock,
+    MessagesRequest,
+    TextBlock,
+    ThinkingBlock,
+    ThinkingEnabled,
+    ToolResultBlock,
+    ToolUseBlock,
+)
+
+TOOLU = "toolu_"
+
+
+def tool_use_id(call_id: str) -> str:
+    return TOOLU + base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+
+
+def call_id(tool_use: str) -> str:
+    """The engine's call id behind one of our `toolu_` ids; any other id as it is."""
+    if not tool_use.startswith(TOOLU):
+        return tool_use
+    raw = tool_use[len(TOOLU) :]
+    try:
+        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return tool_use
+    return decoded if decoded.startswith("functions.") else tool_use
+
+
+# ---- request --------------------------------------------------------------------------
+
+
+def chat_body(req: Conversation) -> dict[str, Any]:
+    """The OpenAI chat body that says what `req` says (validated again as a ChatRequest)."""
+    body: dict[str, Any] = {"model": req.model, "messages": chat_messages(req)}
+    if req.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    **({"description": t.description} if t.description else {}),
+                    "parameters": t.input_schema,
+                },
+            }
+            for t in req.tools
+        ]
+        body.update(tool_choice(req))
+    thinking = req.thinking
+    # Anthropic's default is no extended thinking: K2.5's instant mode unless asked.
+    body["chat_template_kwargs"] = {"thinking": isinstance(thinking, ThinkingEnabled)}
+    if isinstance(thinking, ThinkingEnabled):
+        body["thinking_token_budget"] = thinking.budget_tokens
+    if isinstance(req, MessagesRequest):
+        body.update(sampling(req))
+    return body
+
+
+def sampling(req: MessagesRequest) -> dict[str, Any]:
+    fields: dict[str, Any] = {"max_tokens": req.max_tokens, "stream": req.stream}
+    if req.stream:  # the stream ends with the message's usage
+        fields["stream_options"] = {"include_usage": True}
+    if req.stop_sequences:
+        fields["stop"] = req.stop_sequences
+    for name in ("temperature", "top_p", "top_k"):
+        if (value := getattr(req, name)) is not None:
+            fields[name] = value
+    if req.metadata is not None and req.metadata.user_id:
+        fields["user"] = req.metadata.user_id
+    return fields
+
+
+def tool_choice(req: Conversation) -> dict[str, Any]:
+    choice = req.tool_choice
+    if choice is None:
+        return {}
+    fields: dict[str, Any] = {}
+    if choice.type == "tool":
+        fields["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+    else:
+        fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    if choice.disable_parallel_tool_use:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def chat_messages(req: Conversation) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if req.system:
+        system = req.system
+        text = system if isinstance(system, str) else "\n\n".join(b.text for b in system)
+        out.append({"role": "system", "content": text})
+    for message in req.messages:
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+        elif message.role == "user":
+            out.extend(user_turn(message.content))
+        else:
+            out.append(assistant_turn(message.content))
+    return out
+
+
+def parts(blocks: list[Any]) -> list[dict[str, Any]]:
+    """Text and image blocks as OpenAI content parts."""
+    out: list[dict[str, Any]] = []
+    for b in blocks:
+        if isinstance(b, TextBlock):
+            out.append({"type": "text", "text": b.text})
+        elif isinstance(b, ImageBlock):
+            out.append({"type": "image_url", "image_url": {"url": b.url()}})
+    return out
+
+
+def user_turn(blocks: list[ContentBlock]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for b in blocks:
+        if isinstance(b, ToolResultBlock):
+            content = b.content if isinstance(b.content, str) else parts(b.content)
+            if b.is_error:
+                prefix = "The tool reported an error:\n"
+                content = (
+                    prefix + content
+                    if isinstance(content, str)
+                    else [{"type": "text", "text": prefix}, *content]
+                )
+            out.append({"role": "tool", "tool_call_id": call_id(b.tool_use_id), "content": content})
+    rest = parts(blocks)
+    if rest:
+        out.append({"role": "user", "content": rest})
+    return out
+
+
+def assistant_turn(blocks: list[ContentBlock]) -> dict[str, Any]:
+    text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+    turn: dict[str, Any] = {"role": "assistant", "content": text}
+    thinking = "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock))
+    if thinking:
+        turn["reasoning_content"] = thinking
+    calls = [
+        {
+            "id": call_id(b.id),
+            "type": "function",
+            "function": {"name": b.name, "arguments": json.dumps(b.input)},
+        }
+        for b in blocks
+        if isinstance(b, ToolUseBlock)
+    ]
+    if calls:
+        turn["tool_calls"] = calls
+    return turn  # redacted thinking is another model's, unreadable here: left out
+
+
+# ---- answer ---------------------------------------------------------------------------
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def stop_reason(
+    choice: dict[str, Any], stop_sequences: list[str] | None, called: bool
+) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for an OpenAI choice's ending. A turn
+    that calls a tool ends in `tool_use`, also where OpenAI says `stop` (a named call)."""
+    matched = choice.get("stop_reason")  # vLLM names the stop string that ended it
+    if isinstance(matched, str) and matched in (stop_sequences or ()):
+        return "stop_sequence", matched
+    reason = STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn")
+    return ("tool_use" if called and reason == "end_turn" else reason), None
+
+
+def usage(openai: dict[str, Any] | None) -> dict[str, Any]:
+    u = openai or {}
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    out = {
+        "input_tokens": max((u.get("prompt_tokens") or 0) - cached, 0),
+        "output_tokens": u.get("completion_tokens") or 0,
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    }
+    if "cost" in u:
+        out["cost_usd"] = u["cost"]
+    return out
+
+
+def message(
+    answer: dict[str, Any], message_id: str, model: str, stop_sequences: list[str] | None
+) -> dict[str, Any]:
+    """A chat completion as an Anthropic message."""
+    choice = (answer.get("choices") or [{}])[0]
+    msg = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if msg.get("reasoning_content"):
+        content.append({"type": "thinking", "thinking": msg["reasoning_content"], "signature": ""})
+    if msg.get("content"):
+        content.append({"type": "text", "text": msg["content"]})
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": tool_use_id(call.get("id") or ""),
+                "name": fn.get("name", ""),
+                "input": arguments(fn.get("arguments")),
+            }
+        )
+    called = any(block["type"] == "tool_use" for block in content)
+    reason, sequence = stop_reason(choice, stop_sequences, called)
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
+        "usage": usage(answer.get("usage")),
+    }
+
+
+def arguments(text: Any) -> dict[str, Any]:
+    """A call's arguments as the object Anthropic's `input` is (the tiers' grammars and
+    parsers only let whole objects through; anything else is kept, not lost)."""
+    try:
+        value = json.loads(text or "{}")
+    except (TypeError, ValueError):
+        return {"_raw": str(text)}
+    return value if isinstance(value, dict) else {"_value": value}
+
+
+# ---- stream ---------------------------------------------------------------------------
+
+
+def sse(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+BLOCK_STARTS: dict[str, dict[str, str]] = {
+    "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+    "text": {"type": "text", "text": ""},
+}
+
+
+class EventWriter:
+    """OpenAI chat chunks in, Anthropic's stream events out: one content block open at a
+    time (thinking, text or a tool_use), closed when the next kind starts or the message
+    ends; the ending and usage in `message_delta`."""
+
+    def __init__(self, message_id: str, model: str, stop_sequences: list[str] | None) -> None:
+        self.message_id = message_id
+        self.model = model
+        self.stop_sequences = stop_sequences
+        self.index = -1  # the open block's index
+        self.open: str | None = None  # its kind
+        self.calls: dict[int, int] = {}  # the chunk's tool call index -> block index
+        self.choice: dict[str, Any] = {}  # finish_reason and stop_reason, once sent
+        self.usage: dict[str, Any] | None = None
+        self.ended = False
+
+    def start(self) -> str:
+        head = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage(None),
+        }
+        return sse({"type": "message_start", "message": head}) + sse({"type": "ping"})
+
+    def chunk(self, event: dict[str, Any]) -> str:
+        out: list[str] = []
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if text := delta.get("reasoning_content"):
+                out += self._delta("thinking", {"type": "thinking_delta", "thinking": text})
+            if text := delta.get("content"):
+                out += self._delta("text", {"type": "text_delta", "text": text})
+            for call in delta.get("tool_calls") or ():
+                out += self._call(call)
+            if choice.get("finish_reason"):
+                self.choice = choice
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+        return "".join(out)
+
+    def _delta(self, kind: str, delta: dict[str, Any]) -> list[str]:
+        out = [] if self.open == kind else self._begin(kind, dict(BLOCK_STARTS[kind]))
+        return [*out, self._block_delta(delta)]
+
+    def _block_delta(self, delta: dict[str, Any]) -> str:
+        return sse({"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def _call(self, call: dict[str, Any]) -> list[str]:
+        out: list[str] = []
+        position = call.get("index", 0)
+        fn = call.get("function") or {}
+        if position not in self.calls:
+            block = {
+                "type": "tool_use",
+                "id": tool_use_id(call.get("id") or f"functions.call:{position}"),
+                "name": fn.get("name") or "",
+                "input": {},
+            }
+            out += self._begin("tool_use", block)
+            self.calls[position] = self.index
+        if fn.get("arguments") and self.calls[position] == self.index:
+            out.append(
+                self._block_delta({"type": "input_json_delta", "partial_json": fn["arguments"]})
+            )
+        return out
+
+    def _begin(self, kind: str, block: dict[str, Any]) -> list[str]:
+        out = self._close()
+        self.index += 1
+        self.open = kind
+        out.append(
+            sse({"type": "content_block_start", "index": self.index, "content_block": block})
+        )
+        return out
+
+    def _close(self) -> list[str]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [sse({"type": "content_block_stop", "index": self.index})]
+
+    def finish(self) -> str:
+        """The message's end: its stop reason and usage (input tokens included, which
+        are known only now)."""
+        if self.ended:
+            return ""
+        self.ended = True
+        reason, sequence = stop_reason(self.choice, self.stop_sequences, bool(self.calls))
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
+            "usage": usage(self.usage),
+        }
+        return "".join([*self._close(), sse(delta), sse({"type": "message_stop"})])
+
+    def error(self, error: dict[str, Any], status: int) -> str:
+        self.ended = True
+        return sse(
+            {
+                "type": "error",
+                "error": {"type": error_type(status), "message": error.get("message", "")},
+            }
+        )
+
+
+# Anthropic's error types by HTTP status; 503 (saturated, or a tier down) is its 529.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_status(status: int) -> int:
+    return 529 if status == 503 else status
+
+
+def error_type(status: int) -> str:
+    status = error_status(status)
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "invalid_request_error" if status < 500 else "api_error"

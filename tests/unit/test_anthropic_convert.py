@@ -1,0 +1,275 @@
+"""Anthropic Messages <-> chat translation, both ways, with plain inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.api.anthropic_convert import (
+    EventWriter,
+    call_id,
+    chat_body,
+    error_status,
+    error_type,
+    message,
+    tool_use_id,
+)
+from serve_app.api.anthropic_models import MessagesRequest
+from serve_app.schemas import ChatRequest
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "weather for a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 24}},
+        "required": ["city"],
+    },
+}
+
+
+def request(**fields: object) -> MessagesRequest:
+    base = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    return MessagesRequest.model_validate(base | fields)
+
+
+def test_call_ids_survive_the_round_trip_and_foreign_ids_pass():
+    kimi = "functions.get_weather:3"
+    encoded = tool_use_id(kimi)
+    assert encoded.startswith("toolu_") and all(c.isalnum() or c in "_-" for c in encoded)
+    assert call_id(encoded) == kimi
+    assert call_id("toolu_01A09q90qw90lq917835lq9") == "toolu_01A09q90qw90lq917835lq9"
+    assert call_id("call_abc") == "call_abc"
+
+
+def test_a_tool_round_trip_becomes_openai_messages_in_openai_order():
+    call = tool_use_id("functions.get_weather:0")
+    req = request(
+        system=[{"type": "text", "text": "be brief"}, {"type": "text", "text": "be kind"}],
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "look it up", "signature": "x"},
+                    {"type": "text", "text": "checking"},
+                    {
+                        "type": "tool_use",
+                        "id": call,
+                        "name": "get_weather",
+                        "input": {"city": "Oslo"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "and be quick"},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": call,
+                        "content": "sunny",
+                        "is_error": True,
+                    },
+                ],
+            },
+        ],
+    )
+    body = chat_body(req)
+    ChatRequest.model_validate(body)  # the pipeline's own validation accepts it
+    roles = [m["role"] for m in body["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "user"]
+    assert body["messages"][0]["content"] == "be brief\n\nbe kind"
+    assistant = body["messages"][2]
+    assert assistant["reasoning_content"] == "look it up" and assistant["content"] == "checking"
+    assert assistant["tool_calls"][0]["id"] == "functions.get_weather:0"
+    assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo"}
+    tool = body["messages"][3]
+    assert tool["tool_call_id"] == "functions.get_weather:0"
+    assert tool["content"].endswith("sunny") and "error" in tool["content"]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert body["parallel_tool_calls"] is False
+    assert body["tools"][0]["function"]["parameters"] == WEATHER["input_schema"]
+
+
+@pytest.mark.parametrize(
+    ("thinking", "on", "budget"),
+    [
+        (None, False, None),
+        ({"type": "disabled"}, False, None),
+        ({"type": "enabled", "budget_tokens": 8}, True, 8),
+    ],
+)
+def test_thinking_maps_to_kimi_modes_and_a_budget(thinking, on, budget):
+    body = chat_body(request(**({"thinking": thinking} if thinking else {})))
+    assert body["chat_template_kwargs"] == {"thinking": on}
+    assert body.get("thinking_token_budget") == budget
+
+
+def test_sampling_fields_and_their_bounds():
+    body = chat_body(
+        request(stop_sequences=["END"], temperature=0.5, top_k=5, metadata={"user_id": "u1"})
+    )
+    assert (body["stop"], body["temperature"], body["top_k"], body["user"]) == (
+        ["END"],
+        0.5,
+        5,
+        "u1",
+    )
+    with pytest.raises(ValidationError, match="budget_tokens"):
+        request(thinking={"type": "enabled", "budget_tokens": 64})
+    with pytest.raises(ValidationError, match="not in tools"):
+        request(tools=[WEATHER], tool_choice={"type": "tool", "name": "other"})
+    with pytest.raises(ValidationError, match="temperature"):
+        request(temperature=1.5)
+
+
+def test_an_image_block_becomes_an_image_part():
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+    }
+    body = chat_body(
+        request(messages=[{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}])
+    )
+    parts = body["messages"][0]["content"]
+    assert parts[0] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+    }
+    assert ChatRequest.model_validate(body).wants_vision
+
+
+def test_a_completion_becomes_a_message():
+    answer = {
+        "choices": [
+            {
+                "finish_reason": "stop",
+                "message": {
+                    "reasoning_content": "hmm",
+                    "content": "ok",
+                    "tool_calls": [
+                        {"id": "functions.f:0", "function": {"name": "f", "arguments": '{"a": 1}'}}
+                    ],
+                },
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "cost": 0.5,
+        },
+    }
+    msg = message(answer, "msg_1", "claude-x", None)
+    assert [b["type"] for b in msg["content"]] == ["thinking", "text", "tool_use"]
+    assert (
+        msg["content"][2]["input"] == {"a": 1}
+        and call_id(msg["content"][2]["id"]) == "functions.f:0"
+    )
+    assert msg["stop_reason"] == "tool_use"  # a named call, which OpenAI ends with `stop`
+    assert msg["usage"] == {
+        "input_tokens": 6,
+        "output_tokens": 5,
+        "cache_read_input_tokens": 4,
+        "cache_creation_input_tokens": 0,
+        "cost_usd": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("finish", "matched", "reason", "sequence"),
+    [
+        ("length", None, "max_tokens", None),
+        ("stop", "END", "stop_sequence", "END"),
+        ("stop", None, "end_turn", None),
+    ],
+)
+def test_stop_reasons(finish, matched, reason, sequence):
+    answer = {
+        "choices": [{"finish_reason": finish, "stop_reason": matched, "message": {"content": "x"}}]
+    }
+    msg = message(answer, "msg_1", "m", ["END"])
+    assert (msg["stop_reason"], msg["stop_sequence"]) == (reason, sequence)
+
+
+def events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
+
+
+def test_a_chunk_stream_becomes_anthropics_event_sequence():
+    w = EventWriter("msg_1", "claude-x", None)
+    out = w.start()
+    for delta in (
+        {"reasoning_content": "th"},
+        {"reasoning_content": "ink"},
+        {"content": "Hel"},
+        {"content": "lo"},
+        {
+            "tool_calls": [
+                {"index": 0, "id": "functions.f:0", "function": {"name": "f", "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+    ):
+        out += w.chunk({"choices": [{"index": 0, "delta": delta}]})
+    out += w.chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    out += w.chunk({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9}})
+    out += w.finish()
+    seq = events(out)
+    assert [e["type"] for e in seq] == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    starts = [e["content_block"] for e in seq if e["type"] == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "text", "tool_use"]
+    assert [e["index"] for e in seq if e["type"] == "content_block_start"] == [0, 1, 2]
+    partial = "".join(
+        e["delta"].get("partial_json", "") for e in seq if e["type"] == "content_block_delta"
+    )
+    assert json.loads(partial) == {"a": 1}
+    end = seq[-2]
+    assert end["delta"]["stop_reason"] == "tool_use"
+    assert end["usage"]["input_tokens"] == 7 and end["usage"]["output_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    ("status", "wire", "kind"),
+    [
+        (400, 400, "invalid_request_error"),
+        (401, 401, "authentication_error"),
+        (402, 402, "billing_error"),
+        (403, 403, "permission_error"),
+        (404, 404, "not_found_error"),
+        (413, 413, "request_too_large"),
+        (429, 429, "rate_limit_error"),
+        (500, 500, "api_error"),
+        (503, 529, "overloaded_error"),
+        (504, 504, "timeout_error"),
+    ],
+)
+def test_errors_take_anthropics_types_and_statuses(status, wire, kind):
+    assert (error_status(status), error_type(status)) == (wire, kind)
