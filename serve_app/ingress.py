@@ -20,8 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.loadboard import TierLoad, board
 from serve_app.api.admin import AdminAPI
 from serve_app.api.anthropic import AnthropicAPI
-from serve_app.api.anthropic_models import CountTokensRequest, MessagesRequest
-from serve_app.api.anthropic_models import ErrorResponse as AnthropicError
+from serve_app.api.anthropic_models import AnthropicError, CountTokensRequest, MessagesRequest
 from serve_app.api.openai import OpenAIAPI
 from serve_app.api.ops import OpsAPI
 from serve_app.config import AppConfig

@@ -164,13 +164,13 @@ class CountTokensRequest(Conversation):
     pass
 
 
-class ErrorDetail(BaseModel):
+class AnthropicErrorDetail(BaseModel):
     type: str
     message: str
 
 
-class ErrorResponse(BaseModel):
+class AnthropicError(BaseModel):
     """Every non-2xx answer on `/v1/messages`, as Anthropic shapes it."""
 
     type: Literal["error"]
-    error: ErrorDetail
+    error: AnthropicErrorDetail

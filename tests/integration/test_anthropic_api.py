@@ -114,6 +114,7 @@ def test_a_tool_round_trip(claude, tier, choice):
             {"role": "user", "content": results},
         ],
     )
+
     def prompt(usage: anthropic.types.Usage) -> int:
         return usage.input_tokens + (usage.cache_read_input_tokens or 0)
 
