@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from deployments.engine import EngineError
@@ -76,6 +75,3 @@ class APIError(Exception):
             code=self.code,
         )
         return ErrorResponse(error=detail).model_dump()
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), self.status, headers={**self.headers, **(headers or {})})

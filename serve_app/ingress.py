@@ -21,13 +21,14 @@ from deployments.loadboard import TierLoad, board
 from serve_app.api.admin import AdminAPI
 from serve_app.api.anthropic import AnthropicAPI
 from serve_app.api.anthropic_models import AnthropicError, CountTokensRequest, MessagesRequest
+from serve_app.api.http import openai_error
 from serve_app.api.openai import OpenAIAPI
+from serve_app.api.openapi import with_bodies
 from serve_app.api.ops import OpsAPI
 from serve_app.config import AppConfig
 from serve_app.errors import APIError
 from serve_app.gateway import connect_gateway, state_dir
 from serve_app.keys import NewKey
-from serve_app.openapi import with_bodies
 from serve_app.pipeline import Pipeline
 from serve_app.schemas import ChatRequest, CompletionRequest
 from serve_app.telemetry import IngressMetrics
@@ -40,18 +41,18 @@ app = FastAPI(title="Kimi K2.5 tiered serving", docs_url=None, redoc_url=None)
 
 @app.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
+    return openai_error(exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return APIError(400, str(exc.errors()[0].get("msg", "invalid request"))).response()
+    return openai_error(APIError(400, str(exc.errors()[0].get("msg", "invalid request"))))
 
 
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")  # the trace goes to the log, never to the client
-    return APIError(500, "internal error; the request was not served").response()
+    return openai_error(APIError(500, "internal error; the request was not served"))
 
 
 app.openapi = with_bodies(  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.responses import StreamingResponse
 
@@ -100,6 +101,11 @@ def session_of(request: Request) -> str | None:
         if value := request.headers.get(name, "").strip():
             return value[:200]
     return None
+
+
+def openai_error(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refusal in OpenAI's format (every route's but Anthropic's)."""
+    return JSONResponse(exc.body(), exc.status, headers={**exc.headers, **(headers or {})})
 
 
 def bearer(request: Request) -> str | None:

@@ -15,7 +15,7 @@ import openai
 import pyarrow.compute as pc
 import pytest
 
-from tests.integration.conftest import flushed_usage, new_key, wait_for
+from tests.integration.conftest import flushed_usage, new_key, tier_status, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -229,6 +229,7 @@ def test_a_stream_left_midway_is_metered_with_its_session(serve_url, admin, stat
         "messages": [{"role": "user", "content": "go"}],
     }
     headers = {"x-api-key": key, "x-claude-code-session-id": session}
+    aborted = tier_status(serve_url, "premium")["aborted_total"]
     seen: list[str] = []
     with httpx.stream(
         "POST", f"{serve_url}/v1/messages", json=body, headers=headers, timeout=120
@@ -240,6 +241,14 @@ def test_a_stream_left_midway_is_metered_with_its_session(serve_url, admin, stat
             if seen.count("content_block_delta") == 3:
                 break  # the client goes
     assert seen[:2] == ["message_start", "ping"]
+    wait_for(
+        "the engine stopped generating for the client that left",
+        lambda: (
+            (t := tier_status(serve_url, "premium"))["aborted_total"] > aborted
+            and t["running"] == 0
+        ),
+        30,
+    )
     counted = {"x-api-key": key, "x-claude-code-session-id": session}
     r = httpx.post(
         f"{serve_url}/v1/messages/count_tokens",

@@ -8,6 +8,7 @@ import glob
 import os
 import time
 
+import anthropic
 import httpx
 import pyarrow.compute as pc
 import pytest
@@ -144,8 +145,17 @@ def test_lowest_plan_is_shed_with_retry_after_when_its_tier_saturates(serve_url,
     enterprise, free = new_key(admin, "enterprise")[0], new_key(admin, "free")[0]
     # 16 long streams on 4 slots: pressure 4, well above shed_pressure 2.0 (1,500 tokens:
     # the budget tier's context is 2,048, and longer asks are refused with a 400)
+    claude = anthropic.Anthropic(base_url=serve_url, api_key=free, max_retries=0)
     with saturated(serve_url, enterprise, "budget", n=16, max_tokens=1500, above=3, holds=2.5):
         shed = chat(serve_url, free)
+        # on Anthropic's API the same refusal is its 529, overloaded_error
+        with pytest.raises(anthropic.APIStatusError) as overloaded:
+            claude.messages.create(
+                model="kimi-k2.5", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+            )
     assert shed.status_code == 503, shed.text
     assert shed.json()["error"]["code"] == "overloaded"
     assert int(shed.headers["retry-after"]) >= 1
+    assert overloaded.value.status_code == 529
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"
+    assert int(overloaded.value.response.headers["retry-after"]) >= 1
