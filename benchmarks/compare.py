@@ -359,7 +359,8 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
     start = time.process_time()
     for i in range(iterations):
         parsed = ChatRequest.model_validate(json.loads(raw))
-        cands = candidate_tiers(parsed.model, plan, "standard", cfg, needs_of(parsed, len(raw)))
+        needs = needs_of(parsed, len(raw), parsed.output_limit)
+        cands = candidate_tiers(parsed.model, plan, "standard", cfg, needs)
         tier = choose_tier(cands, Live(), plan).tier
         state.check(100, tier.price.cost(50, 64), float(i))
         state.admit(100, float(i))

@@ -28,6 +28,7 @@ from opentelemetry.trace import Span
 from deployments import tracing
 from deployments.engine import Endpoint, EngineError
 from deployments.loadboard import TierLoad
+from deployments.openai_shape import output_limit
 from deployments.tier import Served
 from serve_app.config import AppConfig, Plan, Price, Strategy, TierEntry
 from serve_app.detached import DetachedCalls
@@ -53,6 +54,7 @@ from serve_app.tier_choice import (
     LoadPolicy,
     candidate_tiers,
     choose_tier,
+    estimate_tokens,
     needs_of,
 )
 
@@ -85,6 +87,7 @@ class Inbound:
     session: str | None = None  # the client's conversation id, for replica affinity
     strategy: str | None = None  # a routing strategy asked for per request
     api: str = "openai"  # the wire format, for the usage record
+    clamp_output: bool = False  # max_tokens past the limits is lowered, not refused
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,10 @@ class Pipeline:
             return result
 
     async def _serve(self, inbound: Inbound, span: Span) -> Result:
-        route = self._route(inbound, await self._caller(inbound.api_key))
+        caller = await self._caller(inbound.api_key)
+        if inbound.clamp_output:
+            self._clamp_output(inbound, caller)
+        route = self._route(inbound, caller)
         span.set_attributes(
             {
                 "kimi.plan": route.caller.plan,
@@ -268,7 +274,7 @@ class Pipeline:
         """The tiers the caller's plan allows for this request, and the one to try first;
         a refusal if none can serve it, or if the plan is shed under load."""
         plan = self.config.plans[caller.plan]
-        needs = needs_of(inbound.request, inbound.body_bytes)
+        needs = needs_of(inbound.request, inbound.body_bytes, output_limit(inbound.body))
         candidates = candidate_tiers(inbound.request.model, plan, caller.plan, self.config, needs)
         policy = self._policy(inbound.strategy)
         decision = choose_tier(candidates, self._live(), plan, policy)
@@ -316,6 +322,9 @@ class Pipeline:
         headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
         if route.degraded:
             headers["x-kimi-degraded"] = f"{route.candidates[0].name}->{tier.name}"
+        asked, granted = inbound.request.output_limit, output_limit(inbound.body)
+        if asked is not None and granted is not None and granted < asked:
+            headers["x-kimi-max-tokens-clamped"] = f"{asked}->{granted}"
         return RequestContext(
             inbound=inbound,
             route=route,
@@ -475,10 +484,28 @@ class Pipeline:
             )
         return dataclasses.replace(self.policy, strategy=asked)
 
+    def _clamp_output(self, inbound: Inbound, caller: Caller) -> None:
+        """Lower `max_tokens` to what the plan and its longest tier allow (it is an upper
+        bound; agent CLIs ask for more than any tier here has): a thinking budget keeps
+        room for the answer."""
+        plan = self.config.plans[caller.plan]
+        cap = caller.overrides.max_output_tokens or plan.max_output_tokens
+        longest = max(self.config.tier(t).max_context for t in plan.tiers)
+        room = max(longest - estimate_tokens(inbound.body_bytes), 1)
+        limit = min(cap or room, room)
+        asked = output_limit(inbound.body)
+        if asked is None or asked <= limit:
+            return
+        inbound.body["max_tokens"] = limit
+        inbound.body.pop("max_completion_tokens", None)
+        budget = inbound.body.get("thinking_token_budget")
+        if budget is not None and budget >= limit:
+            inbound.body["thinking_token_budget"] = max(1, limit // 2)
+
     def _output_limit(self, inbound: Inbound, plan: Plan, caller: Caller) -> int:
         """Enforce the plan's max output; fill it in when the request sets none."""
         cap = caller.overrides.max_output_tokens or plan.max_output_tokens
-        asked = inbound.request.output_limit
+        asked = output_limit(inbound.body)
         if cap is not None and asked is not None and asked > cap:
             raise APIError(400, f"max_tokens exceeds the plan's limit of {cap}", param="max_tokens")
         if cap is not None and asked is None:

@@ -32,9 +32,11 @@ class Needs:
     context_tokens: int = 0  # a low estimate of prompt + requested output
 
 
-def needs_of(request: ChatRequest | CompletionRequest, body_bytes: int) -> Needs:
+def needs_of(
+    request: ChatRequest | CompletionRequest, body_bytes: int, output: int | None
+) -> Needs:
     # The whole body stands for the prompt: messages, tools and schema all reach it.
-    context = estimate_tokens(body_bytes) + (request.output_limit or 0)
+    context = estimate_tokens(body_bytes) + (output or 0)
     if not isinstance(request, ChatRequest):
         return Needs(context_tokens=context)
     fmt = request.response_format.type if request.response_format else None

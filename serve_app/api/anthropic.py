@@ -164,6 +164,7 @@ class AnthropicAPI:
             session=session_of(request) or metadata_session(req),
             strategy=request.headers.get("x-kimi-routing-strategy"),
             api="anthropic",
+            clamp_output=True,
         )
 
 

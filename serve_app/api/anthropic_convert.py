@@ -24,6 +24,7 @@ from serve_app.api.anthropic_models import (
     ImageBlock,
     MessagesRequest,
     TextBlock,
+    ThinkingAdaptive,
     ThinkingBlock,
     ThinkingEnabled,
     ToolResultBlock,
@@ -68,14 +69,32 @@ def chat_body(req: Conversation) -> dict[str, Any]:
             for t in req.tools
         ]
         body.update(tool_choice(req))
-    thinking = req.thinking
-    # Anthropic's default is no extended thinking: K2.5's instant mode unless asked.
-    body["chat_template_kwargs"] = {"thinking": isinstance(thinking, ThinkingEnabled)}
-    if isinstance(thinking, ThinkingEnabled):
-        body["thinking_token_budget"] = thinking.budget_tokens
+    body.update(thinking_fields(req))
     if isinstance(req, MessagesRequest):
         body.update(sampling(req))
     return body
+
+
+# The share of max_tokens that adaptive thinking may spend, by `output_config.effort`
+# ("max": no bound but max_tokens itself).
+EFFORT_SHARE = {"low": 0.125, "medium": 0.25, "high": 0.5, "max": None}
+
+
+def thinking_fields(req: Conversation) -> dict[str, Any]:
+    """K2.5's thinking or instant mode, and the thinking budget. Anthropic's default is no
+    extended thinking, so instant mode unless asked; adaptive thinking gets a budget
+    from the effort asked (high if none)."""
+    thinking = req.thinking
+    on = isinstance(thinking, ThinkingEnabled | ThinkingAdaptive)
+    fields: dict[str, Any] = {"chat_template_kwargs": {"thinking": on}}
+    if isinstance(thinking, ThinkingEnabled):
+        fields["thinking_token_budget"] = thinking.budget_tokens
+    elif isinstance(thinking, ThinkingAdaptive) and isinstance(req, MessagesRequest):
+        effort = (req.output_config.effort if req.output_config else None) or "high"
+        share = EFFORT_SHARE[effort]
+        if share is not None:
+            fields["thinking_token_budget"] = max(1, int(req.max_tokens * share))
+    return fields
 
 
 def sampling(req: MessagesRequest) -> dict[str, Any]:
@@ -109,17 +128,23 @@ def tool_choice(req: Conversation) -> dict[str, Any]:
 def chat_messages(req: Conversation) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
-        system = req.system
-        text = system if isinstance(system, str) else "\n\n".join(b.text for b in system)
-        out.append({"role": "system", "content": text})
+        out.append({"role": "system", "content": text_of(req.system)})
     for message in req.messages:
-        if isinstance(message.content, str):
+        if message.role == "system":
+            out.append({"role": "system", "content": text_of(message.content)})
+        elif isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
         elif message.role == "user":
             out.extend(user_turn(message.content))
         else:
             out.append(assistant_turn(message.content))
     return out
+
+
+def text_of(content: str | list[Any]) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(b.text for b in content if isinstance(b, TextBlock))
 
 
 def parts(blocks: list[Any]) -> list[dict[str, Any]]:

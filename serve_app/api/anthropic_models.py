@@ -72,7 +72,8 @@ ContentBlock = Annotated[
 
 
 class MessageParam(Block):
-    role: Literal["user", "assistant"]
+    # Claude Code puts system text inside `messages` too
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
 
@@ -114,6 +115,23 @@ class ThinkingDisabled(Block):
     type: Literal["disabled"]
 
 
+class ThinkingAdaptive(Block):
+    """Thinking on, its budget the server's pick (from `output_config.effort`)."""
+
+    type: Literal["adaptive"]
+    # how the client shows thinking; the blocks are sent either way
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class OutputConfig(Block):
+    effort: Literal["low", "medium", "high", "max"] | None = None
+
+
+Thinking = Annotated[
+    ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive, Field(discriminator="type")
+]
+
+
 class Metadata(Block):
     user_id: str | None = Field(None, max_length=512)
 
@@ -126,9 +144,8 @@ class Conversation(Block):
     system: str | list[TextBlock] | None = None
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoice | None = None
-    thinking: Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")] | None = (
-        None
-    )
+    thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
 
     @model_validator(mode="after")
     def _tools(self) -> Conversation:

@@ -288,3 +288,48 @@ def test_a_stream_is_well_formed_to_its_end(serve_url, key):
     assert (
         datas[-2]["usage"]["output_tokens"] == 8 or datas[-2]["delta"]["stop_reason"] == "end_turn"
     )
+
+
+def test_a_request_shaped_as_claude_code_sends_it(serve_url, admin, state_dir):
+    """The shapes Claude Code 2.1 sends (issue "Real coding agents"): `?beta=true`, its
+    headers, a system message inside `messages`, adaptive thinking with an effort,
+    `context_management`, `cache_control`, `metadata.user_id` as JSON holding the session,
+    and `max_tokens: 32000` for a model it does not know. Served, with max_tokens lowered
+    to the free plan's cap (a header says so), and metered under its session."""
+    key, key_id = new_key(admin, "free")
+    session = str(uuid.uuid4())
+    body = {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 32000,
+        "stream": True,
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}
+        ],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}],
+            },
+        ],
+        "tools": [WEATHER],
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "output_config": {"effort": "low"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": session})},
+    }
+    headers = {
+        "authorization": f"Bearer {key}",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+        "x-app": "cli",
+    }
+    r = httpx.post(f"{serve_url}/v1/messages?beta=true", json=body, headers=headers, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kimi-tier"] == "budget"  # the free plan's only tier
+    assert r.headers["x-kimi-max-tokens-clamped"] == "32000->1024"
+    names = [ln[7:] for ln in r.text.splitlines() if ln.startswith("event: ")]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    [record] = records(admin, state_dir, key_id)
+    assert (record["session_id"], record["status"], record["api"]) == (session, 200, "anthropic")
+    assert record["completion_tokens"] <= 1024

@@ -273,3 +273,36 @@ def test_a_chunk_stream_becomes_anthropics_event_sequence():
 )
 def test_errors_take_anthropics_types_and_statuses(status, wire, kind):
     assert (error_status(status), error_type(status)) == (wire, kind)
+
+
+def test_what_claude_code_sends_is_understood():
+    """A system message inside `messages`, adaptive thinking with an effort, and fields
+    that change nothing here (`context_management`, `cache_control`, `display`)."""
+    req = MessagesRequest.model_validate(
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 32000,
+            "system": [
+                {"type": "text", "text": "you code", "cache_control": {"type": "ephemeral"}}
+            ],
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "be careful"}]},
+                {"role": "user", "content": "fix it"},
+            ],
+            "thinking": {"type": "adaptive", "display": "omitted"},
+            "output_config": {"effort": "medium"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+        }
+    )
+    body = chat_body(req)
+    ChatRequest.model_validate(body)
+    assert [m["role"] for m in body["messages"]] == ["system", "system", "user"]
+    assert body["messages"][1]["content"] == "be careful"
+    assert body["chat_template_kwargs"] == {"thinking": True}
+    assert body["thinking_token_budget"] == 8000  # a quarter of max_tokens at medium effort
+
+
+@pytest.mark.parametrize(("effort", "budget"), [("low", 100), ("high", 400), ("max", None)])
+def test_adaptive_thinking_budget_follows_the_effort(effort, budget):
+    req = request(max_tokens=800, thinking={"type": "adaptive"}, output_config={"effort": effort})
+    assert chat_body(req).get("thinking_token_budget") == budget

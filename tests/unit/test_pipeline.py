@@ -386,3 +386,29 @@ async def test_a_wrong_key_is_refused_before_any_tier_is_called():
         await pipeline(InProcessTiers(**eng), gateway).serve(bad)
     assert err.value.status == 401
     assert not gateway.records and all(not e.requests for e in eng.values())
+
+
+async def test_an_output_limit_past_the_plan_is_lowered_where_the_api_asks_it():
+    """Anthropic's adapter asks for clamping (agent CLIs ask for 32,000 tokens): the
+    request is served within the plan's cap, and a header says so; chat completions
+    keep refusing it."""
+    gateway = FakeGateway("free")
+    p = pipeline(InProcessTiers(**engines()), gateway)
+    asked = dataclasses.replace(inbound(max_tokens=32000), clamp_output=True)
+    result = await p.serve(asked)
+    assert isinstance(result, Completed)
+    assert result.headers["x-kimi-max-tokens-clamped"] == "32000->1024"
+    assert asked.body["max_tokens"] == 1024
+    with pytest.raises(APIError) as refused:
+        await p.serve(inbound(max_tokens=1500))  # fits the budget tier, not the plan
+    assert refused.value.status == 400 and refused.value.param == "max_tokens"
+
+
+async def test_clamping_also_fits_the_longest_tier_of_the_plan():
+    gateway = FakeGateway("enterprise")  # no output cap; premium's context is the longest
+    asked = dataclasses.replace(inbound(max_tokens=32000), clamp_output=True)
+    result = await pipeline(InProcessTiers(**engines()), gateway).serve(asked)
+    assert isinstance(result, Completed) and result.headers["x-kimi-tier"] == "premium"
+    granted = asked.body["max_tokens"]
+    assert granted < CFG.tier("premium").max_context
+    assert result.headers["x-kimi-max-tokens-clamped"] == f"32000->{granted}"
