@@ -105,6 +105,9 @@ class GatewaySettings(BaseModel):
     default_output_estimate: int = Field(
         1024, gt=0, description="tokens charged on admission when max_tokens is absent"
     )
+    restart_wait_s: float = Field(
+        10.0, gt=0, description="how long requests wait for a restarting gateway; then 503"
+    )
 
 
 class ModelAlias(BaseModel):

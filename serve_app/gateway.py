@@ -10,15 +10,18 @@ records are on disk, so only the in-memory rate buckets start afresh (full).
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+from ray.util import metrics
 
 from deployments.engine import Endpoint
 from serve_app.config import Plan
@@ -29,6 +32,8 @@ from serve_app.metering import MeterWriter, UsageRecord
 ACTOR_NAME = "kimi-gateway"
 NAMESPACE = "kimi-serve"
 ANONYMOUS = "anonymous"
+log = logging.getLogger("serve_app.gateway")
+SETTLED_KEPT = 100_000  # tickets remembered as settled, so a retried settlement is no-op
 
 
 def state_dir(configured: str | None) -> Path:
@@ -79,6 +84,7 @@ class GatewayState:
         self.plans = {name: Plan.model_validate(p) for name, p in plans.items()}
         self.states: dict[str, KeyState] = {}
         self.tickets: dict[str, tuple[str, int]] = {}
+        self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
 
     def configure(self, plans: dict[str, dict]) -> None:
@@ -123,21 +129,34 @@ class GatewayState:
             state.month_tokens, state.month_spend = self.keys.month_usage(caller.key_id, month)
         return state
 
-    async def admit(self, caller: Caller, est_tokens: int, est_cost: float) -> Admission | Denial:
+    async def admit(
+        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+    ) -> Admission | Denial:
+        """Admit one request under `ticket` (the caller's; asked again, the same
+        admission, so a retried call admits once)."""
         self._start_flusher()
         now = time.time()
         state = self._state(caller, now)
+        if ticket in self.tickets:
+            return Admission(ticket, state.headers(now))
         denial = state.check(est_tokens, est_cost, now)
         if denial is not None:
             return denial
         state.admit(est_tokens, now)
-        ticket = uuid.uuid4().hex
         self.tickets[ticket] = (caller.key_id, est_tokens)
         return Admission(ticket, state.headers(now))
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         """Close an admission: real tokens replace the estimate; the record is metered
-        (durably, before this returns). `record=None` releases without metering."""
+        (durably, before this returns). `record=None` releases without metering. A
+        ticket settled already is not settled again (a retried call meters once)."""
+        if ticket in self.settled:
+            return
+        if record is not None and (record.request_id, record.time) in self.meter.recovered:
+            return  # the previous gateway process metered it, then died before answering
+        self.settled[ticket] = None
+        if len(self.settled) > SETTLED_KEPT:
+            self.settled.popitem(last=False)
         key_id, est = self.tickets.pop(ticket, (None, 0))
         now = time.time()
         # a prompt counted (count_tokens) is no use of the model: no budget spent
@@ -173,20 +192,50 @@ class GatewayState:
         self.meter.close()
 
 
-class GatewayClient:
-    """The gateway actor's calls, awaited: what the pipeline and the admin API use."""
+class GatewayUnavailable(Exception):
+    """The gateway actor did not answer within the wait: it is restarting, or gone."""
 
-    def __init__(self, actor: Any) -> None:
+
+class GatewayClient:
+    """The gateway actor's calls, awaited: what the pipeline and the admin API use. While
+    the actor restarts (Ray restarts it, its state is on disk), calls are retried for up
+    to `wait_s`; then `GatewayUnavailable`. Admission and settlement are idempotent by
+    ticket, so a retry never admits or meters twice."""
+
+    def __init__(self, actor: Any, wait_s: float = 10.0) -> None:
         self._actor = actor
+        self.wait_s = wait_s
+        self.retried = metrics.Counter(
+            "kimi_gateway_retries", "gateway calls retried while the gateway actor was away"
+        )
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            try:
+                return await getattr(self._actor, method).remote(*args)
+            except RayActorError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise GatewayUnavailable(
+                        f"the gateway did not answer in {self.wait_s:g} s"
+                    ) from exc
+                if delay == 0.05:
+                    self.retried.inc()
+                    log.warning("the gateway is unavailable (%r); retrying %s", exc, method)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def authenticate(self, key: str) -> Caller | Denial:
-        return await self._actor.authenticate.remote(key)
+        return await self._call("authenticate", key)
 
-    async def admit(self, caller: Caller, est_tokens: int, est_cost: float) -> Admission | Denial:
-        return await self._actor.admit.remote(caller, est_tokens, est_cost)
+    async def admit(
+        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+    ) -> Admission | Denial:
+        return await self._call("admit", caller, est_tokens, est_cost, ticket)
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
-        await self._actor.settle.remote(ticket, record)
+        await self._call("settle", ticket, record)
 
     async def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
         """Raises `ValueError` for a plan or overrides the gateway refuses."""
@@ -196,21 +245,25 @@ class GatewayClient:
             raise ValueError(str(getattr(exc, "cause", exc))) from None
 
     async def list_keys(self) -> list[KeyInfo]:
-        return await self._actor.list_keys.remote()
+        return await self._call("list_keys")
 
     async def revoke_key(self, key_id: str) -> bool:
-        return await self._actor.revoke_key.remote(key_id)
+        return await self._call("revoke_key", key_id)
 
     async def flush(self) -> None:
-        await self._actor.flush.remote()
+        await self._call("flush")
 
 
 def connect_gateway(
-    root: Path, plans: dict[str, dict], batch_size: int, flush_interval_s: float
+    root: Path,
+    plans: dict[str, dict],
+    batch_size: int,
+    flush_interval_s: float,
+    wait_s: float,
 ) -> GatewayClient:
     """The cluster's gateway actor, created by the first ingress replica that asks."""
     handle = GatewayState.options(  # type: ignore[attr-defined]
         name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
     ).remote(str(root), plans, batch_size, flush_interval_s)
     handle.configure.remote(plans)
-    return GatewayClient(handle)
+    return GatewayClient(handle, wait_s)

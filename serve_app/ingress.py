@@ -76,7 +76,11 @@ class Ingress:
         gw = self.config.gateway
         plans = {name: p.model_dump(mode="json") for name, p in self.config.plans.items()}
         gateway = connect_gateway(
-            state_dir(gw.state_dir), plans, gw.meter_batch_size, gw.meter_flush_interval_s
+            state_dir(gw.state_dir),
+            plans,
+            gw.meter_batch_size,
+            gw.meter_flush_interval_s,
+            gw.restart_wait_s,
         )
         self.board = board()
         replica = serve.get_replica_context().replica_id.unique_id

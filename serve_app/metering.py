@@ -84,6 +84,9 @@ class MeterWriter:
         self.wal_dir.mkdir(parents=True, exist_ok=True)
         self.batch_size = batch_size
         self._pending: list[UsageRecord] = []
+        # what the previous process had written before it ended: a settlement it took but
+        # could not acknowledge comes again, and is recognised here
+        self.recovered: set[tuple[str, float]] = set()
         self.recover()
         self.segment = self._next_segment()
         self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
@@ -112,6 +115,7 @@ class MeterWriter:
             self._write_parquet(n, records)
             path.unlink()
             moved += len(records)
+            self.recovered.update((r.request_id, r.time) for r in records)
         return moved
 
     def append(self, record: UsageRecord) -> None:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, get_args
@@ -33,7 +34,7 @@ from deployments.tier import Served
 from serve_app.config import AppConfig, Plan, Price, Strategy, TierEntry
 from serve_app.detached import DetachedCalls
 from serve_app.errors import APIError
-from serve_app.gateway import ANONYMOUS, Admission, Caller
+from serve_app.gateway import ANONYMOUS, Admission, Caller, GatewayUnavailable
 from serve_app.keys import KeyOverrides, split_key
 from serve_app.limits import Denial
 from serve_app.metering import RequestLabels, UsageRecord
@@ -67,7 +68,7 @@ class Gateway(Protocol):
     async def authenticate(self, key: str) -> Caller | Denial: ...
 
     async def admit(
-        self, caller: Caller, est_tokens: int, est_cost: float
+        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
     ) -> Admission | Denial: ...
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None: ...
@@ -191,6 +192,15 @@ def affinity_key(session: str | None, body: dict[str, Any]) -> str:
     return "p:" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
+def gateway_error() -> APIError:
+    return APIError(
+        503,
+        "the gateway (keys, limits, metering) is restarting; retry shortly",
+        code="gateway_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
 def denial_error(denial: Denial) -> APIError:
     headers = {}
     if denial.retry_after_s is not None:
@@ -222,6 +232,9 @@ class Pipeline:
         self.ttft_p90: dict[str, float] = {}  # read with the loads, not sorted per request
         self.undelivered = UndeliveredStreams()
         self.calls = DetachedCalls()
+        # records the gateway could not take yet (it was restarting), oldest first
+        self.unsettled: collections.deque[tuple[str, UsageRecord]] = collections.deque()
+        self._resettling: asyncio.Task[None] | None = None
         self.tracer = tracing.tracer("kimi-router")
 
     async def refresh(self, loads: dict[str, TierLoad]) -> None:
@@ -232,6 +245,8 @@ class Pipeline:
         self.metrics.observe_loads(loads)
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
+        if self.unsettled and (self._resettling is None or self._resettling.done()):
+            self._resettling = asyncio.create_task(self._resettle())
 
     def _live(self) -> Live:
         return Live(self.loads, self.ttft_p90, self.sent)
@@ -296,10 +311,14 @@ class Pipeline:
             tokens_est, cost_est = 0, 0.0
         else:
             tokens_est, cost_est = prompt_est + out_est, route.tier.price.cost(prompt_est, out_est)
-        admission = await self.calls.call(
-            lambda: self.gateway.admit(route.caller, tokens_est, cost_est),
-            on_abandon=self._give_back,
-        )
+        ticket = uuid.uuid4().hex  # admission and settlement are idempotent by it
+        try:
+            admission = await self.calls.call(
+                lambda: self.gateway.admit(route.caller, tokens_est, cost_est, ticket),
+                on_abandon=self._give_back,
+            )
+        except GatewayUnavailable:
+            raise gateway_error() from None
         if isinstance(admission, Denial):
             raise denial_error(admission)
         return admission
@@ -445,7 +464,23 @@ class Pipeline:
         self.metrics.observe(record)
         if record.ttft_ms is not None:
             self.ttft.observe(record.tier, record.ttft_ms)
-        await self.calls.call(lambda: self.gateway.settle(ctx.admission.ticket, record))
+        ticket = ctx.admission.ticket
+        try:
+            await self.calls.call(lambda: self.gateway.settle(ticket, record))
+        except GatewayUnavailable:
+            # the answer stands; its record waits here for the gateway to come back
+            log.error("gateway unavailable: settlement of %s deferred", record.request_id)
+            self.unsettled.append((ticket, record))
+
+    async def _resettle(self) -> None:
+        """Settle what waited for the gateway, oldest first, until it fails again."""
+        while self.unsettled:
+            ticket, record = self.unsettled[0]
+            try:
+                await self.gateway.settle(ticket, record)
+            except GatewayUnavailable:
+                return
+            self.unsettled.popleft()
 
     async def _give_back(self, admission: Admission | Denial) -> None:
         if not isinstance(admission, Denial):
@@ -468,7 +503,10 @@ class Pipeline:
                     code="invalid_api_key",
                 )
             return Caller(ANONYMOUS, anon, KeyOverrides())
-        result = await self.gateway.authenticate(key)
+        try:
+            result = await self.gateway.authenticate(key)
+        except GatewayUnavailable:
+            raise gateway_error() from None
         if isinstance(result, Denial):
             raise denial_error(result)
         return result

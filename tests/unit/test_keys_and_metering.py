@@ -88,6 +88,8 @@ def test_meter_recovers_a_crashed_log_without_duplicates(tmp_path):
         f.write('{"time": 1795400')
     m2 = MeterWriter(tmp_path)  # recovers on start
     assert len(read_usage(tmp_path)) == 5
+    # what it recovered it knows, so a settlement retried after the crash is recognised
+    assert m2.recovered == {(rec(i).request_id, rec(i).time) for i in range(5)}
     # a crash after the Parquet write but before the log was removed replays idempotently
     m2.append(rec(99))
     m2.flush()

@@ -30,7 +30,7 @@ from deployments.tier import served
 from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.errors import APIError
-from serve_app.gateway import Admission, Caller, plan_limits
+from serve_app.gateway import Admission, Caller, GatewayUnavailable, plan_limits
 from serve_app.keys import KeyOverrides
 from serve_app.limits import Denial, KeyState
 from serve_app.metering import UsageRecord
@@ -171,20 +171,29 @@ class FakeGateway:
         self.state = KeyState(plan_limits(CFG.plans[plan], self.caller.overrides))
         self.tickets: dict[str, int] = {}
         self.records: list[UsageRecord] = []
+        self.down: set[str] = set()  # calls that find the gateway away (restarting)
+
+    def _away(self, call: str) -> None:
+        if call in self.down:
+            raise GatewayUnavailable("the gateway did not answer")
 
     async def authenticate(self, key: str) -> Caller | Denial:
+        self._away("authenticate")
         return self.caller if key == KEY else Denial(401, "invalid_api_key", "no such key")
 
-    async def admit(self, caller: Caller, est_tokens: int, est_cost: float) -> Admission | Denial:
+    async def admit(
+        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+    ) -> Admission | Denial:
+        self._away("admit")
         denial = self.state.check(est_tokens, est_cost, time.time())
         if denial is not None:
             return denial
         self.state.admit(est_tokens, time.time())
-        ticket = f"t{len(self.tickets)}"
         self.tickets[ticket] = est_tokens
         return Admission(ticket, {})
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
+        self._away("settle")
         est = self.tickets.pop(ticket)
         tokens = record.prompt_tokens + record.completion_tokens if record else 0
         self.state.settle(est, tokens, record.cost_usd if record else 0.0, time.time())
@@ -412,3 +421,32 @@ async def test_clamping_also_fits_the_longest_tier_of_the_plan():
     granted = asked.body["max_tokens"]
     assert granted < CFG.tier("premium").max_context
     assert result.headers["x-kimi-max-tokens-clamped"] == f"32000->{granted}"
+
+
+@pytest.mark.parametrize("call", ["authenticate", "admit"])
+async def test_a_gateway_away_past_the_wait_is_a_503_to_retry(call: str):
+    gateway = FakeGateway("enterprise")
+    gateway.down.add(call)
+    eng = engines()
+    with pytest.raises(APIError) as away:
+        await pipeline(InProcessTiers(**eng), gateway).serve(inbound())
+    assert away.value.status == 503 and away.value.code == "gateway_unavailable"
+    assert int(away.value.headers["retry-after"]) >= 1
+    assert all(not e.requests for e in eng.values())  # nothing was served unadmitted
+
+
+async def test_a_record_the_gateway_could_not_take_is_settled_when_it_is_back():
+    gateway = FakeGateway("enterprise")
+    p = pipeline(InProcessTiers(**engines()), gateway)
+    gateway.down.add("settle")
+    result = await p.serve(inbound())
+    assert isinstance(result, Completed)  # the client has its answer
+    assert not gateway.records and len(p.unsettled) == 1
+    await p.refresh({})  # still away: kept
+    await asyncio.sleep(0.01)
+    assert len(p.unsettled) == 1
+    gateway.down.clear()
+    await p.refresh({})
+    await asyncio.sleep(0.01)
+    [record] = gateway.records
+    assert record.status == 200 and not p.unsettled and gateway.state.in_flight == 0
