@@ -151,6 +151,7 @@ class VLLMEngine(Engine):
         from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest
 
         prompt = {k: body[k] for k in PROMPT_FIELDS if k in body}
+        prompt["messages"] = vllm_history(prompt["messages"])
         async for item in self._serve(
             TokenizeChatRequest,
             {**prompt, "model": self.spec.model_id},
@@ -160,7 +161,7 @@ class VLLMEngine(Engine):
             yield token_count(item["count"]) if isinstance(item, dict) else item
 
     def _prepare_chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        body = {**body, "model": self.spec.model_id}
+        body = {**body, "model": self.spec.model_id, "messages": vllm_history(body["messages"])}
         json_answer = answer_schema(body) is not None
         budget = reasoning_budget(body, self.spec)
         if budget is not None and thinking_on(body):
@@ -233,6 +234,18 @@ class VLLMEngine(Engine):
                 if not done:  # the client went away: closing the generator aborts the request
                     self.aborted += 1
                 await gen.aclose()
+
+
+def vllm_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier turns' reasoning as vLLM 0.32's renderer reads it (`reasoning`): its chat
+    path maps the `reasoning_content` we (and Kimi's API) answer with, its tokenization
+    path does not, so a token count would miss the reasoning the chat prompt holds."""
+    return [
+        {**m, "reasoning": m["reasoning_content"]}
+        if m.get("role") == "assistant" and m.get("reasoning_content") and "reasoning" not in m
+        else m
+        for m in messages
+    ]
 
 
 def error_event(chunk: str) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from serve_app.gateway import connect_gateway, state_dir
 from serve_app.keys import NewKey
 from serve_app.pipeline import Pipeline
 from serve_app.schemas import ChatRequest, CompletionRequest
+from serve_app.sealing import deployment_sealer
 from serve_app.telemetry import IngressMetrics
 from serve_app.tier_calls import RayTiers
 
@@ -86,7 +87,8 @@ class Ingress:
         replica = serve.get_replica_context().replica_id.unique_id
         self.pipeline = Pipeline(self.config, RayTiers(tiers), gateway, replica, IngressMetrics())
         self.openai = OpenAIAPI(self.pipeline, self.config)
-        self.anthropic = AnthropicAPI(self.pipeline, self.config)
+        sealer = deployment_sealer(state_dir(gw.state_dir))
+        self.anthropic = AnthropicAPI(self.pipeline, self.config, sealer)
         self.admin = AdminAPI(gateway, gw.admin_token_env, self.config.router.max_body_bytes)
         self.ops = OpsAPI(self.config, self._snapshot)
         self._refresher = asyncio.create_task(self._refresh_loads())

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from deployments.engine import Endpoint
 from serve_app.api.anthropic_convert import (
+    Answering,
     EventWriter,
     chat_body,
     error_status,
@@ -33,6 +34,7 @@ from serve_app.api.anthropic_models import (
     Conversation,
     CountTokensRequest,
     MessagesRequest,
+    thinking_omitted,
 )
 from serve_app.api.http import (
     SettledStreamingResponse,
@@ -45,6 +47,7 @@ from serve_app.config import AppConfig
 from serve_app.errors import APIError
 from serve_app.pipeline import Inbound, Pipeline, Streamed
 from serve_app.schemas import ChatRequest, canonical_body
+from serve_app.sealing import Sealer
 
 log = logging.getLogger("serve_app.api.anthropic")
 
@@ -112,9 +115,10 @@ def stream_error_status(error: dict[str, Any]) -> int:
 
 
 class AnthropicAPI:
-    def __init__(self, pipeline: Pipeline, config: AppConfig) -> None:
+    def __init__(self, pipeline: Pipeline, config: AppConfig, sealer: Sealer) -> None:
         self.pipeline = pipeline
         self.config = config
+        self.sealer = sealer
 
     async def messages(self, request: Request) -> Response:
         return await self._serve(request, MessagesRequest, Endpoint.CHAT)
@@ -139,21 +143,25 @@ class AnthropicAPI:
             refusal = APIError(500, "internal error; the request was not served")
             return error_response(refusal, request_id)
         headers = {**result.headers, "request-id": request_id}
+        how = Answering(
+            message_id=f"msg_{uuid.uuid4().hex[:24]}",
+            model=req.model,
+            stop_sequences=stop_sequences(req),
+            sealer=self.sealer,
+            omit_thinking=thinking_omitted(req),
+        )
         if isinstance(result, Streamed):
-            writer = EventWriter(f"msg_{uuid.uuid4().hex[:24]}", req.model, stop_sequences(req))
-            return SettledStreamingResponse(result, anthropic_events(result, writer), headers)
+            events = anthropic_events(result, EventWriter(how))
+            return SettledStreamingResponse(result, events, headers)
         if endpoint is Endpoint.TOKENIZE:
             counted = {"input_tokens": result.body["usage"]["prompt_tokens"]}
             return JSONResponse(counted, headers=headers)
-        answer = message(
-            result.body, f"msg_{uuid.uuid4().hex[:24]}", req.model, stop_sequences(req)
-        )
-        return JSONResponse(answer, headers=headers)
+        return JSONResponse(message(result.body, how), headers=headers)
 
     def _inbound(
         self, request: Request, req: Conversation, size: int, endpoint: Endpoint, request_id: str
     ) -> Inbound:
-        chat = validated(chat_body(req), ChatRequest)
+        chat = validated(chat_body(req, self.sealer), ChatRequest)
         return Inbound(
             endpoint=endpoint,
             request=chat,

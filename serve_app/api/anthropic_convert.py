@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from serve_app.api.anthropic_models import (
@@ -30,6 +31,7 @@ from serve_app.api.anthropic_models import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from serve_app.sealing import Sealer
 
 TOOLU = "toolu_"
 
@@ -53,9 +55,9 @@ def call_id(tool_use: str) -> str:
 # ---- request --------------------------------------------------------------------------
 
 
-def chat_body(req: Conversation) -> dict[str, Any]:
+def chat_body(req: Conversation, sealer: Sealer) -> dict[str, Any]:
     """The OpenAI chat body that says what `req` says (validated again as a ChatRequest)."""
-    body: dict[str, Any] = {"model": req.model, "messages": chat_messages(req)}
+    body: dict[str, Any] = {"model": req.model, "messages": chat_messages(req, sealer)}
     if req.tools:
         body["tools"] = [
             {
@@ -125,7 +127,7 @@ def tool_choice(req: Conversation) -> dict[str, Any]:
     return fields
 
 
-def chat_messages(req: Conversation) -> list[dict[str, Any]]:
+def chat_messages(req: Conversation, sealer: Sealer) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
         out.append({"role": "system", "content": text_of(req.system)})
@@ -137,7 +139,7 @@ def chat_messages(req: Conversation) -> list[dict[str, Any]]:
         elif message.role == "user":
             out.extend(user_turn(message.content))
         else:
-            out.append(assistant_turn(message.content))
+            out.append(assistant_turn(message.content, sealer))
     return out
 
 
@@ -177,10 +179,10 @@ def user_turn(blocks: list[ContentBlock]) -> list[dict[str, Any]]:
     return out
 
 
-def assistant_turn(blocks: list[ContentBlock]) -> dict[str, Any]:
+def assistant_turn(blocks: list[ContentBlock], sealer: Sealer) -> dict[str, Any]:
     text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
     turn: dict[str, Any] = {"role": "assistant", "content": text}
-    thinking = "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock))
+    thinking = "".join(reasoning(b, sealer) for b in blocks if isinstance(b, ThinkingBlock))
     if thinking:
         turn["reasoning_content"] = thinking
     calls = [
@@ -195,6 +197,15 @@ def assistant_turn(blocks: list[ContentBlock]) -> dict[str, Any]:
     if calls:
         turn["tool_calls"] = calls
     return turn  # redacted thinking is another model's, unreadable here: left out
+
+
+def reasoning(block: ThinkingBlock, sealer: Sealer) -> str:
+    """The reasoning a thinking block brings back: what its signature seals (K2.5's own,
+    whether or not the client kept the text); none if the signature is not ours (another
+    server's, altered, too old); the text itself where no signature came."""
+    if not block.signature:
+        return block.thinking
+    return sealer.open(block.signature) or ""
 
 
 # ---- answer ---------------------------------------------------------------------------
@@ -228,15 +239,27 @@ def usage(openai: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def message(
-    answer: dict[str, Any], message_id: str, model: str, stop_sequences: list[str] | None
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Answering:
+    """How answers are written for one request."""
+
+    message_id: str
+    model: str  # as the client named it
+    stop_sequences: list[str] | None
+    sealer: Sealer
+    omit_thinking: bool  # `display: "omitted"`: thinking travels in its signature only
+
+
+def message(answer: dict[str, Any], how: Answering) -> dict[str, Any]:
     """A chat completion as an Anthropic message."""
     choice = (answer.get("choices") or [{}])[0]
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []
-    if msg.get("reasoning_content"):
-        content.append({"type": "thinking", "thinking": msg["reasoning_content"], "signature": ""})
+    if thought := msg.get("reasoning_content"):
+        shown = "" if how.omit_thinking else thought
+        content.append(
+            {"type": "thinking", "thinking": shown, "signature": how.sealer.seal(thought)}
+        )
     if msg.get("content"):
         content.append({"type": "text", "text": msg["content"]})
     for call in msg.get("tool_calls") or ():
@@ -250,12 +273,12 @@ def message(
             }
         )
     called = any(block["type"] == "tool_use" for block in content)
-    reason, sequence = stop_reason(choice, stop_sequences, called)
+    reason, sequence = stop_reason(choice, how.stop_sequences, called)
     return {
-        "id": message_id,
+        "id": how.message_id,
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": how.model,
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
@@ -291,10 +314,9 @@ class EventWriter:
     time (thinking, text or a tool_use), closed when the next kind starts or the message
     ends; the ending and usage in `message_delta`."""
 
-    def __init__(self, message_id: str, model: str, stop_sequences: list[str] | None) -> None:
-        self.message_id = message_id
-        self.model = model
-        self.stop_sequences = stop_sequences
+    def __init__(self, how: Answering) -> None:
+        self.how = how
+        self.thought: list[str] = []  # the open thinking block's text, sealed at its end
         self.index = -1  # the open block's index
         self.open: str | None = None  # its kind
         self.calls: dict[int, int] = {}  # the chunk's tool call index -> block index
@@ -304,10 +326,10 @@ class EventWriter:
 
     def start(self) -> str:
         head = {
-            "id": self.message_id,
+            "id": self.how.message_id,
             "type": "message",
             "role": "assistant",
-            "model": self.model,
+            "model": self.how.model,
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
@@ -320,7 +342,7 @@ class EventWriter:
         for choice in event.get("choices") or ():
             delta = choice.get("delta") or {}
             if text := delta.get("reasoning_content"):
-                out += self._delta("thinking", {"type": "thinking_delta", "thinking": text})
+                out += self._thinking(text)
             if text := delta.get("content"):
                 out += self._delta("text", {"type": "text_delta", "text": text})
             for call in delta.get("tool_calls") or ():
@@ -330,6 +352,17 @@ class EventWriter:
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         return "".join(out)
+
+    def _thinking(self, text: str) -> list[str]:
+        out = (
+            []
+            if self.open == "thinking"
+            else self._begin("thinking", dict(BLOCK_STARTS["thinking"]))
+        )
+        self.thought.append(text)
+        if not self.how.omit_thinking:
+            out.append(self._block_delta({"type": "thinking_delta", "thinking": text}))
+        return out
 
     def _delta(self, kind: str, delta: dict[str, Any]) -> list[str]:
         out = [] if self.open == kind else self._begin(kind, dict(BLOCK_STARTS[kind]))
@@ -369,8 +402,13 @@ class EventWriter:
     def _close(self) -> list[str]:
         if self.open is None:
             return []
+        out = []
+        if self.open == "thinking":
+            sealed = self.how.sealer.seal("".join(self.thought))
+            out.append(self._block_delta({"type": "signature_delta", "signature": sealed}))
+            self.thought = []
         self.open = None
-        return [sse({"type": "content_block_stop", "index": self.index})]
+        return [*out, sse({"type": "content_block_stop", "index": self.index})]
 
     def finish(self) -> str:
         """The message's end: its stop reason and usage (input tokens included, which
@@ -378,7 +416,7 @@ class EventWriter:
         if self.ended:
             return ""
         self.ended = True
-        reason, sequence = stop_reason(self.choice, self.stop_sequences, bool(self.calls))
+        reason, sequence = stop_reason(self.choice, self.how.stop_sequences, bool(self.calls))
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": sequence},

@@ -106,9 +106,13 @@ class ToolChoice(Block):
         return self
 
 
+Display = Literal["summarized", "omitted"]
+
+
 class ThinkingEnabled(Block):
     type: Literal["enabled"]
     budget_tokens: int = Field(ge=1, le=INT32)
+    display: Display | None = None  # omitted: thinking blocks carry only their signature
 
 
 class ThinkingDisabled(Block):
@@ -119,8 +123,7 @@ class ThinkingAdaptive(Block):
     """Thinking on, its budget the server's pick (from `output_config.effort`)."""
 
     type: Literal["adaptive"]
-    # how the client shows thinking; the blocks are sent either way
-    display: Literal["summarized", "omitted"] | None = None
+    display: Display | None = None
 
 
 class OutputConfig(Block):
@@ -179,6 +182,10 @@ class MessagesRequest(Conversation):
 
 class CountTokensRequest(Conversation):
     pass
+
+
+def thinking_omitted(req: Conversation) -> bool:
+    return getattr(req.thinking, "display", None) == "omitted"
 
 
 class AnthropicErrorDetail(BaseModel):

@@ -77,9 +77,10 @@ def test_a_streamed_message_with_a_thinking_budget(claude, tier):
             if event.type == "content_block_delta":
                 kinds.add(event.delta.type)
         final = stream.get_final_message()
-    assert kinds == {"thinking_delta", "text_delta"}
+    assert kinds == {"thinking_delta", "signature_delta", "text_delta"}
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking and final.content[1].text
+    assert final.content[0].signature  # it seals the thinking, to come back next turn
     assert final.usage.input_tokens > 0 and final.usage.output_tokens <= 48
     assert final.stop_reason in ("max_tokens", "end_turn")
 
@@ -333,3 +334,40 @@ def test_a_request_shaped_as_claude_code_sends_it(serve_url, admin, state_dir):
     [record] = records(admin, state_dir, key_id)
     assert (record["session_id"], record["status"], record["api"]) == (session, 200, "anthropic")
     assert record["completion_tokens"] <= 1024
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_omitted_thinking_comes_back_through_its_signature(claude, tier):
+    """K2.5 wants the reasoning of the turn's tool calls back in the prompt. A client that
+    keeps no thinking text (`display: "omitted"`, as Claude Code asks) sends back only the
+    signature, which seals it: the prompt the engine counts holds it again."""
+    model = f"kimi-k2.5:{tier}"
+    first = claude.messages.create(
+        model=model,
+        max_tokens=200,
+        tools=[WEATHER],
+        tool_choice={"type": "any"},
+        thinking={"type": "enabled", "budget_tokens": 8, "display": "omitted"},
+        messages=ASK,
+    )
+    thinking = [b for b in first.content if b.type == "thinking"]
+    calls = [b for b in first.content if b.type == "tool_use"]
+    assert thinking and calls and thinking[0].thinking == "" and thinking[0].signature
+    results = [{"type": "tool_result", "tool_use_id": c.id, "content": "sunny"} for c in calls]
+
+    def counted(assistant_blocks: list) -> int:
+        return claude.messages.count_tokens(
+            model=model,
+            tools=[WEATHER],
+            thinking={"type": "enabled", "budget_tokens": 8},
+            messages=[
+                *ASK,
+                {"role": "assistant", "content": assistant_blocks},
+                {"role": "user", "content": results},
+            ],
+        ).input_tokens
+
+    with_signature = counted(first.content)
+    without = counted(calls)
+    forged = counted([{"type": "thinking", "thinking": "", "signature": "Zm9yZ2Vk"}, *calls])
+    assert with_signature > without == forged

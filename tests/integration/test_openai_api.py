@@ -41,6 +41,24 @@ def test_history_as_agent_frameworks_send_it(client, tier):
     assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 20
 
 
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_reasoning_of_the_turns_tool_calls_reaches_the_prompt(client, tier):
+    """K2.5 keeps the reasoning of the current turn's tool calls in its prompt: sent back
+    as `reasoning_content` (the field we answer with), every tier renders it."""
+    call = {"id": "functions.f:0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+    def prompt_tokens(assistant: dict) -> int:
+        history = [*USER, assistant, {"role": "tool", "tool_call_id": call["id"], "content": "ok"}]
+        r = client.chat.completions.create(
+            model=f"kimi-k2.5:{tier}", messages=history, max_tokens=1
+        )
+        return r.usage.prompt_tokens
+
+    bare = {"role": "assistant", "content": None, "tool_calls": [call]}
+    reasoned = {**bare, "reasoning_content": "Look the weather up first, then answer."}
+    assert prompt_tokens(reasoned) > prompt_tokens(bare)
+
+
 def test_base_model_is_routed_by_plan(client):
     raw = client.chat.completions.with_raw_response.create(
         model="kimi-k2.5", messages=USER, max_tokens=4

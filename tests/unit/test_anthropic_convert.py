@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.api.anthropic_convert import (
+    Answering,
     EventWriter,
     call_id,
     chat_body,
@@ -18,6 +19,14 @@ from serve_app.api.anthropic_convert import (
 )
 from serve_app.api.anthropic_models import MessagesRequest
 from serve_app.schemas import ChatRequest
+from serve_app.sealing import Sealer
+
+SEALER = Sealer([b"k" * 32])
+
+
+def answering(stop: list[str] | None = None, omit: bool = False) -> Answering:
+    return Answering("msg_1", "claude-x", stop, SEALER, omit)
+
 
 WEATHER = {
     "name": "get_weather",
@@ -59,7 +68,7 @@ def test_a_tool_round_trip_becomes_openai_messages_in_openai_order():
             {
                 "role": "assistant",
                 "content": [
-                    {"type": "thinking", "thinking": "look it up", "signature": "x"},
+                    {"type": "thinking", "thinking": "look it up"},
                     {"type": "text", "text": "checking"},
                     {
                         "type": "tool_use",
@@ -83,7 +92,7 @@ def test_a_tool_round_trip_becomes_openai_messages_in_openai_order():
             },
         ],
     )
-    body = chat_body(req)
+    body = chat_body(req, SEALER)
     ChatRequest.model_validate(body)  # the pipeline's own validation accepts it
     roles = [m["role"] for m in body["messages"]]
     assert roles == ["system", "user", "assistant", "tool", "user"]
@@ -109,14 +118,15 @@ def test_a_tool_round_trip_becomes_openai_messages_in_openai_order():
     ],
 )
 def test_thinking_maps_to_kimi_modes_and_a_budget(thinking, on, budget):
-    body = chat_body(request(**({"thinking": thinking} if thinking else {})))
+    body = chat_body(request(**({"thinking": thinking} if thinking else {})), SEALER)
     assert body["chat_template_kwargs"] == {"thinking": on}
     assert body.get("thinking_token_budget") == budget
 
 
 def test_sampling_fields_and_their_bounds():
     body = chat_body(
-        request(stop_sequences=["END"], temperature=0.5, top_k=5, metadata={"user_id": "u1"})
+        request(stop_sequences=["END"], temperature=0.5, top_k=5, metadata={"user_id": "u1"}),
+        SEALER,
     )
     assert (body["stop"], body["temperature"], body["top_k"], body["user"]) == (
         ["END"],
@@ -138,7 +148,8 @@ def test_an_image_block_becomes_an_image_part():
         "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
     }
     body = chat_body(
-        request(messages=[{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}])
+        request(messages=[{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]),
+        SEALER,
     )
     parts = body["messages"][0]["content"]
     assert parts[0] == {
@@ -169,7 +180,7 @@ def test_a_completion_becomes_a_message():
             "cost": 0.5,
         },
     }
-    msg = message(answer, "msg_1", "claude-x", None)
+    msg = message(answer, answering())
     assert [b["type"] for b in msg["content"]] == ["thinking", "text", "tool_use"]
     assert (
         msg["content"][2]["input"] == {"a": 1}
@@ -197,7 +208,7 @@ def test_stop_reasons(finish, matched, reason, sequence):
     answer = {
         "choices": [{"finish_reason": finish, "stop_reason": matched, "message": {"content": "x"}}]
     }
-    msg = message(answer, "msg_1", "m", ["END"])
+    msg = message(answer, answering(stop=["END"]))
     assert (msg["stop_reason"], msg["stop_sequence"]) == (reason, sequence)
 
 
@@ -206,7 +217,7 @@ def events(text: str) -> list[dict]:
 
 
 def test_a_chunk_stream_becomes_anthropics_event_sequence():
-    w = EventWriter("msg_1", "claude-x", None)
+    w = EventWriter(answering())
     out = w.start()
     for delta in (
         {"reasoning_content": "th"},
@@ -232,6 +243,7 @@ def test_a_chunk_stream_becomes_anthropics_event_sequence():
         "content_block_start",
         "content_block_delta",
         "content_block_delta",
+        "content_block_delta",  # the thinking block's signature
         "content_block_stop",
         "content_block_start",
         "content_block_delta",
@@ -244,6 +256,8 @@ def test_a_chunk_stream_becomes_anthropics_event_sequence():
         "message_delta",
         "message_stop",
     ]
+    [signed] = [e["delta"] for e in seq if e.get("delta", {}).get("type") == "signature_delta"]
+    assert SEALER.open(signed["signature"]) == "think"
     starts = [e["content_block"] for e in seq if e["type"] == "content_block_start"]
     assert [b["type"] for b in starts] == ["thinking", "text", "tool_use"]
     assert [e["index"] for e in seq if e["type"] == "content_block_start"] == [0, 1, 2]
@@ -294,7 +308,7 @@ def test_what_claude_code_sends_is_understood():
             "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
         }
     )
-    body = chat_body(req)
+    body = chat_body(req, SEALER)
     ChatRequest.model_validate(body)
     assert [m["role"] for m in body["messages"]] == ["system", "system", "user"]
     assert body["messages"][1]["content"] == "be careful"
@@ -305,4 +319,57 @@ def test_what_claude_code_sends_is_understood():
 @pytest.mark.parametrize(("effort", "budget"), [("low", 100), ("high", 400), ("max", None)])
 def test_adaptive_thinking_budget_follows_the_effort(effort, budget):
     req = request(max_tokens=800, thinking={"type": "adaptive"}, output_config={"effort": effort})
-    assert chat_body(req).get("thinking_token_budget") == budget
+    assert chat_body(req, SEALER).get("thinking_token_budget") == budget
+
+
+def test_sealed_reasoning_round_trip_tamper_wrong_key_rotation_and_age():
+    old, new = Sealer([b"o" * 32]), Sealer([b"n" * 32, b"o" * 32])
+    token = old.seal("step one", now=1000.0)
+    assert old.open(token, now=1001.0) == "step one"
+    assert new.open(token, now=1001.0) == "step one"  # rotated out, still read
+    assert old.open(new.seal("later")) is None  # sealed with the new key: not ours
+    assert Sealer([b"x" * 32]).open(token, now=1001.0) is None  # another server's
+    flipped = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+    assert old.open(flipped, now=1001.0) is None  # altered
+    assert old.open("not-a-token") is None and old.open("") is None
+    assert old.open(token, now=1000.0 + 31 * 86400) is None  # too old
+
+
+def test_omitted_thinking_travels_in_its_signature_and_comes_back():
+    answer = {
+        "choices": [
+            {"finish_reason": "stop", "message": {"reasoning_content": "plan", "content": "ok"}}
+        ]
+    }
+    msg = message(answer, answering(omit=True))
+    block = msg["content"][0]
+    assert block["thinking"] == "" and SEALER.open(block["signature"]) == "plan"
+    back = request(
+        messages=[
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [block, {"type": "text", "text": "ok"}]},
+            {"role": "user", "content": "more"},
+        ]
+    )
+    assert chat_body(back, SEALER)["messages"][1]["reasoning_content"] == "plan"
+
+
+def test_a_signature_that_does_not_open_brings_no_reasoning():
+    foreign = {"type": "thinking", "thinking": "someone else's", "signature": "EqQBCkYIBxgC"}
+    back = request(
+        messages=[
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [foreign, {"type": "text", "text": "ok"}]},
+            {"role": "user", "content": "more"},
+        ]
+    )
+    assert "reasoning_content" not in chat_body(back, SEALER)["messages"][1]
+
+
+def test_omitted_thinking_streams_only_its_signature():
+    w = EventWriter(answering(omit=True))
+    out = w.start() + w.chunk({"choices": [{"index": 0, "delta": {"reasoning_content": "plan"}}]})
+    out += w.chunk({"choices": [{"index": 0, "delta": {"content": "ok"}}]}) + w.finish()
+    deltas = [e["delta"] for e in events(out) if e["type"] == "content_block_delta"]
+    assert [d["type"] for d in deltas] == ["signature_delta", "text_delta"]
+    assert SEALER.open(deltas[0]["signature"]) == "plan"
