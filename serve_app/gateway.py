@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import time
@@ -212,7 +213,7 @@ class GatewayClient:
     async def _call(self, method: str, *args: Any) -> Any:
         deadline = time.monotonic() + self.wait_s
         delay = 0.05
-        while True:
+        for attempt in itertools.count():
             try:
                 return await getattr(self._actor, method).remote(*args)
             except RayActorError as exc:
@@ -220,11 +221,12 @@ class GatewayClient:
                     raise GatewayUnavailable(
                         f"the gateway did not answer in {self.wait_s:g} s"
                     ) from exc
-                if delay == 0.05:
+                if attempt == 0:  # one count and one line per call that had to wait
                     self.retried.inc()
                     log.warning("the gateway is unavailable (%r); retrying %s", exc, method)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
 
     async def authenticate(self, key: str) -> Caller | Denial:
         return await self._call("authenticate", key)

@@ -192,6 +192,11 @@ def affinity_key(session: str | None, body: dict[str, Any]) -> str:
     return "p:" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
+def output_cap(plan: Plan, caller: Caller) -> int | None:
+    """The most output tokens a request may ask for: the key's own cap, or its plan's."""
+    return caller.overrides.max_output_tokens or plan.max_output_tokens
+
+
 def gateway_error() -> APIError:
     return APIError(
         503,
@@ -527,7 +532,7 @@ class Pipeline:
         bound; agent CLIs ask for more than any tier here has): a thinking budget keeps
         room for the answer."""
         plan = self.config.plans[caller.plan]
-        cap = caller.overrides.max_output_tokens or plan.max_output_tokens
+        cap = output_cap(plan, caller)
         longest = max(self.config.tier(t).max_context for t in plan.tiers)
         room = max(longest - estimate_tokens(inbound.body_bytes), 1)
         limit = min(cap or room, room)
@@ -542,7 +547,7 @@ class Pipeline:
 
     def _output_limit(self, inbound: Inbound, plan: Plan, caller: Caller) -> int:
         """Enforce the plan's max output; fill it in when the request sets none."""
-        cap = caller.overrides.max_output_tokens or plan.max_output_tokens
+        cap = output_cap(plan, caller)
         asked = output_limit(inbound.body)
         if cap is not None and asked is not None and asked > cap:
             raise APIError(400, f"max_tokens exceeds the plan's limit of {cap}", param="max_tokens")

@@ -344,7 +344,7 @@ class EventWriter:
             if text := delta.get("reasoning_content"):
                 out += self._thinking(text)
             if text := delta.get("content"):
-                out += self._delta("text", {"type": "text_delta", "text": text})
+                out += self._text(text)
             for call in delta.get("tool_calls") or ():
                 out += self._call(call)
             if choice.get("finish_reason"):
@@ -354,19 +354,18 @@ class EventWriter:
         return "".join(out)
 
     def _thinking(self, text: str) -> list[str]:
-        out = (
-            []
-            if self.open == "thinking"
-            else self._begin("thinking", dict(BLOCK_STARTS["thinking"]))
-        )
+        out = self._enter("thinking")
         self.thought.append(text)
         if not self.how.omit_thinking:
             out.append(self._block_delta({"type": "thinking_delta", "thinking": text}))
         return out
 
-    def _delta(self, kind: str, delta: dict[str, Any]) -> list[str]:
-        out = [] if self.open == kind else self._begin(kind, dict(BLOCK_STARTS[kind]))
-        return [*out, self._block_delta(delta)]
+    def _text(self, text: str) -> list[str]:
+        return [*self._enter("text"), self._block_delta({"type": "text_delta", "text": text})]
+
+    def _enter(self, kind: str) -> list[str]:
+        """Into a block of `kind`: the open one, or a new one after closing it."""
+        return [] if self.open == kind else self._begin(kind, dict(BLOCK_STARTS[kind]))
 
     def _block_delta(self, delta: dict[str, Any]) -> str:
         return sse({"type": "content_block_delta", "index": self.index, "delta": delta})
