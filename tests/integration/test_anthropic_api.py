@@ -1,7 +1,8 @@
 """Anthropic's Messages API through the real app, with the official `anthropic` SDK:
 plain and streamed messages, thinking on (with a budget) and off, a tool round trip,
 count_tokens, errors as the SDK's own exceptions, model aliases, and limits, budgets and
-metering shared with chat completions. Premium (vLLM) and a GGUF tier (llama.cpp)."""
+metering shared with chat completions. On every tier: premium (vLLM), standard and
+budget (llama.cpp)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.integration.conftest import flushed_usage, new_key, tier_status, wait
 
 pytestmark = pytest.mark.integration
 
-TIERS = ["premium", "standard"]
+TIERS = ["premium", "standard", "budget"]
 WEATHER = {
     "name": "get_weather",
     "description": "Forecast for a city",
