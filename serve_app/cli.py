@@ -91,42 +91,19 @@ def keys_command(args: argparse.Namespace) -> None:
 
 
 def usage_report(root: Path, by: list[str]) -> str:
-    """Requests, tokens and cost grouped by the given columns (key_id/plan/tier/day)."""
-    import pyarrow.compute as pc
+    """Requests, tokens and cost grouped by the given columns (key_id/plan/tier/day/...)."""
+    from serve_app.metering import usage_summary
 
-    from serve_app.metering import read_usage
-
-    table = read_usage(root)
-    if table.num_rows == 0:
+    try:
+        summary = usage_summary(root, by)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if not summary:
         return "no usage recorded"
-    day = pc.strftime(table["time"], format="%Y-%m-%d")
-    table = table.append_column("day", day)
-    grouped = (
-        table.group_by(by)
-        .aggregate(
-            [
-                ("request_id", "count"),
-                ("prompt_tokens", "sum"),
-                ("completion_tokens", "sum"),
-                ("cost_usd", "sum"),
-            ]
-        )
-        .sort_by([(c, "ascending") for c in by])
-    )
-    cols = [*by, "requests", "prompt_tokens", "completion_tokens", "cost_usd"]
+    cols = list(summary[0])
     rows = [" | ".join(cols), " | ".join("---" for _ in cols)]
-    for r in grouped.to_pylist():
-        rows.append(
-            " | ".join(
-                [
-                    *(str(r[c]) for c in by),
-                    str(r["request_id_count"]),
-                    str(r["prompt_tokens_sum"]),
-                    str(r["completion_tokens_sum"]),
-                    f"{r['cost_usd_sum']:.6f}",
-                ]
-            )
-        )
+    for r in summary:
+        rows.append(" | ".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in r.values()))
     return "\n".join(rows)
 
 

@@ -93,6 +93,12 @@ class KeyStore:
                 key_id TEXT NOT NULL, month TEXT NOT NULL, tokens INTEGER NOT NULL,
                 spend REAL NOT NULL, PRIMARY KEY (key_id, month))"""
         )
+        # Totals per agent session, for session caps that survive restarts.
+        self.db.execute(
+            """CREATE TABLE IF NOT EXISTS session_usage (
+                key_id TEXT NOT NULL, session TEXT NOT NULL, tokens INTEGER NOT NULL,
+                spend REAL NOT NULL, PRIMARY KEY (key_id, session))"""
+        )
 
     def create(
         self,
@@ -160,6 +166,20 @@ class KeyStore:
                DO UPDATE SET tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
             (key_id, month, tokens, spend),
         )
+
+    def add_session_usage(self, key_id: str, session: str, tokens: int, spend: float) -> None:
+        self.db.execute(
+            """INSERT INTO session_usage VALUES (?, ?, ?, ?) ON CONFLICT (key_id, session)
+               DO UPDATE SET tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
+            (key_id, session, tokens, spend),
+        )
+
+    def session_usage(self, key_id: str, session: str) -> tuple[int, float]:
+        row = self.db.execute(
+            "SELECT tokens, spend FROM session_usage WHERE key_id = ? AND session = ?",
+            (key_id, session),
+        ).fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
     def month_usage(self, key_id: str, month: str) -> tuple[int, float]:
         row = self.db.execute(

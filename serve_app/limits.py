@@ -62,6 +62,12 @@ class Limits:
     max_concurrent: int | None = None
     monthly_token_budget: int | None = None
     monthly_spend_usd: float | None = None
+    max_session_tokens: int | None = None
+    max_session_spend_usd: float | None = None
+
+    @property
+    def caps_sessions(self) -> bool:
+        return self.max_session_tokens is not None or self.max_session_spend_usd is not None
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,24 @@ class Denial:
     code: str
     message: str
     retry_after_s: float | None = None
+
+
+def session_denial(limits: Limits, tokens: int, spend: float) -> Denial | None:
+    """A session that has used its cap is refused from then on (a runaway agent loop
+    stops there, whichever router replica its next request reaches)."""
+    if limits.max_session_tokens is not None and tokens >= limits.max_session_tokens:
+        return Denial(
+            402,
+            "session_budget_exceeded",
+            f"this session used {tokens} tokens, its cap is {limits.max_session_tokens}",
+        )
+    if limits.max_session_spend_usd is not None and spend >= limits.max_session_spend_usd:
+        return Denial(
+            402,
+            "session_budget_exceeded",
+            f"this session spent ${spend:.4f}, its cap is ${limits.max_session_spend_usd:.2f}",
+        )
+    return None
 
 
 @dataclass

@@ -1,15 +1,21 @@
 """Usage metering: one record per request, durable before the client sees the end of its
 answer, batched into day-partitioned Parquet files.
 
-Records go first to a write-ahead segment (`wal/segment-N.jsonl`, flushed and fsynced per
+Records go first to a write-ahead segment (`_wal/segment-N.jsonl`, flushed and fsynced per
 record). A flush turns the whole segment into `day=YYYY-MM-DD/part-N.parquet` files
 (written to a temporary name, then renamed) and deletes the segment. File names derive
 from the segment number, so replaying a segment left by a crash rewrites the same files:
-no record is lost and none is counted twice.
+no record is lost and none is counted twice. Small parts of a day are compacted into one
+`part-LO-HI.parquet` (segments LO to HI), dropping any record present twice.
+
+The root is one hive-partitioned Parquet dataset for analysts' tools (pyarrow, DuckDB,
+Spark): the write-ahead folder and temporary files start with `_` or `.`, which those
+readers skip.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +24,9 @@ from typing import get_args
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
+
+log = logging.getLogger("serve_app.metering")
+COMPACT_AT = 8  # parts in a day folder that make it worth compacting
 
 
 class RequestLabels(BaseModel):
@@ -80,8 +89,11 @@ SCHEMA = arrow_schema(UsageRecord)
 class MeterWriter:
     def __init__(self, root: Path, batch_size: int = 200) -> None:
         self.root = root
-        self.wal_dir = root / "wal"
+        self.wal_dir = root / "_wal"
         self.wal_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt_legacy_wal()
+        for folder in self.root.glob("day=*"):
+            finish_compaction(folder)
         self.batch_size = batch_size
         self._pending: list[UsageRecord] = []
         # what the previous process had written before it ended: a settlement it took but
@@ -91,6 +103,14 @@ class MeterWriter:
         self.segment = self._next_segment()
         self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
 
+    def _adopt_legacy_wal(self) -> None:
+        """Segments of a version that kept them in `wal/` (which broke dataset readers)."""
+        legacy = self.root / "wal"
+        if legacy.is_dir():
+            for seg in legacy.glob("segment-*.jsonl"):
+                os.replace(seg, self.wal_dir / seg.name)
+            legacy.rmdir()
+
     def _segment_path(self, n: int) -> Path:
         return self.wal_dir / f"segment-{n:012d}.jsonl"
 
@@ -98,7 +118,7 @@ class MeterWriter:
         return sorted(int(p.stem.split("-")[1]) for p in self.wal_dir.glob("segment-*.jsonl"))
 
     def _next_segment(self) -> int:
-        done = [int(p.stem.split("-")[1]) for p in self.root.glob("day=*/part-*.parquet")]
+        done = [segments(p)[1] for p in self.root.glob("day=*/part-*.parquet")]
         return max([*self._segments(), *done, -1]) + 1
 
     def recover(self) -> int:
@@ -137,6 +157,14 @@ class MeterWriter:
         self.segment += 1
         self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
 
+    def compact(self) -> int:
+        """Compact the day folders with many parts; how many duplicate records went."""
+        dropped = 0
+        for folder in sorted(self.root.glob("day=*")):
+            if len(list(folder.glob("part-*.parquet"))) >= COMPACT_AT:
+                dropped += compact_day(folder)
+        return dropped
+
     def close(self) -> None:
         self.flush()
         self._wal.close()
@@ -159,12 +187,84 @@ class MeterWriter:
             os.replace(tmp, final)
 
 
+def segments(part: Path) -> tuple[int, int]:
+    """The segments a part file holds: `part-N` one, `part-LO-HI` a compacted range."""
+    numbers = [int(n) for n in part.name.removesuffix(".parquet").split("-")[1:]]
+    return numbers[0], numbers[-1]
+
+
+def compact_day(folder: Path) -> int:
+    """One file for a day's parts; records present twice (same request id and time: a
+    settlement repeated by a crash) kept once. The compacted file is in place before the
+    parts go, so a crash between leaves a duplicate range that the next start removes
+    (`finish_compaction`)."""
+    parts = sorted(folder.glob("part-*.parquet"), key=segments)
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
+    seen: set[tuple[str, object]] = set()
+    keep = []
+    for rid, ts in zip(table["request_id"].to_pylist(), table["time"].to_pylist(), strict=True):
+        keep.append((rid, ts) not in seen)
+        seen.add((rid, ts))
+    lo, hi = segments(parts[0])[0], max(segments(p)[1] for p in parts)
+    tmp = folder / f".part-{lo:012d}-{hi:012d}.parquet.tmp"
+    pq.write_table(table.filter(pa.array(keep)), tmp)
+    os.replace(tmp, folder / f"part-{lo:012d}-{hi:012d}.parquet")
+    finish_compaction(folder)
+    dropped = keep.count(False)
+    if dropped:
+        log.warning("compaction of %s dropped %d duplicate records", folder.name, dropped)
+    return dropped
+
+
+def finish_compaction(folder: Path) -> None:
+    """Delete the parts a compacted file of the folder already holds."""
+    parts = list(folder.glob("part-*.parquet"))
+    ranges = [segments(p) for p in parts if p.name.count("-") == 2]
+    for part in parts:
+        lo, hi = segments(part)
+        if any(a <= lo and hi <= b and (lo, hi) != (a, b) for a, b in ranges):
+            part.unlink()
+
+
+# What usage can be grouped by: the record's columns, `day`, and `session` for session_id.
+GROUPS = {"day", "session", *(f for f in UsageRecord.model_fields if f not in ("time",))}
+
+
+def usage_summary(root: Path, by: list[str], key_id: str | None = None) -> list[dict]:
+    """Requests, tokens and cost grouped by `by`, for one key or all; `ValueError` for a
+    grouping that is no column."""
+    import pyarrow.compute as pc
+
+    unknown = [b for b in by if b not in GROUPS]
+    if unknown or not by:
+        raise ValueError(f"cannot group by {unknown or by}; choose from {sorted(GROUPS)}")
+    columns = ["session_id" if b == "session" else b for b in by]
+    table = read_usage(root)
+    if key_id is not None:
+        table = table.filter(pc.equal(table["key_id"], key_id))
+    if table.num_rows == 0:
+        return []
+    table = table.append_column("day", pc.strftime(table["time"], format="%Y-%m-%d"))
+    sums = ["prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd"]
+    grouped = table.group_by(columns).aggregate(
+        [("request_id", "count"), *((c, "sum") for c in sums)]
+    )
+    rows = []
+    for r in grouped.sort_by([(c, "ascending") for c in columns]).to_pylist():
+        row = {b: r[c] for b, c in zip(by, columns, strict=True)}
+        row["requests"] = r["request_id_count"]
+        row.update({c: r[f"{c}_sum"] for c in sums})
+        rows.append(row)
+    return rows
+
+
 def read_usage(root: Path) -> pa.Table:
     """All flushed records (Parquet) plus those still in write-ahead segments."""
     parts = sorted(root.glob("day=*/part-*.parquet"))
     tables = [pq.read_table(p, schema=SCHEMA) for p in parts]
     pending = []
-    for seg in sorted((root / "wal").glob("segment-*.jsonl")) if (root / "wal").exists() else []:
+    wal = root / "_wal"
+    for seg in sorted(wal.glob("segment-*.jsonl")) if wal.exists() else []:
         for line in seg.read_text().splitlines():
             try:
                 rec = UsageRecord.model_validate_json(line)

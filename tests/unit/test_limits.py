@@ -90,3 +90,16 @@ def test_changed_limits_rebuild_buckets_unchanged_keep_levels():
     assert s.requests.level == 20
     s.apply(Limits())
     assert s.requests is None and s.check(1, 0, 0) is None
+
+
+def test_a_session_is_refused_once_its_cap_is_used():
+    from serve_app.limits import session_denial
+
+    tokens = Limits(max_session_tokens=100)
+    assert session_denial(tokens, 99, 0.0) is None
+    denial = session_denial(tokens, 100, 0.0)
+    assert (denial.status, denial.code) == (402, "session_budget_exceeded")
+    spend = Limits(max_session_spend_usd=0.5)
+    assert session_denial(spend, 10**9, 0.49) is None
+    assert session_denial(spend, 0, 0.5).code == "session_budget_exceeded"
+    assert not Limits().caps_sessions and tokens.caps_sessions
