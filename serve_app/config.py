@@ -59,6 +59,12 @@ class LimitFields(BaseModel):
     max_concurrent: int | None = Field(None, gt=0)
     monthly_token_budget: int | None = Field(None, gt=0)
     monthly_spend_usd: float | None = Field(None, gt=0)
+    max_session_tokens: int | None = Field(
+        None, gt=0, description="tokens one agent session may use; past it 402"
+    )
+    max_session_spend_usd: float | None = Field(
+        None, gt=0, description="spend one agent session may run up; past it 402"
+    )
     max_output_tokens: int | None = Field(None, gt=0)
     request_timeout_s: float | None = Field(
         None, gt=0, description="whole-request time limit; past it 504 (or an error event)"
@@ -110,6 +116,41 @@ class GatewaySettings(BaseModel):
     )
 
 
+class OutboundPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="only these hosts (exact, or *.domain); empty: any public host."
+        " A host listed here may resolve to a private address",
+    )
+    allow_http: bool = Field(False, description="plain http as well as https")
+
+
+class WebhookSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    outbound: OutboundPolicy = OutboundPolicy()
+    retry_base_s: float = Field(5.0, gt=0, description="first retry after this; doubling")
+    max_attempts: int = Field(10, ge=1, description="deliveries tried at most, then dropped")
+    timeout_s: float = Field(10.0, gt=0, description="per delivery attempt")
+
+
+class SessionSettings(BaseModel):
+    """The store of responses and conversations (`/v1/responses`, `/v1/conversations`),
+    in the gateway's state dir."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl_days: float = Field(30, gt=0, description="stored responses and conversations expire")
+    quota_mb_per_key: float = Field(
+        256, gt=0, description="bytes a key may store; its oldest responses are evicted past it"
+    )
+    sweep_interval_s: float = Field(300, gt=0, description="how often expired rows are deleted")
+    webhooks: WebhookSettings = WebhookSettings()
+
+    @property
+    def quota_bytes(self) -> int:
+        return int(self.quota_mb_per_key * 2**20)
+
+
 class ModelAlias(BaseModel):
     """A model name clients send (agent CLIs send their own) and the model it means."""
 
@@ -124,6 +165,7 @@ class AppConfig(BaseModel):
     plans: dict[str, Plan]
     router: RouterSettings = RouterSettings()
     gateway: GatewaySettings = GatewaySettings()
+    sessions: SessionSettings = SessionSettings()
     model_aliases: list[ModelAlias] = Field(
         default_factory=list, description="first match wins; our own names never match"
     )

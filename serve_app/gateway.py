@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import os
 import time
@@ -21,19 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 from ray.util import metrics
 
 from deployments.engine import Endpoint
+from serve_app.actor_calls import ActorCalls, ActorUnavailable
 from serve_app.config import Plan
 from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey
-from serve_app.limits import Denial, KeyState, Limits
-from serve_app.metering import MeterWriter, UsageRecord
+from serve_app.limits import Denial, KeyState, Limits, session_denial
+from serve_app.metering import MeterWriter, UsageRecord, usage_summary
 
 ACTOR_NAME = "kimi-gateway"
 NAMESPACE = "kimi-serve"
 ANONYMOUS = "anonymous"
 log = logging.getLogger("serve_app.gateway")
+GatewayUnavailable = ActorUnavailable  # what the pipeline catches
 SETTLED_KEPT = 100_000  # tickets remembered as settled, so a retried settlement is no-op
 
 
@@ -70,6 +70,8 @@ def plan_limits(plan: Plan, overrides: KeyOverrides) -> Limits:
         max_concurrent=pick("max_concurrent"),
         monthly_token_budget=pick("monthly_token_budget"),
         monthly_spend_usd=pick("monthly_spend_usd"),
+        max_session_tokens=pick("max_session_tokens"),
+        max_session_spend_usd=pick("max_session_spend_usd"),
     )
 
 
@@ -86,6 +88,9 @@ class GatewayState:
         self.states: dict[str, KeyState] = {}
         self.tickets: dict[str, tuple[str, int]] = {}
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.duplicates = metrics.Counter(
+            "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
+        )
         self._flusher: asyncio.Task[None] | None = None
 
     def configure(self, plans: dict[str, dict]) -> None:
@@ -100,6 +105,11 @@ class GatewayState:
         while True:
             await asyncio.sleep(self.flush_interval_s)
             self.meter.flush()
+            try:
+                if dropped := self.meter.compact():
+                    self.duplicates.inc(dropped)
+            except Exception:  # the parts stay as they are; compaction is tried again
+                log.exception("compacting the usage dataset failed")
 
     # ---- request path ----------------------------------------------------------------
 
@@ -131,7 +141,12 @@ class GatewayState:
         return state
 
     async def admit(
-        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+        self,
+        caller: Caller,
+        est_tokens: int,
+        est_cost: float,
+        ticket: str,
+        session: str | None = None,
     ) -> Admission | Denial:
         """Admit one request under `ticket` (the caller's; asked again, the same
         admission, so a retried call admits once)."""
@@ -140,7 +155,11 @@ class GatewayState:
         state = self._state(caller, now)
         if ticket in self.tickets:
             return Admission(ticket, state.headers(now))
-        denial = state.check(est_tokens, est_cost, now)
+        denial = None
+        if session is not None and state.limits.caps_sessions:
+            used = self.keys.session_usage(caller.key_id, session)
+            denial = session_denial(state.limits, *used)
+        denial = denial or state.check(est_tokens, est_cost, now)
         if denial is not None:
             return denial
         state.admit(est_tokens, now)
@@ -170,6 +189,8 @@ class GatewayState:
             self.meter.append(record)
             if tokens or cost:
                 self.keys.add_usage(record.key_id, month_of(record.time), tokens, cost)
+                if record.session_id:
+                    self.keys.add_session_usage(record.key_id, record.session_id, tokens, cost)
 
     # ---- admin -----------------------------------------------------------------------
 
@@ -188,53 +209,42 @@ class GatewayState:
     def flush(self) -> None:
         self.meter.flush()
 
+    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
+        """Usage grouped by `by` (read off the request path's thread), or why not."""
+        try:
+            return await asyncio.to_thread(usage_summary, self.meter.root, by, key_id)
+        except ValueError as exc:
+            return str(exc)
+
     def close(self) -> None:
         """Flush and close the meter (what stays in the log is recovered on restart)."""
         self.meter.close()
 
 
-class GatewayUnavailable(Exception):
-    """The gateway actor did not answer within the wait: it is restarting, or gone."""
-
-
 class GatewayClient:
     """The gateway actor's calls, awaited: what the pipeline and the admin API use. While
-    the actor restarts (Ray restarts it, its state is on disk), calls are retried for up
-    to `wait_s`; then `GatewayUnavailable`. Admission and settlement are idempotent by
-    ticket, so a retry never admits or meters twice."""
+    the actor restarts, calls wait (`ActorCalls`); admission and settlement are
+    idempotent by ticket, so a retry never admits or meters twice."""
 
     def __init__(self, actor: Any, wait_s: float = 10.0) -> None:
         self._actor = actor
-        self.wait_s = wait_s
-        self.retried = metrics.Counter(
+        retried = metrics.Counter(
             "kimi_gateway_retries", "gateway calls retried while the gateway actor was away"
         )
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        deadline = time.monotonic() + self.wait_s
-        delay = 0.05
-        for attempt in itertools.count():
-            try:
-                return await getattr(self._actor, method).remote(*args)
-            except RayActorError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise GatewayUnavailable(
-                        f"the gateway did not answer in {self.wait_s:g} s"
-                    ) from exc
-                if attempt == 0:  # one count and one line per call that had to wait
-                    self.retried.inc()
-                    log.warning("the gateway is unavailable (%r); retrying %s", exc, method)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")
+        self._call = ActorCalls(actor, "gateway", wait_s, retried)
 
     async def authenticate(self, key: str) -> Caller | Denial:
         return await self._call("authenticate", key)
 
     async def admit(
-        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+        self,
+        caller: Caller,
+        est_tokens: int,
+        est_cost: float,
+        ticket: str,
+        session: str | None = None,
     ) -> Admission | Denial:
-        return await self._call("admit", caller, est_tokens, est_cost, ticket)
+        return await self._call("admit", caller, est_tokens, est_cost, ticket, session)
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         await self._call("settle", ticket, record)
@@ -254,6 +264,9 @@ class GatewayClient:
 
     async def flush(self) -> None:
         await self._call("flush")
+
+    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
+        return await self._call("usage", key_id, by)
 
 
 def connect_gateway(

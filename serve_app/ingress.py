@@ -21,10 +21,20 @@ from deployments.loadboard import TierLoad, board
 from serve_app.api.admin import AdminAPI
 from serve_app.api.anthropic import AnthropicAPI
 from serve_app.api.anthropic_models import AnthropicError, CountTokensRequest, MessagesRequest
+from serve_app.api.conversations import ConversationsAPI
 from serve_app.api.http import openai_error
 from serve_app.api.openai import OpenAIAPI
 from serve_app.api.openapi import with_bodies
 from serve_app.api.ops import OpsAPI
+from serve_app.api.responses import ResponsesAPI
+from serve_app.api.responses_models import (
+    ConversationCreate,
+    ConversationUpdate,
+    ItemsCreate,
+    ResponsesRequest,
+)
+from serve_app.api.usage import UsageAPI
+from serve_app.api.webhook_endpoints import NewEndpoint, WebhookEndpointsAPI
 from serve_app.config import AppConfig
 from serve_app.errors import APIError
 from serve_app.gateway import connect_gateway, state_dir
@@ -32,6 +42,7 @@ from serve_app.keys import NewKey
 from serve_app.pipeline import Pipeline
 from serve_app.schemas import ChatRequest, CompletionRequest
 from serve_app.sealing import deployment_sealer
+from serve_app.sessions import SessionClient, connect_sessions
 from serve_app.telemetry import IngressMetrics
 from serve_app.tier_calls import RayTiers
 
@@ -63,6 +74,12 @@ app.openapi = with_bodies(  # type: ignore[method-assign]
         ("/v1/completions", "post"): CompletionRequest,
         ("/v1/messages", "post"): MessagesRequest,
         ("/v1/messages/count_tokens", "post"): CountTokensRequest,
+        ("/v1/responses", "post"): ResponsesRequest,
+        ("/v1/conversations", "post"): ConversationCreate,
+        ("/v1/conversations/{conversation_id}", "post"): ConversationUpdate,
+        ("/v1/conversations/{conversation_id}/items", "post"): ItemsCreate,
+        ("/v1/webhook_endpoints", "post"): NewEndpoint,
+        ("/admin/keys/{key_id}/webhook_endpoints", "post"): NewEndpoint,
         ("/admin/keys", "post"): NewKey,
     },
     {"/v1/messages": AnthropicError},
@@ -89,9 +106,23 @@ class Ingress:
         self.openai = OpenAIAPI(self.pipeline, self.config)
         sealer = deployment_sealer(state_dir(gw.state_dir))
         self.anthropic = AnthropicAPI(self.pipeline, self.config, sealer)
-        self.admin = AdminAPI(gateway, gw.admin_token_env, self.config.router.max_body_bytes)
+        store = self._sessions()
+        self.responses = ResponsesAPI(self.pipeline, self.config, sealer, store)
+        self.conversations = ConversationsAPI(self.responses, self.config.router.max_body_bytes)
+        self.admin = AdminAPI(gateway, store, gw.admin_token_env, self.config.router.max_body_bytes)
         self.ops = OpsAPI(self.config, self._snapshot)
+        self.usage = UsageAPI(self.pipeline, gateway)
+        self.webhooks = WebhookEndpointsAPI(
+            self.pipeline,
+            store,
+            self.config.sessions.webhooks.outbound,
+            self.config.router.max_body_bytes,
+        )
         self._refresher = asyncio.create_task(self._refresh_loads())
+
+    def _sessions(self) -> SessionClient:
+        gw = self.config.gateway
+        return connect_sessions(state_dir(gw.state_dir), self.config.sessions, gw.restart_wait_s)
 
     async def _snapshot(self) -> dict[str, TierLoad]:
         return await asyncio.wait_for(self.board.snapshot.remote(), timeout=5)
@@ -120,6 +151,98 @@ class Ingress:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request) -> Response:
         return await self.anthropic.count_tokens(request)
+
+    @app.post("/v1/responses")
+    async def create_response(self, request: Request) -> Response:
+        return await self.responses.create(request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        return await self.responses.retrieve(request, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        return await self.responses.delete(request, response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(self, response_id: str, request: Request) -> dict[str, Any]:
+        return await self.responses.input_items(request, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        return await self.responses.cancel(request, response_id)
+
+    @app.post("/v1/conversations")
+    async def create_conversation(self, request: Request) -> dict[str, Any]:
+        return await self.conversations.create(request)
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(self, conversation_id: str, request: Request) -> dict[str, Any]:
+        return await self.conversations.retrieve(request, conversation_id)
+
+    @app.post("/v1/conversations/{conversation_id}")
+    async def update_conversation(self, conversation_id: str, request: Request) -> dict[str, Any]:
+        return await self.conversations.update(request, conversation_id)
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(self, conversation_id: str, request: Request) -> dict[str, Any]:
+        return await self.conversations.delete(request, conversation_id)
+
+    @app.get("/v1/conversations/{conversation_id}/items")
+    async def conversation_items(self, conversation_id: str, request: Request) -> dict[str, Any]:
+        return await self.conversations.list_items(request, conversation_id)
+
+    @app.post("/v1/conversations/{conversation_id}/items")
+    async def add_conversation_items(
+        self, conversation_id: str, request: Request
+    ) -> dict[str, Any]:
+        return await self.conversations.add_items(request, conversation_id)
+
+    @app.get("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def conversation_item(
+        self, conversation_id: str, item_id: str, request: Request
+    ) -> dict[str, Any]:
+        return await self.conversations.item(request, conversation_id, item_id)
+
+    @app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def delete_conversation_item(
+        self, conversation_id: str, item_id: str, request: Request
+    ) -> dict[str, Any]:
+        return await self.conversations.delete_item(request, conversation_id, item_id)
+
+    @app.post("/v1/webhook_endpoints")
+    async def create_webhook(self, request: Request) -> dict[str, Any]:
+        return await self.webhooks.create(request)
+
+    @app.get("/v1/webhook_endpoints")
+    async def list_webhooks(self, request: Request) -> dict[str, Any]:
+        return await self.webhooks.list(request)
+
+    @app.get("/v1/webhook_endpoints/{endpoint_id}")
+    async def get_webhook(self, endpoint_id: str, request: Request) -> dict[str, Any]:
+        return await self.webhooks.retrieve(request, endpoint_id)
+
+    @app.delete("/v1/webhook_endpoints/{endpoint_id}")
+    async def delete_webhook(self, endpoint_id: str, request: Request) -> dict[str, Any]:
+        return await self.webhooks.delete(request, endpoint_id)
+
+    @app.post("/v1/webhook_endpoints/{endpoint_id}/rotate_secret")
+    async def rotate_webhook_secret(self, endpoint_id: str, request: Request) -> dict[str, Any]:
+        return await self.webhooks.rotate_secret(request, endpoint_id)
+
+    @app.post("/admin/keys/{key_id}/webhook_endpoints")
+    async def admin_create_webhook(self, key_id: str, request: Request) -> dict[str, Any]:
+        self.admin.check(request)
+        return await self.webhooks.create(request, owner=key_id)
+
+    @app.get("/admin/keys/{key_id}/webhook_endpoints")
+    async def admin_list_webhooks(self, key_id: str, request: Request) -> dict[str, Any]:
+        self.admin.check(request)
+        return await self.webhooks.list(request, owner=key_id)
+
+    @app.get("/v1/usage")
+    async def key_usage(self, request: Request) -> dict[str, Any]:
+        return await self.usage.usage(request)
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

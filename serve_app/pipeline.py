@@ -68,7 +68,12 @@ class Gateway(Protocol):
     async def authenticate(self, key: str) -> Caller | Denial: ...
 
     async def admit(
-        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+        self,
+        caller: Caller,
+        est_tokens: int,
+        est_cost: float,
+        ticket: str,
+        session: str | None = None,
     ) -> Admission | Denial: ...
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None: ...
@@ -89,6 +94,7 @@ class Inbound:
     strategy: str | None = None  # a routing strategy asked for per request
     api: str = "openai"  # the wire format, for the usage record
     clamp_output: bool = False  # max_tokens past the limits is lowered, not refused
+    caller: Caller | None = None  # already identified by the adapter (`Pipeline.identify`)
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,11 @@ def affinity_key(session: str | None, body: dict[str, Any]) -> str:
     return "p:" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
+def session_of(inbound: Inbound) -> str | None:
+    """The session a request is metered (and capped) under, as its record names it."""
+    return inbound.session[:200] if inbound.session else None
+
+
 def output_cap(plan: Plan, caller: Caller) -> int | None:
     """The most output tokens a request may ask for: the key's own cap, or its plan's."""
     return caller.overrides.max_output_tokens or plan.max_output_tokens
@@ -270,7 +281,7 @@ class Pipeline:
             return result
 
     async def _serve(self, inbound: Inbound, span: Span) -> Result:
-        caller = await self._caller(inbound.api_key)
+        caller = inbound.caller or await self.identify(inbound.api_key)
         if inbound.clamp_output:
             self._clamp_output(inbound, caller)
         route = self._route(inbound, caller)
@@ -319,7 +330,9 @@ class Pipeline:
         ticket = uuid.uuid4().hex  # admission and settlement are idempotent by it
         try:
             admission = await self.calls.call(
-                lambda: self.gateway.admit(route.caller, tokens_est, cost_est, ticket),
+                lambda: self.gateway.admit(
+                    route.caller, tokens_est, cost_est, ticket, session_of(inbound)
+                ),
                 on_abandon=self._give_back,
             )
         except GatewayUnavailable:
@@ -340,7 +353,7 @@ class Pipeline:
             stream=bool(inbound.body.get("stream")),
             degraded=route.degraded,
             api=inbound.api,
-            session_id=inbound.session[:200] if inbound.session else None,
+            session_id=session_of(inbound),
         )
         # Ray Serve's proxy echoes x-request-id (ours comes from it), so it is not repeated.
         headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
@@ -493,7 +506,8 @@ class Pipeline:
 
     # ---- the caller --------------------------------------------------------------------
 
-    async def _caller(self, key: str | None) -> Caller:
+    async def identify(self, key: str | None) -> Caller:
+        """The caller a key names, or a refusal; for adapters that own per-key state."""
         anon = self.config.router.anonymous_plan
         if key is not None and anon is not None and split_key(key) is None:
             # Where key-less use is allowed, a placeholder that is not one of our keys

@@ -15,7 +15,6 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -37,10 +36,13 @@ from serve_app.api.anthropic_models import (
     thinking_omitted,
 )
 from serve_app.api.http import (
+    DONE,
     SettledStreamingResponse,
     bearer,
     read_json,
     session_of,
+    sse_payloads,
+    stream_error_status,
     validated,
 )
 from serve_app.config import AppConfig
@@ -90,28 +92,17 @@ async def anthropic_events(stream: Streamed, writer: EventWriter) -> AsyncIterat
             yield sse({"type": "ping"})
             continue
         out = []
-        for event in text.split("\n\n"):
-            if not event.startswith("data: "):
-                continue
-            payload = event[6:]
-            if payload == "[DONE]":
+        for chunk in sse_payloads(text):
+            if chunk == DONE:
                 out.append(writer.finish())
-                continue
-            chunk = json.loads(payload)
-            if isinstance(chunk.get("error"), dict):
+            elif isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
                 out.append(writer.error(chunk["error"], stream_error_status(chunk["error"])))
-            else:
+            elif isinstance(chunk, dict):
                 out.append(writer.chunk(chunk))
         if joined := "".join(out):
             yield joined
     if not writer.ended:  # the tier's stream ended without its [DONE]
         yield writer.finish()
-
-
-def stream_error_status(error: dict[str, Any]) -> int:
-    if error.get("code") == "request_timeout":
-        return 504
-    return 400 if error.get("type") == "invalid_request_error" else 500
 
 
 class AnthropicAPI:

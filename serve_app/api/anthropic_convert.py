@@ -31,6 +31,8 @@ from serve_app.api.anthropic_models import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from serve_app.api.thinking import effort_budget
+from serve_app.api.thinking import thinking_fields as thinking_mode
 from serve_app.sealing import Sealer
 
 TOOLU = "toolu_"
@@ -77,26 +79,17 @@ def chat_body(req: Conversation, sealer: Sealer) -> dict[str, Any]:
     return body
 
 
-# The share of max_tokens that adaptive thinking may spend, by `output_config.effort`
-# ("max": no bound but max_tokens itself).
-EFFORT_SHARE = {"low": 0.125, "medium": 0.25, "high": 0.5, "max": None}
-
-
 def thinking_fields(req: Conversation) -> dict[str, Any]:
     """K2.5's thinking or instant mode, and the thinking budget. Anthropic's default is no
     extended thinking, so instant mode unless asked; adaptive thinking gets a budget
     from the effort asked (high if none)."""
     thinking = req.thinking
-    on = isinstance(thinking, ThinkingEnabled | ThinkingAdaptive)
-    fields: dict[str, Any] = {"chat_template_kwargs": {"thinking": on}}
     if isinstance(thinking, ThinkingEnabled):
-        fields["thinking_token_budget"] = thinking.budget_tokens
-    elif isinstance(thinking, ThinkingAdaptive) and isinstance(req, MessagesRequest):
+        return thinking_mode(True, thinking.budget_tokens)
+    if isinstance(thinking, ThinkingAdaptive) and isinstance(req, MessagesRequest):
         effort = (req.output_config.effort if req.output_config else None) or "high"
-        share = EFFORT_SHARE[effort]
-        if share is not None:
-            fields["thinking_token_budget"] = max(1, int(req.max_tokens * share))
-    return fields
+        return thinking_mode(True, effort_budget(effort, req.max_tokens))
+    return thinking_mode(isinstance(thinking, ThinkingAdaptive))
 
 
 def sampling(req: MessagesRequest) -> dict[str, Any]:

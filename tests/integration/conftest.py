@@ -80,6 +80,9 @@ def session_app_args() -> dict:
         for field, values in OVERLAY[tier["name"]].items():
             tier[field] = {**tier.get(field, {}), **values}
     args["router"]["allow_strategy_header"] = True
+    # webhook receivers in the tests listen on this machine, over plain http
+    outbound = {"allowed_hosts": ["127.0.0.1"], "allow_http": True}
+    args["sessions"] = {"webhooks": {"outbound": outbound, "retry_base_s": 0.2}}
     return args
 
 

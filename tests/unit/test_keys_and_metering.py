@@ -4,6 +4,7 @@ import sqlite3
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from serve_app.keys import KeyOverrides, KeyStore, split_key
 from serve_app.metering import MeterWriter, UsageRecord, read_usage
@@ -83,7 +84,7 @@ def test_meter_recovers_a_crashed_log_without_duplicates(tmp_path):
     for i in range(5):
         m.append(rec(i))
     # crash: the process dies without flushing; a torn half line is at the end of the log
-    seg = next((tmp_path / "wal").glob("segment-*.jsonl"))
+    seg = next((tmp_path / "_wal").glob("segment-*.jsonl"))
     with open(seg, "a") as f:
         f.write('{"time": 1795400')
     m2 = MeterWriter(tmp_path)  # recovers on start
@@ -105,11 +106,18 @@ def test_usage_report_groups_by_key_plan_tier_day(tmp_path):
     for i in range(4):
         m.append(rec(i))
     m.append(rec(5).model_copy(update={"tier": "premium", "request_id": "p"}))
+    m.append(rec(6).model_copy(update={"session_id": "agent-1"}))
     m.close()
     report = usage_report(tmp_path, ["key_id", "tier"]).splitlines()
-    assert report[0] == "key_id | tier | requests | prompt_tokens | completion_tokens | cost_usd"
-    assert report[2] == "k | budget | 4 | 46 | 20 | 0.004000"
-    assert report[3] == "k | premium | 1 | 15 | 5 | 0.001000"
+    head = "key_id | tier | requests | prompt_tokens | completion_tokens | cached_tokens | cost_usd"
+    assert report[0] == head
+    assert report[2] == "k | budget | 5 | 62 | 25 | 0 | 0.005000"
+    assert report[3] == "k | premium | 1 | 15 | 5 | 0 | 0.001000"
+    sessions = usage_report(tmp_path, ["session"]).splitlines()
+    assert sessions[0].startswith("session | requests")
+    assert "agent-1 | 1 | 16 | 5 | 0 | 0.001000" in sessions
+    with pytest.raises(SystemExit, match="cannot group by"):
+        usage_report(tmp_path, ["colour"])
 
 
 def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
@@ -148,3 +156,62 @@ def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
     assert row.pop("time") == datetime.fromtimestamp(values.pop("time"), UTC)
     assert row == values
     assert read_usage(tmp_path).num_rows == 1
+
+
+def test_the_usage_root_is_one_dataset_and_compaction_keeps_each_record_once(tmp_path):
+    import pyarrow.dataset as ds
+
+    from serve_app.metering import COMPACT_AT
+
+    writer = MeterWriter(tmp_path, batch_size=2)
+    records = [rec(n) for n in range(2 * COMPACT_AT)]
+    for r in records:
+        writer.append(r)
+    writer.append(records[0])  # a settlement repeated after a crash
+    last = rec(1000)
+    writer.append(last)  # flushed with it: a part holding the duplicate
+    writer.append(rec(1001))  # still in the write-ahead log
+    # analysts' readers take the root as it is, the write-ahead folder skipped
+    table = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()
+    assert len(table) == len(records) + 2
+    assert len(list(tmp_path.glob("day=*/part-*.parquet"))) > COMPACT_AT
+    assert writer.compact() == 1
+    [part] = tmp_path.glob("day=*/part-*.parquet")
+    ids = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()["request_id"]
+    assert sorted(ids.to_pylist()) == sorted([r.request_id for r in [*records, last]])
+    writer.close()
+    # a new segment after compaction is numbered past the compacted range
+    again = MeterWriter(tmp_path, batch_size=2)
+    assert again.segment > int(part.name.removesuffix(".parquet").split("-")[-1])
+
+
+def test_session_totals_add_up_per_key_and_survive_a_restart(tmp_path):
+    store = KeyStore(tmp_path / "keys.db")
+    store.add_session_usage("k1", "s", 10, 0.5)
+    store.add_session_usage("k1", "s", 5, 0.25)
+    store.add_session_usage("k2", "s", 1, 0.0)
+    again = KeyStore(tmp_path / "keys.db")
+    assert again.session_usage("k1", "s") == (15, 0.75)
+    assert again.session_usage("k2", "s") == (1, 0.0)
+    assert again.session_usage("k1", "other") == (0, 0.0)
+
+
+def test_the_readmes_duckdb_query_reads_the_usage_root(tmp_path):
+    """The query the README shows, on a usage root with flushed and compacted parts."""
+    import re
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    import duckdb
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    query = re.search(r"```sql\n(.*?)```", readme, re.S).group(1)
+    now = datetime.now(UTC).timestamp()
+    m = MeterWriter(tmp_path, batch_size=1)
+    for i in range(3):
+        m.append(rec(i, ts=now).model_copy(update={"session_id": "agent-7"}))
+    m.append(rec(9, ts=now))  # no session: not in the answer
+    m.close()
+    query = query.replace("~/.local/share/kimi-serve/usage", str(tmp_path))
+    rows = duckdb.sql(query).fetchall()
+    assert rows == [("agent-7", 3, 10 + 11 + 12 + 3 * 5, 0.003)]

@@ -172,6 +172,7 @@ class FakeGateway:
         self.tickets: dict[str, int] = {}
         self.records: list[UsageRecord] = []
         self.down: set[str] = set()  # calls that find the gateway away (restarting)
+        self.sessions: list[str | None] = []  # the session each admission named
 
     def _away(self, call: str) -> None:
         if call in self.down:
@@ -182,9 +183,15 @@ class FakeGateway:
         return self.caller if key == KEY else Denial(401, "invalid_api_key", "no such key")
 
     async def admit(
-        self, caller: Caller, est_tokens: int, est_cost: float, ticket: str
+        self,
+        caller: Caller,
+        est_tokens: int,
+        est_cost: float,
+        ticket: str,
+        session: str | None = None,
     ) -> Admission | Denial:
         self._away("admit")
+        self.sessions.append(session)
         denial = self.state.check(est_tokens, est_cost, time.time())
         if denial is not None:
             return denial

@@ -1,0 +1,108 @@
+"""Background responses (`background: true`): answered at once as `queued`, run in this
+router replica apart from any client connection, stored when they end.
+
+A run gives a sign of life to the store every `HEARTBEAT_S` and hears its cancellation
+in the answer; its engine stream is closed (the request settled with what it used). A
+replica that dies takes its runs with it: the store marks them failed once they have
+been silent for `session_store.RUN_LOST_S`, so none stays `in_progress` for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from serve_app.actor_calls import ActorUnavailable
+from serve_app.api.responses_convert import ResponseWriter
+from serve_app.errors import APIError
+from serve_app.pipeline import Inbound, Pipeline, Streamed
+from serve_app.session_store import StoredResponse
+from serve_app.sessions import SessionClient
+
+if TYPE_CHECKING:
+    from serve_app.api.responses import ResponsesAPI, Turn
+
+log = logging.getLogger("serve_app.api.background")
+HEARTBEAT_S = 1.0
+ENDED = ("completed", "failed", "cancelled", "incomplete")
+# The codes a Response's `error` may carry, by the HTTP status of what failed.
+FAILURE_CODES = {400: "invalid_prompt", 429: "rate_limit_exceeded"}
+
+
+class Runs:
+    def __init__(self, pipeline: Pipeline, store: SessionClient, api: ResponsesAPI) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.api = api
+        self.tasks: set[asyncio.Task[None]] = set()  # held, or the loop may drop them
+
+    async def start(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> dict:
+        """Store the response as queued and start its run; the queued response."""
+        writer.doc["status"] = "queued"
+        stored = StoredResponse(writer.doc["id"], turn.session, writer.doc, turn.items)
+        await self.store.put_response(turn.owner, stored, turn.req.previous_response_id)
+        task = asyncio.create_task(self._run(inbound, writer, turn))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return dict(writer.doc)
+
+    async def _run(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> None:
+        consume = asyncio.ensure_future(self._consume(inbound, writer, turn))
+        try:
+            while not consume.done():
+                await asyncio.wait({consume}, timeout=HEARTBEAT_S)
+                if consume.done() or not await self._cancelled(turn):
+                    continue
+                consume.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consume
+                writer.cancel()
+                await self.api.save(turn, {})
+                break
+            else:
+                consume.result()
+        except Exception:
+            log.exception("background response %s failed", writer.doc["id"])
+            writer.fail("server_error", "internal error; the response was not completed")
+            await self.api.save(turn, {})
+        await self._announce(turn)
+
+    async def _announce(self, turn: Turn) -> None:
+        """The response's end, to the key's webhook endpoints that take it."""
+        status = turn.doc["status"]
+        if status not in ENDED:
+            return
+        event_id = f"evt_{uuid.uuid4().hex}"  # made once: a retried call adds it once
+        try:
+            await self.store.webhooks(
+                "emit", turn.owner, event_id, f"response.{status}", turn.doc["id"]
+            )
+        except ActorUnavailable:
+            log.error("webhook event %s of %s lost: the store is away", event_id, turn.doc["id"])
+
+    async def _cancelled(self, turn: Turn) -> bool:
+        try:
+            status = await self.store.touch(turn.owner, turn.doc["id"])
+        except ActorUnavailable:
+            return False  # the store is restarting: the run goes on
+        return status in ("cancelled", None)  # None: deleted meanwhile
+
+    async def _consume(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> None:
+        try:
+            result = await self.pipeline.serve(inbound)
+        except APIError as exc:
+            writer.fail(FAILURE_CODES.get(exc.status, "server_error"), exc.message)
+            await self.api.save(turn, {})
+            return
+        assert isinstance(result, Streamed)
+        result.started()
+        try:
+            writer.start()
+            await self.api.save(turn, {})  # in_progress
+            async for _ in self.api.written(result, writer, turn):
+                pass
+        finally:
+            await result.close()

@@ -1,0 +1,279 @@
+"""The Responses and Conversations APIs' request bodies, as OpenAI documents them.
+
+Input items are a union told apart by `type` (a message may leave it out). Fields we
+take but that change nothing here are named, so a field no tier could honour (a hosted
+tool, a stored prompt) is refused with its name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+)
+
+from serve_app.schemas import INT32, Name, check_json_schema
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Loose(BaseModel):
+    """Items clients send back as they got them: fields beyond what translation needs
+    (`status`, `annotations`, `phase`...) are kept, so items list back as they came."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+# ---- content parts ---------------------------------------------------------------------
+
+
+class InputText(Loose):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(Loose):
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, min_length=1)
+    file_id: str | None = None
+    detail: Literal["low", "high", "auto", "original"] = "auto"
+
+
+class OutputText(Loose):
+    type: Literal["output_text"]
+    text: str
+
+
+class Refusal(Loose):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class InputFile(Loose):
+    type: Literal["input_file"]
+
+
+Part = Annotated[
+    InputText | InputImage | OutputText | Refusal | InputFile, Field(discriminator="type")
+]
+
+
+# ---- input items -----------------------------------------------------------------------
+
+
+class MessageItem(Loose):
+    type: Literal["message"] = "message"
+    id: str | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[Part]
+
+
+class FunctionCallItem(Loose):
+    type: Literal["function_call"]
+    id: str | None = None
+    call_id: str = Field(min_length=1, max_length=256)
+    name: Name
+    arguments: str
+
+
+class FunctionCallOutputItem(Loose):
+    type: Literal["function_call_output"]
+    id: str | None = None
+    call_id: str = Field(min_length=1, max_length=256)
+    output: str | list[Part]
+
+
+class ReasoningText(Loose):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(Loose):
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+
+
+class ItemReference(Loose):
+    type: Literal["item_reference"]
+    id: str = Field(min_length=1)
+
+
+def item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else "message"
+    return kind if kind in ITEM_KINDS else "unknown"
+
+
+class UnknownItem(Loose):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _refused(cls, v: str) -> str:
+        raise ValueError(f"input items of type {v!r} are not supported")
+
+
+class UnknownTool(Loose):
+    """A hosted tool (web search, file search, code interpreter...): nothing here runs it."""
+
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _refused(cls, v: str) -> str:
+        raise ValueError(f"tools of type {v!r} are not supported; function tools are")
+
+
+ITEM_KINDS = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "reasoning",
+    "item_reference",
+)
+
+Item = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ItemReference, Tag("item_reference")]
+    | Annotated[UnknownItem, Tag("unknown")],
+    Discriminator(item_kind),
+]
+
+
+# ---- the request -----------------------------------------------------------------------
+
+
+class FunctionTool(Strict):
+    type: Literal["function"]
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            check_json_schema(v, "parameters")
+        return v
+
+
+def tool_kind(value: Any) -> str:
+    return "function" if isinstance(value, dict) and value.get("type") == "function" else "other"
+
+
+Tool = Annotated[
+    Annotated[FunctionTool, Tag("function")] | Annotated[UnknownTool, Tag("other")],
+    Discriminator(tool_kind),
+]
+
+
+class NamedFunction(Strict):
+    type: Literal["function"]
+    name: Name
+
+
+class Reasoning(Strict):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class TextFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Name | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            check_json_schema(v, "text.format.schema")
+        return v
+
+
+class TextConfig(Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ConversationRef(Strict):
+    id: str = Field(min_length=1)
+
+
+class StreamOptions(Strict):
+    include_obfuscation: bool | None = None
+
+
+Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
+
+INCLUDABLE = Literal[
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+    "message.input_image.image_url",
+]
+
+
+class ResponsesRequest(Strict):
+    model: str = Field(min_length=1)
+    input: str | list[Item] | None = None
+    instructions: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: Reasoning | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=INT32)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    text: TextConfig | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
+    prompt_cache_key: str | None = Field(None, max_length=200)
+    store: bool = True
+    previous_response_id: str | None = Field(None, min_length=1)
+    conversation: str | ConversationRef | None = None
+    background: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    include: list[INCLUDABLE] | None = None
+    user: str | None = Field(None, max_length=512)
+    safety_identifier: str | None = Field(None, max_length=512)
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+
+    @property
+    def conversation_id(self) -> str | None:
+        c = self.conversation
+        return c.id if isinstance(c, ConversationRef) else c
+
+
+# ---- conversations ---------------------------------------------------------------------
+
+
+class ConversationCreate(Strict):
+    items: list[Item] | None = Field(None, max_length=20)
+    metadata: Metadata | None = Field(None, max_length=16)
+
+
+class ConversationUpdate(Strict):
+    metadata: Metadata = Field(max_length=16)
+
+
+class ItemsCreate(Strict):
+    items: list[Item] = Field(min_length=1, max_length=20)

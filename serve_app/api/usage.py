@@ -1,0 +1,37 @@
+"""A key holder's own usage: `GET /v1/usage?group_by=day,session`, from the metered
+records (those still in the write-ahead log included), never another key's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from serve_app.api.http import bearer
+from serve_app.errors import APIError
+from serve_app.gateway import ANONYMOUS, GatewayClient
+from serve_app.pipeline import Pipeline
+
+GROUPINGS = ("day", "tier", "model", "session", "api", "plan")
+
+
+class UsageAPI:
+    def __init__(self, pipeline: Pipeline, gateway: GatewayClient) -> None:
+        self.pipeline = pipeline
+        self.gateway = gateway
+
+    async def usage(self, request: Request) -> dict[str, Any]:
+        caller = await self.pipeline.identify(bearer(request))
+        if caller.key_id == ANONYMOUS:
+            raise APIError(401, "usage is per API key: send one", code="invalid_api_key")
+        by = [g for g in request.query_params.get("group_by", "day").split(",") if g]
+        if not by or any(g not in GROUPINGS for g in by):
+            raise APIError(
+                400,
+                f"group_by takes a comma-separated list of {', '.join(GROUPINGS)}",
+                param="group_by",
+            )
+        rows = await self.gateway.usage(caller.key_id, by)
+        if isinstance(rows, str):
+            raise APIError(400, rows, param="group_by")
+        return {"object": "list", "group_by": by, "data": rows}
