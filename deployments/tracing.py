@@ -35,6 +35,13 @@ class JsonLinesExporter(SpanExporter):
         self.path = path
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            self._write(spans)
+        except OSError:  # a full or read-only disk loses traces, never requests
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def _write(self, spans: Sequence[ReadableSpan]) -> None:
         with _lock, open(self.path, "a") as f:
             for s in spans:
                 ctx = s.get_span_context()
@@ -47,7 +54,6 @@ class JsonLinesExporter(SpanExporter):
                     "attributes": dict(s.attributes or {}),
                     "start_ns": s.start_time, "end_ns": s.end_time,
                 }) + "\n")  # fmt: skip
-        return SpanExportResult.SUCCESS
 
 
 def tracer(service: str) -> trace.Tracer:

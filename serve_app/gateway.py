@@ -13,11 +13,13 @@ import asyncio
 import collections
 import logging
 import os
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.util import metrics
@@ -92,6 +94,14 @@ class GatewayState:
             "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
         )
         self._flusher: asyncio.Task[None] | None = None
+        # budget totals not yet in the key store (it failed), and why
+        self.totals: collections.deque[tuple[str, str, int, float, str | None]] = (
+            collections.deque()
+        )
+        self.totals_fault: str | None = None
+        self.degraded = metrics.Gauge(
+            "kimi_storage_degraded", "1 while the state dir cannot be written (503s)"
+        )
 
     def configure(self, plans: dict[str, dict]) -> None:
         """A redeploy may change plans; buckets keep their levels where limits stay."""
@@ -103,7 +113,11 @@ class GatewayState:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.flush_interval_s)
+            # a failing disk is retried every second: recovery is automatic and quick
+            await asyncio.sleep(1.0 if self.fault else self.flush_interval_s)
+            self.meter.heal()
+            self._write_totals()
+            self.degraded.set(1 if self.fault else 0)
             self.meter.flush()
             try:
                 if dropped := self.meter.compact():
@@ -155,6 +169,13 @@ class GatewayState:
         state = self._state(caller, now)
         if ticket in self.tickets:
             return Admission(ticket, state.headers(now))
+        if self.fault is not None:
+            return Denial(
+                503,
+                "storage_unavailable",
+                f"{self.fault}; retry shortly",
+                retry_after_s=5,
+            )
         denial = None
         if session is not None and state.limits.caps_sessions:
             used = self.keys.session_usage(caller.key_id, session)
@@ -179,35 +200,63 @@ class GatewayState:
             self.settled.popitem(last=False)
         key_id, est = self.tickets.pop(ticket, (None, 0))
         now = time.time()
-        # a prompt counted (count_tokens) is no use of the model: no budget spent
-        used = record is not None and record.endpoint != Endpoint.TOKENIZE
+        # a prompt counted (count_tokens) is no use of the model, and a request whose
+        # client got an error is not charged: no budget spent
+        used = record is not None and record.endpoint != Endpoint.TOKENIZE and record.billed
         tokens = record.prompt_tokens + record.completion_tokens if used else 0
         cost = record.cost_usd if record else 0.0
         if key_id is not None and key_id in self.states:
             self.states[key_id].settle(est, tokens, cost, now)
         if record is not None:
-            self.meter.append(record)
+            self.meter.append(record)  # held in memory while the disk fails
             if tokens or cost:
-                self.keys.add_usage(record.key_id, month_of(record.time), tokens, cost)
-                if record.session_id:
-                    self.keys.add_session_usage(record.key_id, record.session_id, tokens, cost)
+                month = month_of(record.time)
+                self.totals.append((record.key_id, month, tokens, cost, record.session_id))
+                self._write_totals()
+
+    def _write_totals(self) -> None:
+        """Budget totals into the key store, oldest first, until it fails (then kept)."""
+        while self.totals:
+            try:
+                self.keys.add_usage(*self.totals[0])
+            except sqlite3.Error as exc:
+                self.totals_fault = str(exc)
+                return
+            self.totals.popleft()
+        self.totals_fault = None
+
+    @property
+    def fault(self) -> str | None:
+        """Why the state dir cannot be written now, if it cannot."""
+        if cause := self.meter.fault or self.totals_fault:
+            return f"the usage store cannot be written ({cause})"
+        return None
+
+    def health(self) -> str | None:
+        return self.fault
 
     # ---- admin -----------------------------------------------------------------------
 
-    def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
+    def create_key(self, spec: NewKey) -> tuple[str, KeyInfo] | StorageFault:
         if spec.plan not in self.plans:
             raise ValueError(f"unknown plan {spec.plan!r}; plans: {sorted(self.plans)}")
         overrides = KeyOverrides.model_validate(spec.overrides)
-        return self.keys.create(spec.plan, spec.name, overrides, spec.metadata, spec.expires_at)
+        return stored(
+            lambda: self.keys.create(
+                spec.plan, spec.name, overrides, spec.metadata, spec.expires_at
+            )
+        )
 
-    def list_keys(self) -> list[KeyInfo]:
-        return self.keys.list()
+    def list_keys(self) -> list[KeyInfo] | StorageFault:
+        return stored(self.keys.list)
 
-    def revoke_key(self, key_id: str) -> bool:
-        return self.keys.revoke(key_id)
+    def revoke_key(self, key_id: str) -> bool | StorageFault:
+        return stored(lambda: self.keys.revoke(key_id))
 
-    def flush(self) -> None:
-        self.meter.flush()
+    def flush(self) -> str | None:
+        """Everything settled into Parquet; why not, where the disk fails."""
+        self.meter.heal()
+        return self.meter.flush() or self.fault
 
     async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
         """Usage grouped by `by` (read off the request path's thread), or why not."""
@@ -219,6 +268,28 @@ class GatewayState:
     def close(self) -> None:
         """Flush and close the meter (what stays in the log is recovered on restart)."""
         self.meter.close()
+
+
+class StorageFault(Exception):
+    """The key store could not be read or written (disk full, read-only, damaged)."""
+
+
+T = TypeVar("T")
+
+
+def stored(call: Callable[[], T]) -> T | StorageFault:
+    """The key store's answer, or its failure as a value the admin API answers 503 to."""
+    try:
+        return call()
+    except sqlite3.Error as exc:
+        log.error("the key store failed: %s", exc)
+        return StorageFault(f"the key store cannot be written ({exc})")
+
+
+def unless_fault(value: T | StorageFault) -> T:
+    if isinstance(value, StorageFault):
+        raise value
+    return value
 
 
 class GatewayClient:
@@ -250,20 +321,26 @@ class GatewayClient:
         await self._call("settle", ticket, record)
 
     async def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
-        """Raises `ValueError` for a plan or overrides the gateway refuses."""
+        """Raises `ValueError` for a plan or overrides the gateway refuses,
+        `StorageFault` where the key store cannot take it."""
         try:
-            return await self._actor.create_key.remote(spec)
+            made = await self._actor.create_key.remote(spec)
         except Exception as exc:  # Ray wraps the actor's ValueError
             raise ValueError(str(getattr(exc, "cause", exc))) from None
+        return unless_fault(made)
 
     async def list_keys(self) -> list[KeyInfo]:
-        return await self._call("list_keys")
+        return unless_fault(await self._call("list_keys"))
 
     async def revoke_key(self, key_id: str) -> bool:
-        return await self._call("revoke_key", key_id)
+        return unless_fault(await self._call("revoke_key", key_id))
 
-    async def flush(self) -> None:
-        await self._call("flush")
+    async def health(self) -> str | None:
+        """Why the state dir cannot be written, if it cannot."""
+        return await self._call("health")
+
+    async def flush(self) -> str | None:
+        return await self._call("flush")
 
     async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
         return await self._call("usage", key_id, by)

@@ -110,7 +110,7 @@ class Ingress:
         self.responses = ResponsesAPI(self.pipeline, self.config, sealer, store)
         self.conversations = ConversationsAPI(self.responses, self.config.router.max_body_bytes)
         self.admin = AdminAPI(gateway, store, gw.admin_token_env, self.config.router.max_body_bytes)
-        self.ops = OpsAPI(self.config, self._snapshot)
+        self.ops = OpsAPI(self.config, self._snapshot, gateway.health)
         self.usage = UsageAPI(self.pipeline, gateway)
         self.webhooks = WebhookEndpointsAPI(
             self.pipeline,

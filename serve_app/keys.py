@@ -160,19 +160,28 @@ class KeyStore:
         )
         return cur.rowcount == 1
 
-    def add_usage(self, key_id: str, month: str, tokens: int, spend: float) -> None:
-        self.db.execute(
-            """INSERT INTO month_usage VALUES (?, ?, ?, ?) ON CONFLICT (key_id, month)
-               DO UPDATE SET tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
-            (key_id, month, tokens, spend),
-        )
-
-    def add_session_usage(self, key_id: str, session: str, tokens: int, spend: float) -> None:
-        self.db.execute(
-            """INSERT INTO session_usage VALUES (?, ?, ?, ?) ON CONFLICT (key_id, session)
-               DO UPDATE SET tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
-            (key_id, session, tokens, spend),
-        )
+    def add_usage(
+        self, key_id: str, month: str, tokens: int, spend: float, session: str | None = None
+    ) -> None:
+        """Add to the key's month (and its session's) totals, both or neither."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                """INSERT INTO month_usage VALUES (?, ?, ?, ?) ON CONFLICT (key_id, month)
+                DO UPDATE SET tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
+                (key_id, month, tokens, spend),
+            )
+            if session:
+                self.db.execute(
+                    """INSERT INTO session_usage VALUES (?, ?, ?, ?)
+                    ON CONFLICT (key_id, session) DO UPDATE SET
+                    tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
+                    (key_id, session, tokens, spend),
+                )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def session_usage(self, key_id: str, session: str) -> tuple[int, float]:
         row = self.db.execute(

@@ -15,11 +15,13 @@ readers skip.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import get_args
+from typing import TextIO, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,6 +46,13 @@ class RequestLabels(BaseModel):
     session_id: str | None = None  # the client's conversation, where it names one
 
 
+def billable(status: int) -> bool:
+    """Whether a request that ended with `status` is charged for. An answer is (200), and
+    so is a stream its client left (499: it had what it read). A request whose client got
+    an error is not: its tokens stay on the record, at no charge, and spend no budget."""
+    return status < 400 or status == 499
+
+
 class UsageRecord(RequestLabels):
     time: float
     status: int
@@ -55,6 +64,10 @@ class UsageRecord(RequestLabels):
     latency_ms: float = 0.0
     cost_usd: float = 0.0
     error: str | None = None
+
+    @property
+    def billed(self) -> bool:
+        return billable(self.status)
 
     @property
     def day(self) -> str:
@@ -96,12 +109,16 @@ class MeterWriter:
             finish_compaction(folder)
         self.batch_size = batch_size
         self._pending: list[UsageRecord] = []
+        # records the disk would not take (full, read-only, failing), oldest first: kept
+        # here until it does, while `fault` says why (the gateway admits nothing new)
+        self.backlog: collections.deque[UsageRecord] = collections.deque()
+        self.fault: str | None = None
         # what the previous process had written before it ended: a settlement it took but
         # could not acknowledge comes again, and is recognised here
         self.recovered: set[tuple[str, float]] = set()
         self.recover()
         self.segment = self._next_segment()
-        self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
+        self._wal: TextIO | None = None  # opened by the first write
 
     def _adopt_legacy_wal(self) -> None:
         """Segments of a version that kept them in `wal/` (which broke dataset readers)."""
@@ -132,30 +149,80 @@ class MeterWriter:
                     records.append(UsageRecord.model_validate_json(line))
                 except ValueError:
                     continue  # a torn last line from a crash mid-write: it was never acked
-            self._write_parquet(n, records)
+            self.recovered.update((r.request_id, r.time) for r in records)
+            try:
+                self._write_parquet(n, records)
+            except OSError as exc:  # stays a segment (readers see it), moved next start
+                log.error("segment %d not moved to Parquet: %s", n, exc)
+                continue
             path.unlink()
             moved += len(records)
-            self.recovered.update((r.request_id, r.time) for r in records)
         return moved
 
     def append(self, record: UsageRecord) -> None:
-        """Durable on return."""
-        self._wal.write(record.model_dump_json() + "\n")
-        self._wal.flush()
-        os.fsync(self._wal.fileno())
-        self._pending.append(record)
+        """Durable on return, or (the disk failing) held in the backlog, `fault` set."""
+        self.backlog.append(record)
+        self.heal()
+
+    def heal(self) -> bool:
+        """Write what the backlog holds, oldest first, until the disk fails again; whether
+        it is empty (and the fault cleared)."""
+        while self.backlog:
+            try:
+                self._write(self.backlog[0])
+            except OSError as exc:
+                if self.fault is None:
+                    log.error("the usage log cannot be written: %s", exc)
+                self.fault = f"{exc.strerror or exc}"
+                return False
+            self._pending.append(self.backlog.popleft())
+        if self.fault is not None:
+            log.warning("the usage log is writable again")
+        self.fault = None
         if len(self._pending) >= self.batch_size:
             self.flush()
+        return True
 
-    def flush(self) -> None:
+    def _write(self, record: UsageRecord) -> None:
+        """One line in the write-ahead segment, fsynced; a failed write is cut back off,
+        so no torn line stays in front of the next."""
+        if self._wal is None:
+            self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
+        start = self._wal.tell()
+        try:
+            self._wal.write(record.model_dump_json() + "\n")
+            self._wal.flush()
+            os.fsync(self._wal.fileno())
+        except OSError:
+            self._reopen(start)
+            raise
+
+    def _reopen(self, length: int) -> None:
+        """The segment cut to `length` bytes, and a fresh handle on it (the old one may
+        hold unwritable buffered bytes)."""
+        wal, self._wal = self._wal, None
+        with contextlib.suppress(OSError, ValueError):
+            wal.close()  # type: ignore[union-attr]
+        with contextlib.suppress(OSError):
+            os.truncate(self._segment_path(self.segment), length)
+
+    def flush(self) -> str | None:
+        """The segment's records into Parquet; a disk that fails leaves them in the
+        segment (durable) for the next flush, and why is returned."""
         if not self._pending:
-            return
-        self._wal.close()
-        self._write_parquet(self.segment, self._pending)
+            return None
+        try:
+            self._write_parquet(self.segment, self._pending)
+        except OSError as exc:
+            log.error("usage Parquet not written (kept in the log): %s", exc)
+            return f"the usage Parquet files cannot be written ({exc.strerror or exc})"
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
         self._segment_path(self.segment).unlink()
         self._pending = []
         self.segment += 1
-        self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
+        return None
 
     def compact(self) -> int:
         """Compact the day folders with many parts; how many duplicate records went."""
@@ -166,8 +233,10 @@ class MeterWriter:
         return dropped
 
     def close(self) -> None:
+        self.heal()
         self.flush()
-        self._wal.close()
+        if self._wal is not None:
+            self._wal.close()
         with_empty = self._segment_path(self.segment)
         if with_empty.exists() and with_empty.stat().st_size == 0:
             with_empty.unlink()
@@ -183,7 +252,11 @@ class MeterWriter:
             folder.mkdir(exist_ok=True)
             final = folder / f"part-{segment:012d}.parquet"
             tmp = folder / f".part-{segment:012d}.parquet.tmp"
-            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+            try:
+                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, final)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from deployments.engine import EngineError
 from serve_app.config import Price
-from serve_app.metering import RequestLabels, UsageRecord
+from serve_app.metering import RequestLabels, UsageRecord, billable
 
 log = logging.getLogger("serve_app.relay")
 
@@ -58,7 +58,7 @@ class RequestMeter:
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
             ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
             latency_ms=(now - self.started) * 1000,
-            cost_usd=self.cost(usage),
+            cost_usd=self.cost(usage) if billable(status) else 0.0,
             error=error,
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ log = logging.getLogger("serve_app.sessions")
 
 class StorageFull(Exception):
     """What a key would store does not fit its quota."""
+
+
+class StoreFailed(Exception):
+    """The store's database could not be read or written (disk full, read-only...)."""
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -54,6 +59,9 @@ class SessionState:
             return functools.reduce(getattr, method.split("."), self.store)(*args)
         except QuotaExceeded as exc:
             return StorageFull(str(exc))
+        except sqlite3.Error as exc:
+            log.error("the session store failed on %s: %s", method, exc)
+            return StoreFailed(f"the response store cannot be written ({exc})")
 
     async def _deliver_loop(self) -> None:
         """Webhook deliveries that are due, a batch at a time, until none is."""
@@ -100,7 +108,7 @@ class SessionClient:
 
     async def _store(self, method: str, *args: Any) -> Any:
         result = await self._call("call", method, *args)
-        if isinstance(result, StorageFull):
+        if isinstance(result, StorageFull | StoreFailed):
             raise result
         return result
 

@@ -12,9 +12,13 @@ from fastapi.responses import JSONResponse
 
 from serve_app.api.http import bearer, read_json, validated
 from serve_app.errors import APIError
-from serve_app.gateway import GatewayClient
+from serve_app.gateway import GatewayClient, StorageFault
 from serve_app.keys import NewKey, hash_key
 from serve_app.sessions import SessionClient
+
+
+def storage_error(exc: StorageFault) -> APIError:
+    return APIError(503, str(exc), code="storage_unavailable", headers={"retry-after": "5"})
 
 
 class AdminAPI:
@@ -42,16 +46,25 @@ class AdminAPI:
             key, info = await self.gateway.create_key(spec)
         except ValueError as exc:
             raise APIError(400, str(exc), param="plan") from None
+        except StorageFault as exc:
+            raise storage_error(exc) from None
         return JSONResponse({"key": key, **info.model_dump()}, 201)
 
     async def list_keys(self, request: Request) -> dict[str, Any]:
         self.check(request)
-        keys = await self.gateway.list_keys()
+        try:
+            keys = await self.gateway.list_keys()
+        except StorageFault as exc:
+            raise storage_error(exc) from None
         return {"object": "list", "data": [k.model_dump() for k in keys]}
 
     async def revoke_key(self, request: Request, key_id: str) -> dict[str, Any]:
         self.check(request)
-        if not await self.gateway.revoke_key(key_id):
+        try:
+            revoked = await self.gateway.revoke_key(key_id)
+        except StorageFault as exc:
+            raise storage_error(exc) from None
+        if not revoked:
             raise APIError(404, f"no active key {key_id!r}", param="key_id")
         # what the key stored (responses, conversations) goes with it
         deleted = await self.store.delete_owner(key_id)
@@ -59,5 +72,6 @@ class AdminAPI:
 
     async def flush_usage(self, request: Request) -> dict[str, bool]:
         self.check(request)
-        await self.gateway.flush()
+        if fault := await self.gateway.flush():
+            raise storage_error(StorageFault(fault))
         return {"flushed": True}

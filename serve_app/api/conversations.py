@@ -15,7 +15,6 @@ from serve_app.api.responses_models import (
     ConversationCreate,
     ConversationUpdate,
     ItemsCreate,
-    ResponsesRequest,
 )
 from serve_app.errors import APIError
 from serve_app.sessions import StorageFull
@@ -28,11 +27,6 @@ def conversation_doc(conversation_id: str, created_at: float, metadata: dict) ->
         "created_at": int(created_at),
         "metadata": metadata,
     }
-
-
-def items_of(raw: list[Any] | None) -> list[dict[str, Any]]:
-    """Items as stored, with ids: the same normalising as a response's input."""
-    return input_items(ResponsesRequest(model="-", input=raw or []))
 
 
 class ConversationsAPI:
@@ -58,7 +52,7 @@ class ConversationsAPI:
         spec = await self._body(request, ConversationCreate)
         owner = await self._owner(request)
         conversation_id, metadata = new_id("conv"), spec.metadata or {}
-        items = items_of(spec.items)
+        items = input_items(spec.items)
         try:
             created = await guarded(
                 self.store.create_conversation(owner, conversation_id, metadata, items)
@@ -93,7 +87,7 @@ class ConversationsAPI:
     async def add_items(self, request: Request, conversation_id: str) -> dict[str, Any]:
         spec = await self._body(request, ItemsCreate)
         owner = await self._owner(request)
-        items = items_of(spec.items)
+        items = input_items(spec.items)
         try:
             added = await guarded(self.store.add_items(owner, conversation_id, items))
         except StorageFull as exc:

@@ -11,12 +11,14 @@ from deployments.loadboard import TierLoad
 from serve_app.config import AppConfig
 
 Snapshot = Callable[[], Awaitable[dict[str, TierLoad]]]
+Fault = Callable[[], Awaitable[str | None]]
 
 
 class OpsAPI:
-    def __init__(self, config: AppConfig, snapshot: Snapshot) -> None:
+    def __init__(self, config: AppConfig, snapshot: Snapshot, fault: Fault) -> None:
         self.config = config
         self.snapshot = snapshot
+        self.fault = fault  # why the state dir cannot be written, if it cannot
 
     def health(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -32,8 +34,19 @@ class OpsAPI:
                 tiers[entry.name] = load.healthy
             else:
                 tiers[entry.name] = "idle" if entry.autoscaling.min_replicas == 0 else False
-        ok = any(v is True for v in tiers.values())
-        return JSONResponse({"ready": ok, "tiers": tiers}, 200 if ok else 503)
+        storage = await self._storage()
+        ok = any(v is True for v in tiers.values()) and storage == "ok"
+        body = {"ready": ok, "tiers": tiers, "storage": storage}
+        return JSONResponse(body, 200 if ok else 503)
+
+    async def _storage(self) -> str:
+        """ "ok", or why requests are refused (the usage or key store cannot be written,
+        the gateway is away)."""
+        try:
+            fault = await self.fault()
+        except Exception as exc:
+            return f"the gateway does not answer: {exc}"
+        return fault or "ok"
 
     async def status(self) -> dict[str, Any]:
         """Live engine figures per tier, summed over its replicas (each listed under
@@ -43,5 +56,6 @@ class OpsAPI:
             "tiers": {
                 t.name: (loads[t.name].model_dump() if t.name in loads else None)
                 for t in self.config.tiers
-            }
+            },
+            "storage": await self._storage(),
         }

@@ -46,7 +46,7 @@ from serve_app.pipeline import Completed, Inbound, Pipeline, Streamed
 from serve_app.schemas import ChatRequest, canonical_body
 from serve_app.sealing import Sealer
 from serve_app.session_store import StoredResponse
-from serve_app.sessions import SessionClient, StorageFull
+from serve_app.sessions import SessionClient, StorageFull, StoreFailed
 
 log = logging.getLogger("serve_app.api.responses")
 T = TypeVar("T")
@@ -109,7 +109,7 @@ class ResponsesAPI:
         # the session a usage record names: the client's, else the conversation or the
         # chain this response continues, else the chain it starts
         session = req.prompt_cache_key or session_of(request) or chained or response_id
-        turn = Turn(req, caller, input_items(req), session, response_doc(req, response_id))
+        turn = Turn(req, caller, input_items(req.input), session, response_doc(req, response_id))
         chat = validated(chat_body(req, history + turn.items, self.sealer), ChatRequest)
         inbound = Inbound(
             endpoint=Endpoint.CHAT,
@@ -204,7 +204,7 @@ class ResponsesAPI:
             if req.store:
                 stored = StoredResponse(doc["id"], turn.session, doc, turn.items)
                 await self.store.put_response(turn.owner, stored, req.previous_response_id)
-        except (StorageFull, ActorUnavailable) as exc:
+        except (StorageFull, StoreFailed, ActorUnavailable) as exc:
             log.warning("response %s not stored: %s", doc["id"], exc)
             doc["store"] = False
             headers["x-kimi-not-stored"] = str(exc)[:200]
@@ -270,6 +270,10 @@ async def guarded(call: Awaitable[T]) -> T:
         return await call
     except ActorUnavailable:
         raise store_unavailable() from None
+    except StoreFailed as exc:
+        raise APIError(
+            503, str(exc), code="storage_unavailable", headers={"retry-after": "5"}
+        ) from None
 
 
 def page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from serve_app.api.responses_models import (
     InputFile,
     InputImage,
     InputText,
+    Item,
     OutputText,
     Refusal,
     ResponsesRequest,
@@ -37,14 +38,15 @@ def new_id(prefix: str) -> str:
 # ---- input items -----------------------------------------------------------------------
 
 
-def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as stored items, each with an id (for `input_items`)."""
-    if req.input is None:
+def input_items(given: str | list[Item] | None) -> list[dict[str, Any]]:
+    """A request's input (or a conversation's new items) as stored items, each with an id
+    (for `input_items` and item listings)."""
+    if given is None:
         return []
-    if isinstance(req.input, str):
-        return [stored_item({"type": "message", "role": "user", "content": req.input})]
+    if isinstance(given, str):
+        return [stored_item({"type": "message", "role": "user", "content": given})]
     out = []
-    for item in req.input:
+    for item in given:
         if item.type == "item_reference":
             raise APIError(400, "item_reference inputs are not supported", param="input")
         out.append(stored_item(item.model_dump(mode="json", exclude_none=True)))

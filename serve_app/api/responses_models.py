@@ -109,13 +109,23 @@ class ItemReference(Loose):
     id: str = Field(min_length=1)
 
 
+ITEM_KINDS = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "reasoning",
+    "item_reference",
+)
+
+
 def item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else "message"
     return kind if kind in ITEM_KINDS else "unknown"
 
 
 class UnknownItem(Loose):
-    type: str
+    # (its schema excludes the known kinds, so a known item matches one branch only)
+    type: str = Field(json_schema_extra={"not": {"enum": list(ITEM_KINDS)}})
 
     @field_validator("type")
     @classmethod
@@ -126,21 +136,13 @@ class UnknownItem(Loose):
 class UnknownTool(Loose):
     """A hosted tool (web search, file search, code interpreter...): nothing here runs it."""
 
-    type: str
+    type: str = Field(json_schema_extra={"not": {"const": "function"}})
 
     @field_validator("type")
     @classmethod
     def _refused(cls, v: str) -> str:
         raise ValueError(f"tools of type {v!r} are not supported; function tools are")
 
-
-ITEM_KINDS = (
-    "message",
-    "function_call",
-    "function_call_output",
-    "reasoning",
-    "item_reference",
-)
 
 Item = Annotated[
     Annotated[MessageItem, Tag("message")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +26,23 @@ ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "test-admin-token"
 
 
+STATE_FS = "512m"  # the state dir's own filesystem, which the disk-full test fills
+
+
 @pytest.fixture(scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kimi-state")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The state dir (keys, usage, stored responses), on a tmpfs of its own where this
+    machine lets us mount one, so a test can fill it without filling the machine's."""
+    path = tmp_path_factory.mktemp("kimi-state")
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={STATE_FS}", "tmpfs", str(path)]
+    mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    yield path
+    if mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def own_filesystem(path: Path) -> bool:
+    return os.path.ismount(path)
 
 
 # The session's cluster is three Ray nodes on this machine, as cluster/local_multinode.sh

@@ -36,7 +36,7 @@ EXAMPLES = int(os.environ.get("KIMI_FUZZ_EXAMPLES", "60"))
 MODELS = ["kimi-k2.5", "kimi-k2.5:premium", "kimi-k2.5:standard", "kimi-k2.5:budget", None]
 PLANS = ["free", "standard", "premium", "enterprise", None]
 MAX_OUT = 16
-LIMITS = ("max_tokens", "max_completion_tokens", "min_tokens")
+LIMITS = ("max_tokens", "max_completion_tokens", "min_tokens", "max_output_tokens")
 SENT: dict[str, collections.Counter[int | str]] = collections.defaultdict(collections.Counter)
 REFUSED: collections.Counter[str] = collections.Counter()
 
@@ -85,12 +85,16 @@ def steer(case: schemathesis.Case) -> None:
             ("POST", "/v1/completions"),
             ("POST", "/v1/messages"),
             ("POST", "/v1/messages/count_tokens"),
+            ("POST", "/v1/responses"),
+            ("POST", "/v1/conversations"),
+            ("POST", "/v1/webhook_endpoints"),
             ("POST", "/admin/keys"),
             ("DELETE", "/admin/keys/{key_id}"),
         ]
         for mode in GenerationMode
     ]
-    + [("GET", "/v1/models", GenerationMode.POSITIVE)],  # takes no input to break
+    + [("GET", "/v1/models", GenerationMode.POSITIVE)]  # takes no input to break
+    + [("GET", "/v1/usage", GenerationMode.POSITIVE)],
 )
 def test_fuzzed_requests_get_clean_answers(
     api_schema: schemathesis.BaseSchema,
@@ -129,6 +133,8 @@ def test_fuzzed_requests_get_clean_answers(
             ended = not response.stream_cut_short
             if path.startswith("/v1/messages"):
                 assert_well_formed_anthropic_stream(response.text, ended)
+            elif path == "/v1/responses":
+                assert_well_formed_responses_stream(response.text, ended)
             else:
                 assert_well_formed_stream(response.text, ended)
             SENT[label]["streams checked"] += 1
@@ -166,6 +172,19 @@ def assert_well_formed_anthropic_stream(text: str, ended: bool) -> None:
     for d in datas:
         if d["type"] == "error":
             assert set(d["error"]) >= {"type", "message"}, d
+
+
+def assert_well_formed_responses_stream(text: str, ended: bool) -> None:
+    """Typed events whose data says their type, numbered in order from 0, from
+    `response.created` to, where the client read to the end, the response's end."""
+    names = [ln[7:] for ln in text.split("\n") if ln.startswith("event: ")]
+    datas = [json.loads(ln[6:]) for ln in text.split("\n") if ln.startswith("data: ")]
+    assert names and [d["type"] for d in datas] == names, text[:300]
+    assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
+    assert names[0] == "response.created"
+    if ended:
+        ends = ("response.completed", "response.incomplete", "response.failed")
+        assert names[-1] in ends, names[-3:]
 
 
 def test_serving_goes_on_after_fuzzing(client, fuzz_key: str) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,7 +22,13 @@ import pytest
 import ray
 from ray import serve
 
-from tests.integration.conftest import flushed_usage, new_key, tier_status, wait_for
+from tests.integration.conftest import (
+    flushed_usage,
+    new_key,
+    own_filesystem,
+    tier_status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +165,7 @@ def test_killed_tier_replica_is_replaced_and_requests_recover(serve_url, admin, 
     records = usage_of(admin, state_dir, key_id)
     interrupted = next(x for x in records if x["request_id"] == headers["x-request-id"])
     assert interrupted["status"] == 503 and interrupted["completion_tokens"] >= 1
+    assert interrupted["cost_usd"] == 0  # the client got an error: recorded, not charged
 
 
 def test_keys_and_admin_token_never_reach_the_logs(serve_url, admin, cluster):
@@ -375,3 +383,68 @@ def test_a_gateway_restart_is_absorbed_and_meters_each_request_once(serve_url, a
     ids = wait_for("every served request metered", metered, 30)
     mine = [i for i in ids if i in served]
     assert sorted(mine) == sorted(served)  # each once
+
+
+@contextlib.contextmanager
+def full_disk(path) -> Iterator[None]:
+    """The filesystem under `path` (its own tmpfs) filled to the last byte, then freed."""
+    filler = path / "filler.bin"
+    for block in (1 << 20, 4096, 1):  # megabytes, then what is left of the last one
+        with contextlib.suppress(OSError), open(filler, "ab", buffering=0) as f:
+            while True:
+                f.write(b"\0" * block)
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+def test_a_full_state_disk_is_a_degraded_mode_that_recovers_by_itself(serve_url, admin, state_dir):
+    """The state dir's filesystem filled while a key's requests arrive: each is served
+    (its record held until the disk takes it) or refused with a 503 that names the
+    cause, never a 500; the admin API and /ready say why; once space is back everything
+    recovers without help and every served request is metered exactly once, none twice."""
+    if not own_filesystem(state_dir):
+        pytest.skip("the state dir is not on a filesystem of its own (mount not allowed)")
+    key, key_id = new_key(admin, "enterprise")
+    headers = {"authorization": f"Bearer {key}"}
+
+    def one(i: int) -> tuple[str, int, dict]:
+        rid = f"disk-full-{i}-{uuid.uuid4().hex}"
+        r = httpx.post(
+            f"{serve_url}/v1/chat/completions",
+            json={"model": "kimi-k2.5", "messages": MSG, "max_tokens": 3, "stream": i % 2 == 1},
+            headers={**headers, "x-request-id": rid},
+            timeout=120,
+        )
+        body = r.json() if "json" in r.headers.get("content-type", "") else {}
+        return rid, r.status_code, {**body, "retry-after": r.headers.get("retry-after")}
+
+    with full_disk(state_dir):
+        answers = [one(i) for i in range(8)]
+        statuses = [status for _, status, _ in answers]
+        assert set(statuses) <= {200, 503}, answers
+        assert 503 in statuses, answers  # the fault was noticed and new requests refused
+        for _, status, body in answers:
+            if status == 503:
+                assert body["error"]["code"] == "storage_unavailable", body
+                assert "cannot be written" in body["error"]["message"]
+                assert int(body["retry-after"]) >= 1
+        made = admin.post("/admin/keys", json={"plan": "free"})
+        assert made.status_code in (201, 503), made.text  # SQLite may still have room
+        if made.status_code == 503:
+            assert made.json()["error"]["code"] == "storage_unavailable"
+        flushed = admin.post("/admin/usage/flush")
+        assert flushed.status_code == 503 and "cannot be written" in flushed.text
+        ready = httpx.get(f"{serve_url}/ready", timeout=30)
+        assert ready.status_code == 503 and "cannot be written" in ready.json()["storage"]
+    wait_for(
+        "the state dir writable again",
+        lambda: httpx.get(f"{serve_url}/ready", timeout=30).json()["storage"] == "ok",
+        60,
+    )
+    after = one(99)
+    assert after[1] == 200, after
+    served = {rid for rid, status, _ in [*answers, after] if status == 200}
+    ids = [r["request_id"] for r in usage_of(admin, state_dir, key_id)]
+    assert sorted(ids) == sorted(served)  # each served request once; none refused billed

@@ -187,13 +187,14 @@ def test_the_usage_root_is_one_dataset_and_compaction_keeps_each_record_once(tmp
 
 def test_session_totals_add_up_per_key_and_survive_a_restart(tmp_path):
     store = KeyStore(tmp_path / "keys.db")
-    store.add_session_usage("k1", "s", 10, 0.5)
-    store.add_session_usage("k1", "s", 5, 0.25)
-    store.add_session_usage("k2", "s", 1, 0.0)
+    store.add_usage("k1", "2026-11", 10, 0.5, session="s")
+    store.add_usage("k1", "2026-11", 5, 0.25, session="s")
+    store.add_usage("k2", "2026-11", 1, 0.0, session="s")
     again = KeyStore(tmp_path / "keys.db")
     assert again.session_usage("k1", "s") == (15, 0.75)
     assert again.session_usage("k2", "s") == (1, 0.0)
     assert again.session_usage("k1", "other") == (0, 0.0)
+    assert again.month_usage("k1", "2026-11") == (15, 0.75)
 
 
 def test_the_readmes_duckdb_query_reads_the_usage_root(tmp_path):
@@ -215,3 +216,32 @@ def test_the_readmes_duckdb_query_reads_the_usage_root(tmp_path):
     query = query.replace("~/.local/share/kimi-serve/usage", str(tmp_path))
     rows = duckdb.sql(query).fetchall()
     assert rows == [("agent-7", 3, 10 + 11 + 12 + 3 * 5, 0.003)]
+
+
+def test_a_failing_disk_holds_records_back_and_writes_each_once_when_it_recovers(
+    tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    m = MeterWriter(tmp_path, batch_size=100)
+    m.append(rec(0))
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    m.append(rec(1))
+    m.append(rec(2))
+    assert m.fault == "No space left on device" and len(m.backlog) == 2
+    m.flush()  # what the log took goes on to Parquet
+    for segment in (tmp_path / "_wal").glob("segment-*.jsonl"):  # no torn line left
+        for line in segment.read_text().splitlines():
+            UsageRecord.model_validate_json(line)
+    assert read_usage(tmp_path)["request_id"].to_pylist() == ["r0"]
+    assert not m.heal()  # still failing
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert m.heal() and m.fault is None and not m.backlog
+    m.close()
+    assert sorted(read_usage(tmp_path)["request_id"].to_pylist()) == ["r0", "r1", "r2"]

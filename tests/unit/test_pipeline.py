@@ -294,6 +294,7 @@ async def test_the_time_limit_mid_stream_ends_it_with_an_error_event():
     assert json.loads(events[-1][6:])["error"]["code"] == "request_timeout"
     [record] = gateway.records
     assert record.status == 504 and 0 < record.completion_tokens < 100
+    assert record.cost_usd == 0  # its client got an error: the tokens are kept, not charged
     await asyncio.sleep(0.05)
     assert eng["premium"].stopped == eng["premium"].requests
 
@@ -354,6 +355,7 @@ async def test_a_client_leaving_mid_stream_is_settled_once_and_stops_the_engine(
     await result.close()
     [record] = gateway.records
     assert record.status == 499 and 3 <= record.completion_tokens < 1000
+    assert record.cost_usd > 0  # it had what it read
     assert gateway.state.in_flight == 0
     await asyncio.sleep(0.05)
     assert eng["premium"].stopped == eng["premium"].requests

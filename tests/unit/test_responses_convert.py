@@ -50,7 +50,7 @@ def test_a_string_input_is_one_user_message_and_settings_carry_over():
         text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
         reasoning={"effort": "low"},
     )
-    items = input_items(req)
+    items = input_items(req.input)
     assert items[0]["id"].startswith("msg_")
     assert items[0]["content"] == [{"type": "input_text", "text": "hi"}]
     body = chat_body(req, items, SEALER)
@@ -70,7 +70,7 @@ def test_a_string_input_is_one_user_message_and_settings_carry_over():
 
 @pytest.mark.parametrize("effort", ["none", "minimal"])
 def test_no_reasoning_effort_is_instant_mode(effort):
-    body = chat_body(request(reasoning={"effort": effort}), input_items(request()), SEALER)
+    body = chat_body(request(reasoning={"effort": effort}), input_items(request().input), SEALER)
     assert body["chat_template_kwargs"] == {"thinking": False}
     assert "thinking_token_budget" not in body
 
@@ -89,7 +89,7 @@ def test_a_tool_round_trip_with_reasoning_becomes_one_assistant_turn():
         {"type": "function_call_output", "call_id": "functions.get_weather:0", "output": "sun"},
     ]
     req = request(input=items)
-    messages = chat_messages(input_items(req), SEALER)
+    messages = chat_messages(input_items(req.input), SEALER)
     assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
     assert messages[1]["reasoning_content"] == "I should look it up"
     assert messages[1]["tool_calls"][0]["id"] == "functions.get_weather:0"
@@ -110,7 +110,7 @@ def test_unsupported_input_is_refused_with_its_place():
         request(tools=[{"type": "web_search"}])
     file_image = [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]
     with pytest.raises(APIError) as err:
-        chat_body(request(input=file_image), input_items(request(input=file_image)), SEALER)
+        chat_body(request(input=file_image), input_items(request(input=file_image).input), SEALER)
     assert err.value.param == "input[0].content"
     with pytest.raises(APIError, match="input is empty"):
         chat_body(request(input=None), [], SEALER)
@@ -150,7 +150,7 @@ def test_a_completion_becomes_a_response_the_sdk_parses():
     back = chat_messages(doc["output"], SEALER)
     assert back[0]["reasoning_content"] == "hmm" and back[0]["content"] == "ok"
     assert back[0]["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo"}'
-    for item in input_items(request(input=doc["output"])):
+    for item in input_items(request(input=doc["output"]).input):
         ITEMS.validate_python(item)
 
 
@@ -198,5 +198,23 @@ def test_a_failure_keeps_what_came_and_says_why():
 
 
 def test_a_background_response_is_streamed_from_its_engine_with_usage():
-    body = chat_body(request(background=True), input_items(request()), SEALER)
+    body = chat_body(request(background=True), input_items(request().input), SEALER)
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_a_conversations_new_items_are_stored_like_a_responses_input():
+    from serve_app.api.responses_models import ConversationCreate
+
+    spec = ConversationCreate.model_validate(
+        {
+            "items": [
+                {"type": "function_call_output", "call_id": "c1", "output": "x"},
+                {"role": "user", "content": "hi"},
+            ]
+        }
+    )
+    stored = input_items(spec.items)
+    assert [i["type"] for i in stored] == ["function_call_output", "message"]
+    assert all(i["id"] and i["status"] == "completed" for i in stored)
+    for item in stored:
+        ITEMS.validate_python(item)
