@@ -102,6 +102,11 @@ class GatewayState:
         self.degraded = metrics.Gauge(
             "kimi_storage_degraded", "1 while the state dir cannot be written (503s)"
         )
+        lost_rows = self.keys.salvaged[1] if self.keys.salvaged else 0
+        if quarantined := self.meter.quarantined + lost_rows:
+            metrics.Counter(
+                "kimi_state_quarantined", "damaged records and files set aside at start"
+            ).inc(quarantined)
 
     def configure(self, plans: dict[str, dict]) -> None:
         """A redeploy may change plans; buckets keep their levels where limits stay."""

@@ -8,9 +8,12 @@ defend against, and a lookup costs microseconds on the request path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -22,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.config import LimitFields
 
 PREFIX = "sk-kimi-"
+log = logging.getLogger("serve_app.keys")
 
 
 class NewKey(BaseModel):
@@ -75,9 +79,55 @@ def split_key(key: str) -> str | None:
     return key_id
 
 
+TABLES = ("keys", "month_usage", "session_usage")
+
+
+def intact(path: Path) -> bool:
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError:
+        return False
+
+
+def salvage(damaged: Path, into: KeyStore) -> tuple[int, int]:
+    """Copy every row that still reads from a damaged store, one by one (a damaged page
+    costs the rows on it, not the rest); the rows kept and lost."""
+    kept = lost = 0
+    try:
+        old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+    except sqlite3.DatabaseError:
+        return 0, 0
+    with contextlib.closing(old):
+        for table in TABLES:
+            try:
+                (top,) = old.execute(f"SELECT max(rowid) FROM {table}").fetchone()
+            except sqlite3.DatabaseError:
+                continue  # not even the table's root page reads
+            for rowid in range(1, (top or 0) + 1):
+                try:
+                    row = old.execute(f"SELECT * FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+                except sqlite3.DatabaseError:
+                    lost += 1
+                    continue
+                if row is not None:
+                    marks = ", ".join("?" * len(row))
+                    into.db.execute(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", row)
+                    kept += 1
+    return kept, lost
+
+
 class KeyStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.salvaged: tuple[int, int] | None = None  # (kept, lost) if it was damaged
+        aside = None
+        if path.exists() and not intact(path):
+            aside = path.parent / "_quarantine" / f"{path.name}.{int(time.time())}"
+            aside.parent.mkdir(exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{path}{suffix}").exists():
+                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
@@ -99,6 +149,13 @@ class KeyStore:
                 key_id TEXT NOT NULL, session TEXT NOT NULL, tokens INTEGER NOT NULL,
                 spend REAL NOT NULL, PRIMARY KEY (key_id, session))"""
         )
+        if aside is not None:
+            self.salvaged = salvage(aside, self)
+            log.critical(
+                "the key store was damaged: moved to %s; %d rows kept, %d lost",
+                aside,
+                *self.salvaged,
+            )
 
     def create(
         self,

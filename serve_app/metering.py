@@ -105,8 +105,10 @@ class MeterWriter:
         self.wal_dir = root / "_wal"
         self.wal_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_legacy_wal()
+        self.quarantined = 0  # bad records and files moved aside at start
         for folder in self.root.glob("day=*"):
             finish_compaction(folder)
+            self._check_parts(folder)
         self.batch_size = batch_size
         self._pending: list[UsageRecord] = []
         # records the disk would not take (full, read-only, failing), oldest first: kept
@@ -128,6 +130,28 @@ class MeterWriter:
                 os.replace(seg, self.wal_dir / seg.name)
             legacy.rmdir()
 
+    def _quarantine(self, name: str, data: bytes) -> None:
+        """Keep what could not be read apart (`_quarantine/`, which readers skip)."""
+        folder = self.root / "_quarantine"
+        folder.mkdir(exist_ok=True)
+        with open(folder / name, "ab") as f:
+            f.write(data)
+
+    def _check_parts(self, folder: Path) -> None:
+        """Parts that do not read as Parquet (a damaged file) are moved aside, so every
+        reader of the dataset keeps working; temporary files of a write that never
+        finished are dropped (their records are still in the write-ahead log)."""
+        for tmp in folder.glob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for part in folder.glob("part-*.parquet"):
+            try:
+                pq.read_metadata(part)
+            except Exception as exc:
+                log.error("usage part %s is damaged (%s): quarantined", part, exc)
+                self._quarantine(f"{folder.name}-{part.name}", part.read_bytes())
+                part.unlink()
+                self.quarantined += 1
+
     def _segment_path(self, n: int) -> Path:
         return self.wal_dir / f"segment-{n:012d}.jsonl"
 
@@ -144,11 +168,12 @@ class MeterWriter:
         for n in self._segments():
             path = self._segment_path(n)
             records = []
-            for line in path.read_text().splitlines():
+            for line in path.read_bytes().splitlines():
                 try:
                     records.append(UsageRecord.model_validate_json(line))
-                except ValueError:
-                    continue  # a torn last line from a crash mid-write: it was never acked
+                except ValueError:  # a torn line from a crash mid-write (never acked)
+                    self._quarantine(f"{path.stem}.rejected", line + b"\n")
+                    self.quarantined += 1
             self.recovered.update((r.request_id, r.time) for r in records)
             try:
                 self._write_parquet(n, records)
@@ -338,7 +363,7 @@ def read_usage(root: Path) -> pa.Table:
     pending = []
     wal = root / "_wal"
     for seg in sorted(wal.glob("segment-*.jsonl")) if wal.exists() else []:
-        for line in seg.read_text().splitlines():
+        for line in seg.read_bytes().splitlines():
             try:
                 rec = UsageRecord.model_validate_json(line)
             except ValueError:

@@ -448,3 +448,32 @@ def test_a_full_state_disk_is_a_degraded_mode_that_recovers_by_itself(serve_url,
     served = {rid for rid, status, _ in [*answers, after] if status == 200}
     ids = [r["request_id"] for r in usage_of(admin, state_dir, key_id)]
     assert sorted(ids) == sorted(served)  # each served request once; none refused billed
+
+
+def test_damaged_state_on_start_is_set_aside_and_the_gateway_starts(serve_url, admin, state_dir):
+    """A damaged usage part and a torn write-ahead segment in the state dir when the
+    gateway (re)starts: it sets them aside (`usage/_quarantine/`, counted), keeps every
+    good record and key, and serves; never a crash loop."""
+    key, key_id = new_key(admin, "enterprise")
+    headers = {"authorization": f"Bearer {key}"}
+    body = {"model": "kimi-k2.5", "messages": MSG, "max_tokens": 2}
+    first = httpx.post(f"{serve_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    assert first.status_code == 200
+    flushed_usage(admin, state_dir)  # its record in a day's Parquet
+    usage = state_dir / "usage"
+    day = max(usage.glob("day=*"))
+    (day / "part-000000999998.parquet").write_bytes(b"PAR1 this is no Parquet file")
+    (usage / "_wal" / "segment-000000999999.jsonl").write_bytes(b'{"request_id": "torn')
+    ray.kill(ray.get_actor("kimi-gateway", namespace="kimi-serve"), no_restart=False)
+
+    def served() -> httpx.Response | None:
+        r = httpx.post(f"{serve_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+        return r if r.status_code == 200 else None
+
+    second = wait_for("the gateway back", served, 60, every_s=1)
+    assert second.headers["x-request-id"] != first.headers["x-request-id"]
+    aside = sorted(p.name for p in (usage / "_quarantine").iterdir())
+    assert f"{day.name}-part-000000999998.parquet" in aside
+    assert "segment-000000999999.rejected" in aside
+    ids = [r["request_id"] for r in usage_of(admin, state_dir, key_id)]
+    assert sorted(ids) == sorted([first.headers["x-request-id"], second.headers["x-request-id"]])

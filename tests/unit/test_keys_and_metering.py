@@ -245,3 +245,47 @@ def test_a_failing_disk_holds_records_back_and_writes_each_once_when_it_recovers
     assert m.heal() and m.fault is None and not m.backlog
     m.close()
     assert sorted(read_usage(tmp_path)["request_id"].to_pylist()) == ["r0", "r1", "r2"]
+
+
+def test_damaged_usage_files_are_set_aside_and_the_good_records_kept(tmp_path):
+    m = MeterWriter(tmp_path, batch_size=2)
+    for i in range(4):
+        m.append(rec(i))  # two parts
+    m.append(rec(4))  # in the log
+    _, bad = sorted(tmp_path.glob("day=*/part-*.parquet"))
+    bad.write_bytes(bad.read_bytes()[:40])  # a part cut short
+    (bad.parent / ".part-000000000009.parquet.tmp").write_bytes(b"half")
+    segment = tmp_path / "_wal" / "segment-000000000099.jsonl"
+    segment.write_bytes(rec(5).model_dump_json().encode() + b'\n{"request_id": "r6", \xff')
+    again = MeterWriter(tmp_path)
+    assert again.quarantined == 2  # the damaged part and the torn line
+    assert sorted(p.name for p in (tmp_path / "_quarantine").iterdir()) == [
+        f"{bad.parent.name}-{bad.name}",
+        "segment-000000000099.rejected",
+    ]
+    ids = sorted(read_usage(tmp_path)["request_id"].to_pylist())
+    assert ids == ["r0", "r1", "r4", "r5"]  # all but the damaged part's two
+    assert not list(tmp_path.glob("day=*/.part-*"))
+
+
+def test_a_damaged_key_store_keeps_what_reads_and_starts(tmp_path):
+    path = tmp_path / "keys.db"
+    store = KeyStore(path)
+    made = [store.create("free", name=f"k{i}" * 40) for i in range(200)]
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.db.close()
+    raw = bytearray(path.read_bytes())
+    page = 4096
+    raw[5 * page : 6 * page] = b"\xa5" * page  # one page in the middle destroyed
+    path.write_bytes(bytes(raw))
+    again = KeyStore(path)
+    kept, lost = again.salvaged
+    assert kept > 100 and kept + lost >= 200
+    alive = [key for key, _ in made if again.verify(key) is not None]
+    assert len(alive) > 100
+    assert (tmp_path / "_quarantine").is_dir()
+    # a file that is no database at all: set aside, the store starts empty
+    again.db.close()
+    path.write_bytes(b"not a database" * 100)
+    empty = KeyStore(path)
+    assert empty.salvaged == (0, 0) and empty.list() == []
