@@ -1,0 +1,79 @@
+"""Exactly-once settlement, property-based: whatever the interleaving of admissions and
+settlements repeated by retries, and a gateway process replaced mid-way (its state from
+disk), each request is metered once and the key's month totals count it once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve_app.config import Plan
+from serve_app.gateway import Caller, GatewayState, month_of
+from serve_app.keys import KeyOverrides
+from serve_app.metering import UsageRecord, read_usage
+
+Gateway = GatewayState.__ray_actor_class__  # the class itself, without Ray
+PLANS = {"pro": Plan(tiers=["premium"]).model_dump(mode="json")}
+CALLER = Caller("abcdefabcdef", "pro", KeyOverrides())
+
+
+def record(n: int, status: int) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"req-{n}",
+        key_id=CALLER.key_id,
+        plan="pro",
+        tier="premium",
+        model="kimi-k2.5",
+        endpoint="chat",
+        stream=False,
+        time=1795400000.0 + n,
+        status=status,
+        prompt_tokens=10,
+        completion_tokens=n + 1,
+        cost_usd=0.001 * (n + 1) if status == 200 else 0.0,
+    )
+
+
+requests = st.lists(
+    st.tuples(st.integers(1, 4), st.sampled_from([200, 200, 499, 503])), min_size=1, max_size=12
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests=requests, seed=st.integers(0, 2**32 - 1), restart_at=st.integers(0, 48))
+def test_each_request_is_metered_once_however_its_settlement_is_repeated(
+    tmp_path_factory, requests, seed, restart_at
+):
+    root = tmp_path_factory.mktemp("gw")
+    rng = random.Random(seed)
+
+    async def run() -> None:
+        gateway = Gateway(str(root), PLANS, 1000, 3600)
+        tickets = [f"t{n}" for n in range(len(requests))]
+        for n, ticket in enumerate(tickets):
+            assert (await gateway.admit(CALLER, 100, 0.01, ticket)).ticket == ticket
+            await gateway.admit(CALLER, 100, 0.01, ticket)  # a retried admission
+        calls = [(n, t) for n, t in enumerate(tickets) for _ in range(requests[n][0])]
+        rng.shuffle(calls)
+        for i, (n, ticket) in enumerate(calls):
+            if i == restart_at:  # the process dies; Ray starts a new one on the same dir
+                gateway.meter._wal = None  # (what it wrote stays; nothing is flushed)
+                gateway = Gateway(str(root), PLANS, 1000, 3600)
+            settles = [gateway.settle(ticket, record(n, requests[n][1]))]
+            if rng.random() < 0.5:  # the same settlement twice at once
+                settles.append(gateway.settle(ticket, record(n, requests[n][1])))
+            await asyncio.gather(*settles)
+        gateway.close()
+
+    asyncio.run(run())
+    ids = read_usage(root / "usage")["request_id"].to_pylist()
+    assert sorted(ids) == sorted(f"req-{n}" for n in range(len(requests)))
+    billed = [(n, s) for n, (_, s) in enumerate(requests) if s in (200, 499)]
+    tokens = sum(10 + n + 1 for n, _ in billed)
+    from serve_app.keys import KeyStore
+
+    month = month_of(1795400000.0)
+    assert KeyStore(root / "keys.db").month_usage(CALLER.key_id, month)[0] == tokens
