@@ -53,7 +53,7 @@ def test_each_request_is_metered_once_however_its_settlement_is_repeated(
     async def run() -> None:
         gateway = Gateway(str(root), PLANS, 1000, 3600)
         tickets = [f"t{n}" for n in range(len(requests))]
-        for n, ticket in enumerate(tickets):
+        for ticket in tickets:
             assert (await gateway.admit(CALLER, 100, 0.01, ticket)).ticket == ticket
             await gateway.admit(CALLER, 100, 0.01, ticket)  # a retried admission
         calls = [(n, t) for n, t in enumerate(tickets) for _ in range(requests[n][0])]
