@@ -1,13 +1,17 @@
 """Calls to a detached control actor (the gateway, the session store), awaited through
 its restarts: Ray restarts such an actor and its state is on disk, so a call that finds
-it away is retried for up to `wait_s`, then `ActorUnavailable`."""
+it away is retried for up to `wait_s`, then `ActorUnavailable`. Each retry asks for the
+actor by name again (`connect`), which also makes a new one where it died for good
+(killed without restart): the state on disk is all it needs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -21,8 +25,15 @@ class ActorUnavailable(Exception):
 
 
 class ActorCalls:
-    def __init__(self, actor: Any, what: str, wait_s: float, retried: metrics.Counter) -> None:
-        self.actor = actor
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        what: str,
+        wait_s: float,
+        retried: metrics.Counter,
+    ) -> None:
+        self.connect = connect
+        self.actor = connect()
         self.what = what
         self.wait_s = wait_s
         self.retried = retried
@@ -43,4 +54,6 @@ class ActorCalls:
                     log.warning("the %s is unavailable (%r); retrying %s", self.what, exc, method)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                with contextlib.suppress(Exception):  # the same actor while it restarts
+                    self.actor = self.connect()
         raise AssertionError("unreachable")

@@ -302,12 +302,15 @@ class GatewayClient:
     the actor restarts, calls wait (`ActorCalls`); admission and settlement are
     idempotent by ticket, so a retry never admits or meters twice."""
 
-    def __init__(self, actor: Any, wait_s: float = 10.0) -> None:
-        self._actor = actor
+    def __init__(self, connect: Callable[[], Any], wait_s: float = 10.0) -> None:
         retried = metrics.Counter(
             "kimi_gateway_retries", "gateway calls retried while the gateway actor was away"
         )
-        self._call = ActorCalls(actor, "gateway", wait_s, retried)
+        self._call = ActorCalls(connect, "gateway", wait_s, retried)
+
+    def configure(self, plans: dict[str, dict]) -> None:
+        """The plans of this deployment (a redeploy may change them); not awaited."""
+        self._call.actor.configure.remote(plans)
 
     async def authenticate(self, key: str) -> Caller | Denial:
         return await self._call("authenticate", key)
@@ -329,7 +332,7 @@ class GatewayClient:
         """Raises `ValueError` for a plan or overrides the gateway refuses,
         `StorageFault` where the key store cannot take it."""
         try:
-            made = await self._actor.create_key.remote(spec)
+            made = await self._call.actor.create_key.remote(spec)
         except Exception as exc:  # Ray wraps the actor's ValueError
             raise ValueError(str(getattr(exc, "cause", exc))) from None
         return unless_fault(made)
@@ -358,9 +361,14 @@ def connect_gateway(
     flush_interval_s: float,
     wait_s: float,
 ) -> GatewayClient:
-    """The cluster's gateway actor, created by the first ingress replica that asks."""
-    handle = GatewayState.options(  # type: ignore[attr-defined]
-        name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-    ).remote(str(root), plans, batch_size, flush_interval_s)
-    handle.configure.remote(plans)
-    return GatewayClient(handle, wait_s)
+    """The cluster's gateway actor, created by the first ingress replica that asks (and
+    again by any that finds it gone for good)."""
+
+    def connect() -> Any:
+        return GatewayState.options(  # type: ignore[attr-defined]
+            name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+        ).remote(str(root), plans, batch_size, flush_interval_s)
+
+    client = GatewayClient(connect, wait_s)
+    client.configure(plans)
+    return client

@@ -9,6 +9,7 @@ import functools
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,15 @@ class SessionState:
 class SessionClient:
     """The store's calls, awaited through the actor's restarts."""
 
-    def __init__(self, actor: Any, wait_s: float) -> None:
+    def __init__(self, connect: Callable[[], Any], wait_s: float) -> None:
         retried = metrics.Counter(
             "kimi_sessions_retries", "session store calls retried while its actor was away"
         )
-        self._call = ActorCalls(actor, "session store", wait_s, retried)
+        self._call = ActorCalls(connect, "session store", wait_s, retried)
+
+    def configure(self, settings: SessionSettings) -> None:
+        """This deployment's limits and webhook settings; not awaited."""
+        self._call.actor.configure.remote(settings)
 
     async def _store(self, method: str, *args: Any) -> Any:
         result = await self._call("call", method, *args)
@@ -173,9 +178,14 @@ def limits_of(settings: SessionSettings) -> StoreLimits:
 
 
 def connect_sessions(root: Path, settings: SessionSettings, wait_s: float) -> SessionClient:
-    """The cluster's session store actor, created by the first ingress replica that asks."""
-    handle = SessionState.options(  # type: ignore[attr-defined]
-        name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-    ).remote(str(root), settings)
-    handle.configure.remote(settings)
-    return SessionClient(handle, wait_s)
+    """The cluster's session store actor, created by the first ingress replica that asks
+    (and again by any that finds it gone for good)."""
+
+    def connect() -> Any:
+        return SessionState.options(  # type: ignore[attr-defined]
+            name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+        ).remote(str(root), settings)
+
+    client = SessionClient(connect, wait_s)
+    client.configure(settings)
+    return client

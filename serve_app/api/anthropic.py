@@ -27,7 +27,6 @@ from serve_app.api.anthropic_convert import (
     error_status,
     error_type,
     message,
-    sse,
 )
 from serve_app.api.anthropic_models import (
     Conversation,
@@ -36,15 +35,13 @@ from serve_app.api.anthropic_models import (
     thinking_omitted,
 )
 from serve_app.api.http import (
-    DONE,
     SettledStreamingResponse,
     bearer,
     read_json,
     session_of,
-    sse_payloads,
-    stream_error_status,
     validated,
 )
+from serve_app.api.sse import DONE, sse, sse_payloads, stream_error_status
 from serve_app.config import AppConfig
 from serve_app.errors import APIError
 from serve_app.pipeline import Inbound, Pipeline, Streamed

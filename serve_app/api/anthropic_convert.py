@@ -31,6 +31,7 @@ from serve_app.api.anthropic_models import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from serve_app.api.sse import sse
 from serve_app.api.thinking import effort_budget
 from serve_app.api.thinking import thinking_fields as thinking_mode
 from serve_app.sealing import Sealer
@@ -290,10 +291,6 @@ def arguments(text: Any) -> dict[str, Any]:
 
 
 # ---- stream ---------------------------------------------------------------------------
-
-
-def sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
 BLOCK_STARTS: dict[str, dict[str, str]] = {

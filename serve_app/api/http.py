@@ -103,27 +103,6 @@ def session_of(request: Request) -> str | None:
     return None
 
 
-DONE = "[DONE]"
-
-
-def sse_payloads(text: str) -> list[dict[str, Any] | str]:
-    """The chunks in a piece of the pipeline's OpenAI event stream (several events may
-    come in one string), parsed; `DONE` for its end marker."""
-    out: list[dict[str, Any] | str] = []
-    for event in text.split("\n\n"):
-        if event.startswith("data: "):
-            payload = event[6:]
-            out.append(DONE if payload == DONE else json.loads(payload))
-    return out
-
-
-def stream_error_status(error: dict[str, Any]) -> int:
-    """The HTTP status an error event in a stream stands for."""
-    if error.get("code") == "request_timeout":
-        return 504
-    return 400 if error.get("type") == "invalid_request_error" else 500
-
-
 def openai_error(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     """A refusal in OpenAI's format (every route's but Anthropic's)."""
     return JSONResponse(exc.body(), exc.status, headers={**exc.headers, **(headers or {})})

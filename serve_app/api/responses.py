@@ -9,7 +9,6 @@ under the caller's key, for later turns, retrieval and `input_items`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from deployments.engine import Endpoint
 from serve_app.actor_calls import ActorUnavailable
 from serve_app.api.background import FAILURE_CODES, Runs
 from serve_app.api.http import (
-    DONE,
     SettledStreamingResponse,
     bearer,
     read_json,
     session_of,
-    sse_payloads,
-    stream_error_status,
     validated,
 )
 from serve_app.api.responses_convert import (
@@ -39,6 +35,7 @@ from serve_app.api.responses_convert import (
     response_doc,
 )
 from serve_app.api.responses_models import ResponsesRequest
+from serve_app.api.sse import DONE, sse, sse_payloads, stream_error_status
 from serve_app.config import AppConfig
 from serve_app.errors import APIError
 from serve_app.gateway import Caller
@@ -50,10 +47,6 @@ from serve_app.sessions import SessionClient, StorageFull, StoreFailed
 
 log = logging.getLogger("serve_app.api.responses")
 T = TypeVar("T")
-
-
-def sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
 def store_unavailable() -> APIError:

@@ -95,6 +95,9 @@ def session_app_args() -> dict:
         for field, values in OVERLAY[tier["name"]].items():
             tier[field] = {**tier.get(field, {}), **values}
     args["router"]["allow_strategy_header"] = True
+    # a plan whose first tier (standard) shares a node with budget, and whose next
+    # (premium) does not: the node-loss test watches its requests move
+    args["plans"]["spill"] = {"tiers": ["standard", "premium"], "allow_degrade": True}
     # webhook receivers in the tests listen on this machine, over plain http
     outbound = {"allowed_hosts": ["127.0.0.1"], "allow_http": True}
     args["sessions"] = {"webhooks": {"outbound": outbound, "retry_base_s": 0.2}}
