@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, RayActorError
 from ray.util import metrics
 
 log = logging.getLogger("serve_app.actor_calls")
@@ -44,7 +44,7 @@ class ActorCalls:
         for attempt in itertools.count():
             try:
                 return await getattr(self.actor, method).remote(*args)
-            except RayActorError as exc:
+            except (RayActorError, ActorUnschedulableError) as exc:  # away, or its node gone
                 if time.monotonic() + delay > deadline:
                     raise ActorUnavailable(
                         f"the {self.what} did not answer in {self.wait_s:g} s"

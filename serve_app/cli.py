@@ -58,6 +58,12 @@ def admin_client() -> httpx.Client:
     return httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=30)
 
 
+def print_answer(r: httpx.Response) -> None:
+    if r.status_code >= 400:
+        raise SystemExit(r.json().get("error", {}).get("message", r.text))
+    print(json.dumps(r.json(), indent=2))
+
+
 def keys_command(args: argparse.Namespace) -> None:
     with admin_client() as c:
         if args.keys_cmd == "create":
@@ -85,9 +91,20 @@ def keys_command(args: argparse.Namespace) -> None:
             r = c.get("/admin/keys")
         else:
             r = c.delete(f"/admin/keys/{args.key_id}")
-    if r.status_code >= 400:
-        raise SystemExit(r.json().get("error", {}).get("message", r.text))
-    print(json.dumps(r.json(), indent=2))
+    print_answer(r)
+
+
+def webhooks_command(args: argparse.Namespace) -> None:
+    """Register (`add`) or list a key's webhook endpoints; the signing secret is shown
+    once, when made."""
+    path = f"/admin/keys/{args.key_id}/webhook_endpoints"
+    with admin_client() as c:
+        if args.webhooks_cmd == "add":
+            spec = {"url": args.url, "name": args.name, "event_types": args.events.split(",")}
+            r = c.post(path, json=spec)
+        else:
+            r = c.get(path)
+    print_answer(r)
 
 
 def usage_report(root: Path, by: list[str]) -> str:
@@ -131,6 +148,18 @@ def parser() -> argparse.ArgumentParser:
     ksub.add_parser("list")
     kr = ksub.add_parser("revoke")
     kr.add_argument("key_id")
+    w = sub.add_parser("webhooks", help="a key's webhook endpoints (through the admin API)")
+    wsub = w.add_subparsers(dest="webhooks_cmd", required=True)
+    wa = wsub.add_parser("add")
+    wa.add_argument("key_id")
+    wa.add_argument("url")
+    wa.add_argument("--name", default="")
+    wa.add_argument(
+        "--events",
+        default="response.completed,response.failed,response.cancelled,response.incomplete",
+    )
+    wl = wsub.add_parser("list")
+    wl.add_argument("key_id")
     u = sub.add_parser("usage", help="usage report from the metered Parquet files")
     u.add_argument("--dir", type=Path, default=None, help="usage dir (default: state dir)")
     u.add_argument("--by", default="key_id,plan,tier,day")
@@ -153,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         wait_ready(args.url, args.timeout)
     elif args.cmd == "keys":
         keys_command(args)
+    elif args.cmd == "webhooks":
+        webhooks_command(args)
     elif args.cmd == "usage":
         from serve_app.gateway import state_dir
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
+from pydantic import ValidationError
 from ray.util import metrics
 
 from deployments.engine import Endpoint
@@ -240,12 +241,21 @@ class GatewayState:
     def health(self) -> str | None:
         return self.fault
 
+    def node(self) -> str:
+        """The node this actor runs on (it moves when its node is lost)."""
+        return ray.get_runtime_context().get_node_id()
+
     # ---- admin -----------------------------------------------------------------------
 
-    def create_key(self, spec: NewKey) -> tuple[str, KeyInfo] | StorageFault:
+    def create_key(self, spec: NewKey) -> tuple[str, KeyInfo] | StorageFault | ValueError:
+        """The key and its record; a refusal (unknown plan, bad overrides) or a storage
+        fault as a value, so a caller tells them from the actor being away."""
         if spec.plan not in self.plans:
-            raise ValueError(f"unknown plan {spec.plan!r}; plans: {sorted(self.plans)}")
-        overrides = KeyOverrides.model_validate(spec.overrides)
+            return ValueError(f"unknown plan {spec.plan!r}; plans: {sorted(self.plans)}")
+        try:
+            overrides = KeyOverrides.model_validate(spec.overrides)
+        except ValidationError as exc:
+            return ValueError(str(exc))
         return stored(
             lambda: self.keys.create(
                 spec.plan, spec.name, overrides, spec.metadata, spec.expires_at
@@ -330,11 +340,11 @@ class GatewayClient:
 
     async def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
         """Raises `ValueError` for a plan or overrides the gateway refuses,
-        `StorageFault` where the key store cannot take it."""
-        try:
-            made = await self._call.actor.create_key.remote(spec)
-        except Exception as exc:  # Ray wraps the actor's ValueError
-            raise ValueError(str(getattr(exc, "cause", exc))) from None
+        `StorageFault` where the key store cannot take it. (A retry after the actor
+        died answering would make a second key; the first was never shown to anyone.)"""
+        made = await self._call("create_key", spec)
+        if isinstance(made, ValueError):
+            raise made
         return unless_fault(made)
 
     async def list_keys(self) -> list[KeyInfo]:

@@ -5,20 +5,35 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api.http import bearer, read_json, validated
+from serve_app.api.responses import guarded
 from serve_app.errors import APIError
-from serve_app.gateway import GatewayClient, StorageFault
+from serve_app.gateway import GatewayClient, GatewayUnavailable, StorageFault
 from serve_app.keys import NewKey, hash_key
+from serve_app.pipeline import gateway_error
 from serve_app.sessions import SessionClient
+
+T = TypeVar("T")
 
 
 def storage_error(exc: StorageFault) -> APIError:
     return APIError(503, str(exc), code="storage_unavailable", headers={"retry-after": "5"})
+
+
+async def answered(call: Awaitable[T]) -> T:
+    """The gateway's answer; its faults as the 503s they are (never a 400 or 500)."""
+    try:
+        return await call
+    except StorageFault as exc:
+        raise storage_error(exc) from None
+    except GatewayUnavailable:
+        raise gateway_error() from None
 
 
 class AdminAPI:
@@ -43,35 +58,26 @@ class AdminAPI:
         body, _ = await read_json(request, self.max_body_bytes)
         spec = validated(body, NewKey)
         try:
-            key, info = await self.gateway.create_key(spec)
+            key, info = await answered(self.gateway.create_key(spec))
         except ValueError as exc:
             raise APIError(400, str(exc), param="plan") from None
-        except StorageFault as exc:
-            raise storage_error(exc) from None
         return JSONResponse({"key": key, **info.model_dump()}, 201)
 
     async def list_keys(self, request: Request) -> dict[str, Any]:
         self.check(request)
-        try:
-            keys = await self.gateway.list_keys()
-        except StorageFault as exc:
-            raise storage_error(exc) from None
+        keys = await answered(self.gateway.list_keys())
         return {"object": "list", "data": [k.model_dump() for k in keys]}
 
     async def revoke_key(self, request: Request, key_id: str) -> dict[str, Any]:
         self.check(request)
-        try:
-            revoked = await self.gateway.revoke_key(key_id)
-        except StorageFault as exc:
-            raise storage_error(exc) from None
-        if not revoked:
+        if not await answered(self.gateway.revoke_key(key_id)):
             raise APIError(404, f"no active key {key_id!r}", param="key_id")
         # what the key stored (responses, conversations) goes with it
-        deleted = await self.store.delete_owner(key_id)
+        deleted = await guarded(self.store.delete_owner(key_id))
         return {"key_id": key_id, "revoked": True, "stored_items_deleted": deleted}
 
     async def flush_usage(self, request: Request) -> dict[str, bool]:
         self.check(request)
-        if fault := await self.gateway.flush():
+        if fault := await answered(self.gateway.flush()):
             raise storage_error(StorageFault(fault))
         return {"flushed": True}

@@ -9,8 +9,8 @@ from fastapi import Request
 
 from serve_app.api.http import bearer
 from serve_app.errors import APIError
-from serve_app.gateway import ANONYMOUS, GatewayClient
-from serve_app.pipeline import Pipeline
+from serve_app.gateway import ANONYMOUS, GatewayClient, GatewayUnavailable
+from serve_app.pipeline import Pipeline, gateway_error
 
 GROUPINGS = ("day", "tier", "model", "session", "api", "plan")
 
@@ -31,7 +31,10 @@ class UsageAPI:
                 f"group_by takes a comma-separated list of {', '.join(GROUPINGS)}",
                 param="group_by",
             )
-        rows = await self.gateway.usage(caller.key_id, by)
+        try:
+            rows = await self.gateway.usage(caller.key_id, by)
+        except GatewayUnavailable:
+            raise gateway_error() from None
         if isinstance(rows, str):
             raise APIError(400, rows, param="group_by")
         return {"object": "list", "group_by": by, "data": rows}

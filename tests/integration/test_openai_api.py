@@ -140,7 +140,7 @@ def test_models_lists_base_and_tiers(client):
 def test_health_and_ready(serve_url):
     assert httpx.get(f"{serve_url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{serve_url}/ready", timeout=30).json()
-    assert ready == {"ready": True, "tiers": {t: True for t in TIERS}}
+    assert ready == {"ready": True, "tiers": {t: True for t in TIERS}, "storage": "ok"}
 
 
 ENGINE_EXTRAS = {"system_fingerprint", "service_tier", "prompt_logprobs", "kv_transfer_params"}

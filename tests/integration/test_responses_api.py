@@ -10,6 +10,7 @@ import http.server
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import httpx
@@ -329,12 +330,19 @@ def test_a_session_cap_refuses_the_request_after_it_on_every_router(serve_url, a
         r = httpx.post(f"{serve_url}/v1/responses", json=body, headers=headers, timeout=120)
         assert r.status_code == 200, r.text
         used += r.json()["usage"]["total_tokens"]
-    routers = set()
-    for _ in range(12):
+    routers: set[str] = set()
+
+    def refused(_: int) -> None:
         r = httpx.post(f"{serve_url}/v1/responses", json=body, headers=headers, timeout=120)
         assert r.status_code == 402, r.text
         assert r.json()["error"]["code"] == "session_budget_exceeded"
         routers.add(r.headers["x-kimi-router"])
+
+    for _ in range(8):  # at once, so the proxy spreads them over the router replicas
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(refused, range(6)))
+        if len(routers) == 2:
+            break
     assert len(routers) == 2  # both router replicas refuse it: the cap is the gateway's
     other = httpx.post(
         f"{serve_url}/v1/responses",
@@ -479,3 +487,21 @@ def test_a_webhook_gets_the_signed_event_on_its_third_try(oai, serve_url):
 def test_a_webhook_url_outside_the_allow_list_is_refused(oai, url):
     with pytest.raises(openai.BadRequestError, match="url"):
         oai.webhooks.create(url=url, name="x", event_types=["response.completed"])
+
+
+def test_operators_register_a_keys_webhook_from_the_cli(serve_url, admin, monkeypatch, capsys):
+    from serve_app.cli import main
+
+    key, key_id = new_key(admin, "enterprise")
+    monkeypatch.setenv("KIMI_SERVE_URL", serve_url)
+    main(["webhooks", "add", key_id, "http://127.0.0.1:9/hooks", "--events", "response.failed"])
+    made = json.loads(capsys.readouterr().out)
+    assert made["signing_secret"].startswith("whsec_") and made["event_types"] == [
+        "response.failed"
+    ]
+    main(["webhooks", "list", key_id])
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)["data"]] == [made["id"]]
+    # the key holder sees it too, without its secret
+    mine = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=key, max_retries=0)
+    [endpoint] = mine.webhooks.list().data
+    assert endpoint.id == made["id"] and "signing_secret" not in endpoint.model_dump()
