@@ -205,6 +205,15 @@ def overloaded(tier: TierEntry, live: Live, policy: LoadPolicy) -> bool:
     return slo is not None and ttft is not None and ttft > slo
 
 
+def up(tier: TierEntry, loads: Mapping[str, EngineLoad]) -> bool:
+    """Whether a tier can serve now, as far as the figures tell (none at all: nothing is
+    known yet, so every tier is taken to be up)."""
+    load = loads.get(tier.name)
+    if load is None:  # no replica reports: scaled to zero, or lost with its node
+        return not loads or tier.autoscaling.min_replicas == 0
+    return load.healthy
+
+
 def choose_tier(
     candidates: list[TierEntry],
     live: Live | None = None,
@@ -213,8 +222,9 @@ def choose_tier(
 ) -> Decision:
     """Pick a tier from the plan's candidates (in preference order) and the live figures.
 
-    - Unhealthy tiers are skipped (unless none is healthy). A tier scaled to zero is not
-      unhealthy: it reports nothing, and a request wakes it.
+    - Tiers that are down are skipped (unless all are): unhealthy ones, and those that
+      report nothing though they keep replicas (their node was lost). A tier that may
+      scale to zero and reports nothing is up: a request wakes it.
     - The first healthy tier serves while it is not overloaded (pressure at or below
       `overload_pressure`, recent TTFT p90 within the tier's objective). Otherwise a plan
       that may degrade spills to the first later tier that is not overloaded; a plan
@@ -230,7 +240,7 @@ def choose_tier(
         chosen = random.choice(candidates)
         return Decision(tier=chosen, degraded=chosen is not candidates[0])
     loads = live.loads
-    healthy = [t for t in candidates if (ld := loads.get(t.name)) is None or ld.healthy]
+    healthy = [t for t in candidates if up(t, loads)]
     healthy = healthy or candidates
     chosen = healthy[0]
     if plan is not None and plan.allow_degrade and overloaded(chosen, live, policy):

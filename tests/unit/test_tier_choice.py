@@ -192,3 +192,17 @@ def test_requests_sent_since_the_last_reading_count_at_once():
     burst = Live(loads, sent={"standard": 2})  # 5 of 4 slots once these two land
     d = choose_tier(cands, burst, p)
     assert d.tier.name == "budget" and d.degraded
+
+
+def test_a_tier_that_keeps_replicas_but_reports_none_is_down_one_that_scales_to_zero_is_not():
+    """Standard keeps a replica (min_replicas 1): reporting nothing while others report,
+    it was lost with its node, and the plan's next tier serves. Budget may scale to zero:
+    reporting nothing, a request wakes it."""
+    p = CFG.plans["standard"]  # standard, then budget
+    cands = candidate_tiers("kimi-k2.5", p, "standard", CFG, Needs())
+    others = {"premium": EngineLoad()}
+    assert choose_tier(cands, Live(others), p).tier.name == "budget"
+    assert choose_tier(cands, Live({**others, "standard": EngineLoad()}), p).tier.name == "standard"
+    free = CFG.plans["free"]  # budget only, scaled to zero
+    only = candidate_tiers("kimi-k2.5", free, "free", CFG, Needs())
+    assert choose_tier(only, Live(others), free).tier.name == "budget"
