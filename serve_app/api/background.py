@@ -44,10 +44,11 @@ class Runs:
         writer.doc["status"] = "queued"
         stored = StoredResponse(writer.doc["id"], turn.session, writer.doc, turn.items)
         await self.store.put_response(turn.owner, stored, turn.req.previous_response_id)
+        queued = {**writer.doc, "output": []}  # before the run starts writing into it
         task = asyncio.create_task(self._run(inbound, writer, turn))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return dict(writer.doc)
+        return queued
 
     async def _run(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> None:
         consume = asyncio.ensure_future(self._consume(inbound, writer, turn))

@@ -118,7 +118,7 @@ class ResponsesAPI:
         )
         writer = ResponseWriter(turn.doc, self.sealer, encrypt_reasoning(req))
         if req.background:
-            return JSONResponse(await self.runs.start(inbound, writer, turn))
+            return JSONResponse(await guarded(self.runs.start(inbound, writer, turn)))
         result = await self.pipeline.serve(inbound)
         if isinstance(result, Streamed):
             events = self._events(result, writer, turn)
