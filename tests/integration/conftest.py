@@ -114,6 +114,9 @@ def cluster(state_dir: Path) -> Iterator[object]:
     os.environ["KIMI_SERVE_STATE"] = str(state_dir)
     os.environ["KIMI_SERVE_ADMIN_TOKEN"] = ADMIN_TOKEN
     os.environ["KIMI_SERVE_TRACES"] = f"file:{state_dir / 'traces.jsonl'}"
+    # The "nodes" share one machine: the proxy's preference for router replicas on its own
+    # node would send every request to one of them, and the tests want both to serve.
+    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     # A 2-core machine needs more logical CPUs than it reports (README, `make serve`).
     c = Cluster(initialize_head=True, head_node_args={**NODES["head"], "include_dashboard": False})
     c.add_node(**NODES["h200"])

@@ -2,7 +2,8 @@
 `openai` SDK and the OpenAI Agents SDK: plain and streamed responses, a function-tool
 round trip, `previous_response_id` chains (prefix cache and cached tokens), conversations,
 isolation between keys, and stored state that outlives the router replicas, the gateway
-and the session store actor. On the premium (vLLM) and standard (llama.cpp) tiers."""
+and the session store actor. On every tier: premium (vLLM), standard and budget
+(llama.cpp)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tests.integration.conftest import flushed_usage, new_key, wait_for
 
 pytestmark = pytest.mark.integration
 
-TIERS = ["premium", "standard"]
+TIERS = ["premium", "standard", "budget"]
 CITY = {
     "type": "object",
     "properties": {
@@ -120,7 +121,9 @@ def test_a_function_tool_round_trip(oai, tier):
         max_output_tokens=8,
         reasoning=INSTANT,
     )
-    assert [item.type for item in second.output] == ["message"]
+    # tool_choice none: no call, only text (which a random model may end at once)
+    assert all(item.type == "message" for item in second.output), second.output
+    assert second.status in ("completed", "incomplete")
     # the tool's answer and the call before it reached the model: the prompt grew by them
     assert second.usage.input_tokens > first.usage.input_tokens
 
@@ -129,7 +132,7 @@ def test_a_function_tool_round_trip(oai, tier):
 def test_a_chain_of_three_turns_reuses_the_prefix(oai, admin, state_dir, keyed, tier):
     turns = []
     previous = None
-    rules = "Answer briefly, in plain words, and say when you are unsure. " * 30
+    rules = "Answer briefly, in plain words, and say when you are unsure. " * 12
     for text in ("first question", "second question", "third question"):
         r = oai.responses.create(
             model=f"kimi-k2.5:{tier}",
@@ -321,6 +324,13 @@ def test_an_agents_sdk_agent_runs_a_tool_through_the_responses_api(serve_url, ke
 
 
 def test_a_session_cap_refuses_the_request_after_it_on_every_router(serve_url, admin, state_dir):
+    from ray import serve
+
+    def routers_running() -> bool:  # (a test before may have replaced them)
+        ingress = serve.status().applications["kimi"].deployments["Ingress"]
+        return ingress.replica_states.get("RUNNING", 0) == 2
+
+    wait_for("both router replicas running", routers_running, 180, every_s=1)
     key, key_id = new_key(admin, "enterprise", max_session_tokens=40)
     headers = {"authorization": f"Bearer {key}", "x-session-id": "capped"}
     body = {"model": "kimi-k2.5:standard", "input": "hello there", "max_output_tokens": 8}
