@@ -348,12 +348,30 @@ def test_a_session_cap_refuses_the_request_after_it_on_every_router(serve_url, a
         assert r.json()["error"]["code"] == "session_budget_exceeded"
         routers.add(r.headers["x-kimi-router"])
 
-    for _ in range(8):  # at once, so the proxy spreads them over the router replicas
-        with ThreadPoolExecutor(6) as pool:
-            list(pool.map(refused, range(6)))
-        if len(routers) == 2:
-            break
-    assert len(routers) == 2  # both router replicas refuse it: the cap is the gateway's
+    with ThreadPoolExecutor(6) as pool:  # at once, so the proxy may spread them
+        list(pool.map(refused, range(6)))
+    if len(routers) == 1:
+        # the proxy kept to one router: that one is stopped (Serve replaces it), so the
+        # next requests meet another router replica, which must refuse them as well
+        [first] = routers
+        [name] = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].endswith(f"Ingress#{first}")
+        ]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+
+        def another_refuses() -> bool:
+            r = httpx.post(f"{serve_url}/v1/responses", json=body, headers=headers, timeout=120)
+            if r.status_code != 402:  # only the stopped router's last words may differ
+                assert r.status_code in (500, 502, 503), r.text
+                return False
+            assert r.json()["error"]["code"] == "session_budget_exceeded"
+            routers.add(r.headers["x-kimi-router"])
+            return r.headers["x-kimi-router"] != first
+
+        wait_for("another router refusing the session", another_refuses, 90, every_s=0.5)
+    assert len(routers) == 2  # two router replicas refuse it: the cap is the gateway's
     other = httpx.post(
         f"{serve_url}/v1/responses",
         json=body,
