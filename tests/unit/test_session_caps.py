@@ -7,33 +7,16 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_app.config import Plan
-from serve_app.gateway import Caller, GatewayState
-from serve_app.keys import KeyOverrides
 from serve_app.limits import Denial
 from serve_app.metering import UsageRecord
+from tests.unit.gateway_in_process import CALLER, Gateway, plans, record
 
-Gateway = GatewayState.__ray_actor_class__
-PLANS = {"pro": Plan(tiers=["premium"], max_session_tokens=100).model_dump(mode="json")}
-CALLER = Caller("abcdefabcdef", "pro", KeyOverrides())
+PLANS = plans(max_session_tokens=100)
 
 
 def served(n: int, session: str) -> UsageRecord:
-    return UsageRecord(
-        request_id=f"r{n}",
-        key_id=CALLER.key_id,
-        plan="pro",
-        tier="premium",
-        model="kimi-k2.5",
-        endpoint="chat",
-        stream=False,
-        time=1795400000.0 + n,
-        status=200,
-        prompt_tokens=20,
-        completion_tokens=10,
-        cost_usd=0.001,
-        session_id=session,
-    )
+    """20 prompt and 10 output tokens, in `session`."""
+    return record(n, prompt_tokens=20, completion_tokens=10, cost_usd=0.001, session_id=session)
 
 
 def test_both_routers_refuse_a_session_past_its_cap_and_a_restart_remembers(tmp_path):

@@ -10,31 +10,12 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_app.config import Plan
-from serve_app.gateway import Caller, GatewayState, month_of
-from serve_app.keys import KeyOverrides
-from serve_app.metering import UsageRecord, read_usage
+from serve_app.gateway import month_of
+from serve_app.keys import KeyStore
+from serve_app.metering import read_usage
+from tests.unit.gateway_in_process import CALLER, T0, Gateway, plans, record
 
-Gateway = GatewayState.__ray_actor_class__  # the class itself, without Ray
-PLANS = {"pro": Plan(tiers=["premium"]).model_dump(mode="json")}
-CALLER = Caller("abcdefabcdef", "pro", KeyOverrides())
-
-
-def record(n: int, status: int) -> UsageRecord:
-    return UsageRecord(
-        request_id=f"req-{n}",
-        key_id=CALLER.key_id,
-        plan="pro",
-        tier="premium",
-        model="kimi-k2.5",
-        endpoint="chat",
-        stream=False,
-        time=1795400000.0 + n,
-        status=status,
-        prompt_tokens=10,
-        completion_tokens=n + 1,
-        cost_usd=0.001 * (n + 1) if status == 200 else 0.0,
-    )
+PLANS = plans()
 
 
 requests = st.lists(
@@ -62,9 +43,10 @@ def test_each_request_is_metered_once_however_its_settlement_is_repeated(
             if i == restart_at:  # the process dies; Ray starts a new one on the same dir
                 gateway.meter._wal = None  # (what it wrote stays; nothing is flushed)
                 gateway = Gateway(str(root), PLANS, 1000, 3600)
-            settles = [gateway.settle(ticket, record(n, requests[n][1]))]
+            rec = record(n, requests[n][1], cost_usd=0.001 * (n + 1) * (requests[n][1] == 200))
+            settles = [gateway.settle(ticket, rec)]
             if rng.random() < 0.5:  # the same settlement twice at once
-                settles.append(gateway.settle(ticket, record(n, requests[n][1])))
+                settles.append(gateway.settle(ticket, rec))
             await asyncio.gather(*settles)
         gateway.close()
 
@@ -73,7 +55,5 @@ def test_each_request_is_metered_once_however_its_settlement_is_repeated(
     assert sorted(ids) == sorted(f"req-{n}" for n in range(len(requests)))
     billed = [(n, s) for n, (_, s) in enumerate(requests) if s in (200, 499)]
     tokens = sum(10 + n + 1 for n, _ in billed)
-    from serve_app.keys import KeyStore
-
-    month = month_of(1795400000.0)
+    month = month_of(T0)
     assert KeyStore(root / "keys.db").month_usage(CALLER.key_id, month)[0] == tokens
