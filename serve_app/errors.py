@@ -75,3 +75,8 @@ class APIError(Exception):
             code=self.code,
         )
         return ErrorResponse(error=detail).model_dump()
+
+
+def storage_error(cause: object) -> APIError:
+    """The 503 of a state store (usage, keys, responses) that cannot be written."""
+    return APIError(503, str(cause), code="storage_unavailable", headers={"retry-after": "5"})

@@ -13,17 +13,13 @@ from fastapi.responses import JSONResponse
 
 from serve_app.api.http import bearer, read_json, validated
 from serve_app.api.responses import guarded
-from serve_app.errors import APIError
+from serve_app.errors import APIError, storage_error
 from serve_app.gateway import GatewayClient, GatewayUnavailable, StorageFault
 from serve_app.keys import NewKey, hash_key
 from serve_app.pipeline import gateway_error
 from serve_app.sessions import SessionClient
 
 T = TypeVar("T")
-
-
-def storage_error(exc: StorageFault) -> APIError:
-    return APIError(503, str(exc), code="storage_unavailable", headers={"retry-after": "5"})
 
 
 async def answered(call: Awaitable[T]) -> T:

@@ -37,7 +37,7 @@ from serve_app.api.responses_convert import (
 from serve_app.api.responses_models import ResponsesRequest
 from serve_app.api.sse import DONE, sse, sse_payloads, stream_error_status
 from serve_app.config import AppConfig
-from serve_app.errors import APIError
+from serve_app.errors import APIError, storage_error
 from serve_app.gateway import Caller
 from serve_app.pipeline import Completed, Inbound, Pipeline, Streamed
 from serve_app.schemas import ChatRequest, canonical_body
@@ -264,9 +264,7 @@ async def guarded(call: Awaitable[T]) -> T:
     except ActorUnavailable:
         raise store_unavailable() from None
     except StoreFailed as exc:
-        raise APIError(
-            503, str(exc), code="storage_unavailable", headers={"retry-after": "5"}
-        ) from None
+        raise storage_error(exc) from None
 
 
 def page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
