@@ -344,7 +344,7 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
     from serve_app.config import load_config
     from serve_app.limits import KeyState, Limits
     from serve_app.schemas import ChatRequest
-    from serve_app.tier_choice import Live, candidate_tiers, choose_tier, needs_of
+    from serve_app.tier_choice import Live, candidate_tiers, choose_tier, estimate_tokens, needs_of
 
     cfg = load_config(serve_args())
     body = {
@@ -359,7 +359,7 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
     start = time.process_time()
     for i in range(iterations):
         parsed = ChatRequest.model_validate(json.loads(raw))
-        needs = needs_of(parsed, len(raw), parsed.output_limit)
+        needs = needs_of(parsed, estimate_tokens(len(raw)), parsed.output_limit)
         cands = candidate_tiers(parsed.model, plan, "standard", cfg, needs)
         tier = choose_tier(cands, Live(), plan).tier
         state.check(100, tier.price.cost(50, 64), float(i))

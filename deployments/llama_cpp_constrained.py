@@ -149,9 +149,23 @@ def schema_error(exc: SchemaNotSupported, constraint: Constraint) -> EngineError
     )
 
 
+def image_data(body: dict[str, Any]) -> list[str]:
+    """The base64 data of the chat's images in prompt order (the router hands every image
+    on as a data: URL), for `/completion`'s `multimodal_data`."""
+    return [
+        part["image_url"]["url"].partition(",")[2]
+        for message in body.get("messages") or ()
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image_url"
+    ]
+
+
 def completion_body(body: dict[str, Any], prompt: str, grammar: str) -> dict[str, Any]:
+    images = image_data(body)
     out: dict[str, Any] = {
-        "prompt": prompt,
+        # the rendered prompt holds llama-server's media marker where each image goes
+        "prompt": {"prompt_string": prompt, "multimodal_data": images} if images else prompt,
         "grammar": grammar,
         "stream": True,
         "return_tokens": True,  # markers are told apart from their spelling by token

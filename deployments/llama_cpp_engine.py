@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from deployments.artifacts.llama_cpp import llama_binary
-from deployments.artifacts.resolve import resolve_artifact
+from deployments.artifacts.resolve import resolve_artifact, resolve_mmproj
 from deployments.engine import (
     Engine,
     EngineError,
@@ -95,6 +95,7 @@ class LlamaCppEngine(Engine):
         flags = {
             **DEFAULT_FLAGS,
             "model": str(resolve_artifact(self.spec.artifact)),
+            "mmproj": resolve_mmproj(self.spec),
             "alias": self.spec.model_id,
             # llama-server splits the context across its slots; each slot gets max_context.
             "ctx-size": self.spec.max_context * self.parallel,

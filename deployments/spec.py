@@ -23,6 +23,7 @@ class Artifact(Strict):
     `embedded` builds the tiny Kimi-architecture model locally (`quant` picks a GGUF
     quantization of it); `huggingface` names a hub repo (and `file` inside it for GGUF),
     fetched by the engine on production nodes; `path` is a local directory or file.
+    `mmproj` is a GGUF tier's vision projector file (built for `embedded`).
     """
 
     kind: Literal["embedded", "huggingface", "path"]
@@ -30,6 +31,7 @@ class Artifact(Strict):
     file: str | None = None
     path: Path | None = None
     quant: str | None = None
+    mmproj: Path | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> Artifact:
@@ -98,6 +100,15 @@ class TierSpec(Strict):
     # many tokens, so the call or the JSON is reached; None leaves it open.
     forced_tool_thinking_budget: int | None = Field(64, ge=0)
     startup_timeout_s: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _vision_weights(self) -> TierSpec:
+        gguf_vision = self.engine == "llama.cpp" and self.capabilities.vision
+        if gguf_vision and self.artifact.kind != "embedded" and self.artifact.mmproj is None:
+            raise ValueError(
+                f"tier {self.name!r} says vision: true; a llama.cpp tier needs artifact.mmproj"
+            )
+        return self
 
     @property
     def model_id(self) -> str:

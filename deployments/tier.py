@@ -19,6 +19,7 @@ from ray.serve.deployment import Application
 
 from deployments import tracing
 from deployments.engine import Endpoint, Engine, EngineLoad, EngineOutput
+from deployments.image_tokens import with_image_tokens
 from deployments.loadboard import ReplicaLoad, board
 from deployments.spec import TierSpec
 
@@ -142,6 +143,8 @@ class TierServer:
             },
         )
         source = getattr(self.engine, endpoint.value)(body, request_id)
+        if endpoint is Endpoint.CHAT:
+            source = with_image_tokens(source, body, request_id, self.engine.tokenize)
         items = 0
         try:
             async for item in served(self.replica, source):

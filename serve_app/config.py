@@ -81,7 +81,9 @@ class Plan(LimitFields):
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_replicas: int = Field(1, ge=1)
-    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(
+        20 * 2**20, gt=0, description="a request body; inline images count against it"
+    )
     anonymous_plan: str | None = Field(
         "enterprise", description="plan for requests without a key; null requires keys"
     )
@@ -126,6 +128,64 @@ class OutboundPolicy(BaseModel):
     allow_http: bool = Field(False, description="plain http as well as https")
 
 
+class RemoteImages(OutboundPolicy):
+    """Images given by http(s) URL: fetched by the router (never by an engine), only from
+    allow-listed hosts, each redirect checked again."""
+
+    enabled: bool = Field(False, description="off: only data: URLs are taken")
+    max_redirects: int = Field(3, ge=0)
+    timeout_s: float = Field(10.0, gt=0, description="whole fetch, redirects included")
+
+    @model_validator(mode="after")
+    def _listed(self) -> RemoteImages:
+        if self.enabled and not self.allowed_hosts:
+            raise ValueError("media.remote.enabled needs allowed_hosts")
+        return self
+
+
+class ImageTokens(BaseModel):
+    """How an image becomes tokens in K2.5's preprocessing (its preprocessor_config):
+    scaled to fit `max_patches` patches and `max_patches_per_side`, padded to whole merged
+    patches, one token per `merge`x`merge` patches. The router counts with it before
+    routing; the engine's own count settles the bill."""
+
+    model_config = ConfigDict(extra="forbid")
+    patch_size: int = Field(14, gt=0)
+    merge: int = Field(2, gt=0)
+    max_patches: int = Field(16384, gt=0)
+    max_patches_per_side: int = Field(512, gt=0)
+    wrapper_tokens: int = Field(8, ge=0, description="the media markers around each image")
+
+
+class MediaSettings(BaseModel):
+    """What image input a deployment takes (checked before any engine sees a request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_images: int = Field(8, ge=0, description="images per request")
+    max_image_bytes: int = Field(10 * 2**20, gt=0, description="bytes of one image, decoded")
+    max_pixels: int = Field(25_000_000, gt=0, description="width x height of one image")
+    formats: list[Literal["PNG", "JPEG", "WEBP", "GIF"]] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF"],
+        description="GIFs give their first frame",
+    )
+    remote: RemoteImages = RemoteImages()
+    tokens: ImageTokens = ImageTokens()
+
+
+class SamplingDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(ge=0, le=2)
+    top_p: float = Field(gt=0, le=1)
+
+
+class GenerationDefaults(BaseModel):
+    """Sampling the model card recommends, applied where a request sets none."""
+
+    model_config = ConfigDict(extra="forbid")
+    thinking: SamplingDefaults = SamplingDefaults(temperature=1.0, top_p=0.95)
+    instant: SamplingDefaults = SamplingDefaults(temperature=0.6, top_p=0.95)
+
+
 class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     outbound: OutboundPolicy = OutboundPolicy()
@@ -166,6 +226,8 @@ class AppConfig(BaseModel):
     router: RouterSettings = RouterSettings()
     gateway: GatewaySettings = GatewaySettings()
     sessions: SessionSettings = SessionSettings()
+    media: MediaSettings = MediaSettings()
+    generation_defaults: GenerationDefaults = GenerationDefaults()
     model_aliases: list[ModelAlias] = Field(
         default_factory=list, description="first match wins; our own names never match"
     )

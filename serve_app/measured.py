@@ -24,7 +24,8 @@ def measured_accuracy(tiers: list[TierEntry], path: Path = RESULTS) -> dict[str,
     out: dict[str, dict[str, Any]] = {}
     for entry in data.get("tiers") or ():
         tier = by_name.get(entry.get("tier"))
-        if tier is None or entry.get("artifact") != tier.artifact.model_dump(mode="json"):
+        measured = {k: v for k, v in (entry.get("artifact") or {}).items() if v is not None}
+        if tier is None or measured != tier.artifact.model_dump(mode="json", exclude_none=True):
             continue
         out[tier.name] = {key: entry[key]["rate"] for key in SHOWN if key in entry}
         out[tier.name]["requests"] = entry.get("requests")

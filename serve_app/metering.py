@@ -60,6 +60,7 @@ class UsageRecord(RequestLabels):
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cached_tokens: int = 0
+    media_tokens: int = 0  # of prompt_tokens, those the request's images took
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     cost_usd: float = 0.0
@@ -343,7 +344,7 @@ def usage_summary(root: Path, by: list[str], key_id: str | None = None) -> list[
     if table.num_rows == 0:
         return []
     table = table.append_column("day", pc.strftime(table["time"], format="%Y-%m-%d"))
-    sums = ["prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd"]
+    sums = ["prompt_tokens", "completion_tokens", "cached_tokens", "media_tokens", "cost_usd"]
     grouped = table.group_by(columns).aggregate(
         [("request_id", "count"), *((c, "sum") for c in sums)]
     )

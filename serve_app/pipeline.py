@@ -37,6 +37,7 @@ from serve_app.errors import APIError
 from serve_app.gateway import ANONYMOUS, Admission, Caller, GatewayUnavailable
 from serve_app.keys import KeyOverrides, split_key
 from serve_app.limits import Denial
+from serve_app.media import Media, prepare_images
 from serve_app.metering import RequestLabels, UsageRecord
 from serve_app.relay import (
     RequestMeter,
@@ -56,6 +57,7 @@ from serve_app.tier_choice import (
     candidate_tiers,
     choose_tier,
     estimate_tokens,
+    lacking_tiers,
     needs_of,
 )
 
@@ -95,6 +97,17 @@ class Inbound:
     api: str = "openai"  # the wire format, for the usage record
     clamp_output: bool = False  # max_tokens past the limits is lowered, not refused
     caller: Caller | None = None  # already identified by the adapter (`Pipeline.identify`)
+    media: Media = field(default_factory=Media)  # its images, checked (`prepare_images`)
+
+    @property
+    def text_bytes(self) -> int:
+        """The body without its inline image data: what stands for the prompt's text
+        (messages, tools and schemas all reach it)."""
+        return self.body_bytes - self.media.data_chars
+
+    def prompt_floor(self) -> int:
+        """A low estimate of the prompt's tokens, for context fit."""
+        return estimate_tokens(self.text_bytes) + self.media.tokens
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,7 @@ class Route:
     candidates: list[TierEntry]
     tier: TierEntry  # the first choice
     degraded: bool  # the first choice is not the plan's first tier
+    skipped: tuple[str, ...] = ()  # plan tiers passed over: "premium (no vision)"
 
 
 @dataclass
@@ -282,6 +296,7 @@ class Pipeline:
 
     async def _serve(self, inbound: Inbound, span: Span) -> Result:
         caller = inbound.caller or await self.identify(inbound.api_key)
+        inbound = await self._prepared(inbound)
         if inbound.clamp_output:
             self._clamp_output(inbound, caller)
         route = self._route(inbound, caller)
@@ -301,11 +316,26 @@ class Pipeline:
                 await asyncio.shield(self._settle(ctx, ctx.meter.record(500, "router error")))
             raise
 
+    async def _prepared(self, inbound: Inbound) -> Inbound:
+        """The request with its images checked and counted, and the model card's sampling
+        where the client set none."""
+        if not isinstance(inbound.request, ChatRequest):
+            return inbound
+        if inbound.endpoint is Endpoint.CHAT:
+            defaults = self.config.generation_defaults
+            sampling = defaults.thinking if inbound.request.thinking else defaults.instant
+            inbound.body.setdefault("temperature", sampling.temperature)
+            inbound.body.setdefault("top_p", sampling.top_p)
+        if not inbound.request.wants_vision:
+            return inbound
+        media = await prepare_images(inbound.body, self.config.media)
+        return dataclasses.replace(inbound, media=media)
+
     def _route(self, inbound: Inbound, caller: Caller) -> Route:
         """The tiers the caller's plan allows for this request, and the one to try first;
         a refusal if none can serve it, or if the plan is shed under load."""
         plan = self.config.plans[caller.plan]
-        needs = needs_of(inbound.request, inbound.body_bytes, output_limit(inbound.body))
+        needs = needs_of(inbound.request, inbound.prompt_floor(), output_limit(inbound.body))
         candidates = candidate_tiers(inbound.request.model, plan, caller.plan, self.config, needs)
         policy = self._policy(inbound.strategy)
         decision = choose_tier(candidates, self._live(), plan, policy)
@@ -318,11 +348,14 @@ class Pipeline:
                 headers={"retry-after": "2"},
             )
         self.sent[decision.tier.name] += 1
-        return Route(caller, plan, policy, candidates, decision.tier, decision.degraded)
+        lacking = lacking_tiers(inbound.request.model, plan, caller.plan, self.config, needs)
+        skipped = tuple(f"{tier.name} (no {what})" for tier, what in lacking)
+        return Route(caller, plan, policy, candidates, decision.tier, decision.degraded, skipped)
 
     async def _admit(self, inbound: Inbound, route: Route) -> Admission:
         out_est = self._output_limit(inbound, route.plan, route.caller)
-        prompt_est = inbound.body_bytes // 4  # ~4 bytes a token; settled with the real count
+        # ~4 bytes a token; settled with the real count
+        prompt_est = inbound.text_bytes // 4 + inbound.media.tokens
         if inbound.endpoint is Endpoint.TOKENIZE:  # counting a prompt spends no budget
             tokens_est, cost_est = 0, 0.0
         else:
@@ -359,6 +392,8 @@ class Pipeline:
         headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
         if route.degraded:
             headers["x-kimi-degraded"] = f"{route.candidates[0].name}->{tier.name}"
+        if route.skipped:
+            headers["x-kimi-tiers-skipped"] = ", ".join(route.skipped)
         asked, granted = inbound.request.output_limit, output_limit(inbound.body)
         if asked is not None and granted is not None and granted < asked:
             headers["x-kimi-max-tokens-clamped"] = f"{asked}->{granted}"
@@ -548,7 +583,7 @@ class Pipeline:
         plan = self.config.plans[caller.plan]
         cap = output_cap(plan, caller)
         longest = max(self.config.tier(t).max_context for t in plan.tiers)
-        room = max(longest - estimate_tokens(inbound.body_bytes), 1)
+        room = max(longest - inbound.prompt_floor(), 1)
         limit = min(cap or room, room)
         asked = output_limit(inbound.body)
         if asked is None or asked <= limit:

@@ -56,6 +56,7 @@ class RequestMeter:
             reasoning_tokens=(usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
             or 0,
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+            media_tokens=(usage.get("prompt_tokens_details") or {}).get("image_tokens") or 0,
             ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
             latency_ms=(now - self.started) * 1000,
             cost_usd=self.cost(usage) if billable(status) else 0.0,

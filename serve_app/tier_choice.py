@@ -33,10 +33,11 @@ class Needs:
 
 
 def needs_of(
-    request: ChatRequest | CompletionRequest, body_bytes: int, output: int | None
+    request: ChatRequest | CompletionRequest, prompt_tokens: int, output: int | None
 ) -> Needs:
-    # The whole body stands for the prompt: messages, tools and schema all reach it.
-    context = estimate_tokens(body_bytes) + (output or 0)
+    """`prompt_tokens` is a low estimate (`estimate_tokens` of the body, images counted
+    apart)."""
+    context = prompt_tokens + (output or 0)
     if not isinstance(request, ChatRequest):
         return Needs(context_tokens=context)
     fmt = request.response_format.type if request.response_format else None
@@ -89,6 +90,15 @@ def plan_tiers(model: str, plan: Plan, plan_name: str, config: AppConfig) -> lis
             code="tier_not_in_plan",
         )
     return [tier]
+
+
+def lacking_tiers(
+    model: str, plan: Plan, plan_name: str, config: AppConfig, needs: Needs
+) -> list[tuple[TierEntry, str]]:
+    """The tiers `model` names for this plan that lack a capability the request needs."""
+    names = plan_tiers(resolve_alias(model, plan, config), plan, plan_name, config)
+    tiers = [config.tier(n) for n in names]
+    return [(t, lacking) for t in tiers if (lacking := missing_capability(t, needs))]
 
 
 def candidate_tiers(

@@ -3,7 +3,9 @@
 The tiny model converts with llama.cpp's own `convert_hf_to_gguf.py`; its tokenizer is a
 plain GPT-2 byte-level BPE whose hash llama.cpp does not know, so the conversion names
 the pre-tokenizer explicitly. The chat template and special tokens travel in the GGUF
-metadata, so llama-server renders Kimi's format and parses Kimi tool calls.
+metadata, so llama-server renders Kimi's format and parses Kimi tool calls. The vision
+tower and projector convert apart, as llama.cpp's `--mmproj` file (F16, as published for
+K2.5), which `llama-server --mmproj` loads beside either quant.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ convert_hf_to_gguf.main()
 """
 
 
+MMPROJ = "mmproj-tiny-kimi-F16.gguf"
+
+
 def gguf_name(quant: str) -> str:
     return f"tiny-kimi-{quant}.gguf"
 
@@ -41,19 +46,7 @@ def ensure_tiny_gguf(quant: str) -> Path:
 
     def build(out: Path) -> None:
         f16 = out / gguf_name("F16")
-        _run(
-            [
-                sys.executable,
-                "-c",
-                _CONVERT,
-                str(converter_dir()),
-                str(model_dir),
-                "--outfile",
-                str(f16),
-                "--outtype",
-                "f16",
-            ]
-        )
+        _convert(model_dir, f16)
         if quant != "F16":
             _run(
                 [str(llama_binary("llama-quantize")), str(f16), str(out / gguf_name(quant)), quant]
@@ -61,6 +54,18 @@ def ensure_tiny_gguf(quant: str) -> Path:
             f16.unlink()
 
     return cached_build(name, build) / gguf_name(quant)
+
+
+def ensure_tiny_mmproj() -> Path:
+    """The vision tower and projector of the tiny model as llama.cpp's mmproj file."""
+    model_dir = ensure_tiny_model()
+    name = f"{model_dir.name}-mmproj-llama.cpp-{LLAMA_CPP_VERSION}"
+    return cached_build(name, lambda out: _convert(model_dir, out / MMPROJ, "--mmproj")) / MMPROJ
+
+
+def _convert(model_dir: Path, outfile: Path, *extra: str) -> None:
+    argv = [str(model_dir), "--outfile", str(outfile), "--outtype", "f16", *extra]
+    _run([sys.executable, "-c", _CONVERT, str(converter_dir()), *argv])
 
 
 def _run(cmd: list[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deployments.spec import Artifact
+from deployments.spec import Artifact, TierSpec
 
 
 def resolve_artifact(artifact: Artifact) -> Path | str:
@@ -23,3 +23,14 @@ def resolve_artifact(artifact: Artifact) -> Path | str:
     from deployments.artifacts.gguf import ensure_tiny_gguf
 
     return ensure_tiny_gguf(artifact.quant)
+
+
+def resolve_mmproj(spec: TierSpec) -> Path | None:
+    """A GGUF tier's vision projector, where the tier takes images."""
+    if not spec.capabilities.vision:
+        return None
+    if spec.artifact.kind != "embedded":
+        return spec.artifact.mmproj
+    from deployments.artifacts.gguf import ensure_tiny_mmproj
+
+    return ensure_tiny_mmproj()

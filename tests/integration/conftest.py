@@ -101,6 +101,10 @@ def session_app_args() -> dict:
     # webhook receivers in the tests listen on this machine, over plain http
     outbound = {"allowed_hosts": ["127.0.0.1"], "allow_http": True}
     args["sessions"] = {"webhooks": {"outbound": outbound, "retry_base_s": 0.2}}
+    # image URLs from this machine's `localhost` only (the vision tests serve images there;
+    # 127.0.0.1 by that name stays refused)
+    remote = {"enabled": True, "allowed_hosts": ["localhost"], "allow_http": True}
+    args["media"] = {**args["media"], "remote": remote}
     return args
 
 
