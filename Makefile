@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/build_llama_cpp.sh | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/build_llama_cpp.sh scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch | sha1sum | cut -c1-12)
 RAY_CPUS ?= 8
 export RAY_USAGE_STATS_ENABLED := 0
 
@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/build_llama_cpp.sh
+$(STAMP): pyproject.toml scripts/build_llama_cpp.sh $(wildcard scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[cpu,dev]"

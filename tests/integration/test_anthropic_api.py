@@ -144,9 +144,9 @@ def test_count_tokens_counts_what_the_engine_renders(claude, tier):
     assert counted.input_tokens == sent.usage.input_tokens + cached
 
 
-def test_an_image_block_is_refused_where_no_tier_takes_images(claude):
+def test_an_image_url_from_a_host_not_allow_listed_is_refused(claude):
     image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
-    with pytest.raises(anthropic.BadRequestError, match="vision"):
+    with pytest.raises(anthropic.BadRequestError, match="not allow-listed"):
         claude.messages.create(
             model="kimi-k2.5",
             max_tokens=4,

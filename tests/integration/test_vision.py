@@ -122,16 +122,21 @@ def test_a_tool_round_trip_with_an_image_gives_schema_valid_calls_on_premium(cli
         "additionalProperties": False,
     }
     tools = [{"type": "function", "function": {"name": "report_color", "parameters": schema}}]
+
+    def forced_call(messages: list[dict]):
+        answer = client.chat.completions.create(
+            model="kimi-k2.5:premium",
+            messages=messages,
+            tools=tools,
+            tool_choice={"type": "function", "function": {"name": "report_color"}},
+            max_tokens=300,
+        )
+        call = answer.choices[0].message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        return answer, call
+
     messages = [{"role": "user", "content": [QUESTION, image_part(data_url(png()))]}]
-    first = client.chat.completions.create(
-        model="kimi-k2.5:premium",
-        messages=messages,
-        tools=tools,
-        tool_choice={"type": "function", "function": {"name": "report_color"}},
-        max_tokens=300,
-    )
-    call = first.choices[0].message.tool_calls[0]
-    jsonschema.validate(json.loads(call.function.arguments), schema)
+    first, call = forced_call(messages)
     assert image_tokens(first.usage) > 0
     messages += [
         first.choices[0].message.model_dump(exclude_none=True),
@@ -141,15 +146,7 @@ def test_a_tool_round_trip_with_an_image_gives_schema_valid_calls_on_premium(cli
             "content": [{"type": "text", "text": "And now?"}, image_part(data_url(png(90, 90)))],
         },
     ]
-    second = client.chat.completions.create(
-        model="kimi-k2.5:premium",
-        messages=messages,
-        tools=tools,
-        tool_choice={"type": "function", "function": {"name": "report_color"}},
-        max_tokens=300,
-    )
-    again = second.choices[0].message.tool_calls[0]
-    jsonschema.validate(json.loads(again.function.arguments), schema)
+    second, _ = forced_call(messages)
     assert image_tokens(second.usage) > image_tokens(first.usage)  # two images now
 
 

@@ -9,7 +9,9 @@ tier replica sends. The gateway keeps each key's state with the real `limits.Key
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from deployments.engine import (
     Endpoint,
@@ -459,3 +462,92 @@ async def test_a_record_the_gateway_could_not_take_is_settled_when_it_is_back():
     await asyncio.sleep(0.01)
     [record] = gateway.records
     assert record.status == 200 and not p.unsettled and gateway.state.in_flight == 0
+
+
+class RecordingEngine(FakeEngine):
+    """Keeps the bodies it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []
+
+    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
+        self.bodies.append(body)
+        return super().chat(body, request_id)
+
+
+def with_vision(**vision: bool) -> Any:
+    """The embedded config with some tiers' vision turned off."""
+    config = CFG.model_copy(deep=True)
+    for tier in config.tiers:
+        tier.capabilities.vision = vision.get(tier.name, tier.capabilities.vision)
+    return config
+
+
+PNG_URL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4"
+    "z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+
+def image_inbound(model: str = "kimi-k2.5") -> Inbound:
+    content = [
+        {"type": "text", "text": "what?"},
+        {"type": "image_url", "image_url": {"url": PNG_URL}},
+    ]
+    return inbound(model, messages=[{"role": "user", "content": content}])
+
+
+async def test_the_model_cards_sampling_fills_what_the_client_left_out():
+    eng = {"premium": RecordingEngine(), "standard": FakeEngine(), "budget": FakeEngine()}
+    serve = pipeline(InProcessTiers(**eng), FakeGateway()).serve
+    await serve(inbound())
+    await serve(inbound(chat_template_kwargs={"thinking": False}, top_p=0.5))
+    await serve(inbound(temperature=0.0))
+    thinking, instant, asked = eng["premium"].bodies
+    assert (thinking["temperature"], thinking["top_p"]) == (1.0, 0.95)
+    assert (instant["temperature"], instant["top_p"]) == (0.6, 0.5)
+    assert (asked["temperature"], asked["top_p"]) == (0.0, 0.95)
+
+
+async def test_an_image_skips_the_plans_tiers_without_vision_and_says_so():
+    gateway = FakeGateway("enterprise")
+    p = Pipeline(
+        with_vision(premium=False), InProcessTiers(**engines()), gateway, "i-0", IngressMetrics()
+    )
+    result = await p.serve(image_inbound())
+    assert result.headers["x-kimi-tier"] == "standard"
+    assert result.headers["x-kimi-tiers-skipped"] == "premium (no vision)"
+    assert "x-kimi-degraded" not in result.headers
+    text = await p.serve(inbound())  # text alone still goes to the plan's first tier
+    assert text.headers["x-kimi-tier"] == "premium" and "x-kimi-tiers-skipped" not in text.headers
+
+
+async def test_an_image_no_tier_of_the_plan_takes_is_a_400_that_says_why():
+    config = with_vision(premium=False, standard=False, budget=False)
+    p = Pipeline(config, InProcessTiers(**engines()), FakeGateway(), "i-0", IngressMetrics())
+    with pytest.raises(APIError) as caught:
+        await p.serve(image_inbound())
+    assert caught.value.status == 400 and caught.value.code == "capability_unsupported"
+    assert "vision is not supported" in caught.value.message
+    with pytest.raises(APIError) as pinned:
+        await p.serve(image_inbound("kimi-k2.5:budget"))
+    assert "tier 'budget'" in pinned.value.message
+
+
+async def test_inline_image_data_does_not_count_as_prompt_text():
+    """A 2 MB image is a few hundred tokens, not the 350K its base64 would suggest."""
+    big = Image.effect_noise((1400, 1000), 64).convert("RGB")
+    out = io.BytesIO()
+    big.save(out, "PNG")
+    image = f"data:image/png;base64,{base64.b64encode(out.getvalue()).decode()}"
+    assert len(image) > 1_000_000
+    content = [
+        {"type": "text", "text": "what?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    gateway = FakeGateway()
+    result = await pipeline(InProcessTiers(**engines()), gateway).serve(
+        inbound("kimi-k2.5:budget", messages=[{"role": "user", "content": content}])
+    )
+    assert result.headers["x-kimi-tier"] == "budget"  # 2,048 tokens of context suffice
