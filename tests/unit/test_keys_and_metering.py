@@ -109,13 +109,16 @@ def test_usage_report_groups_by_key_plan_tier_day(tmp_path):
     m.append(rec(6).model_copy(update={"session_id": "agent-1"}))
     m.close()
     report = usage_report(tmp_path, ["key_id", "tier"]).splitlines()
-    head = "key_id | tier | requests | prompt_tokens | completion_tokens | cached_tokens | cost_usd"
+    head = (
+        "key_id | tier | requests | prompt_tokens | completion_tokens | cached_tokens"
+        " | media_tokens | cost_usd"
+    )
     assert report[0] == head
-    assert report[2] == "k | budget | 5 | 62 | 25 | 0 | 0.005000"
-    assert report[3] == "k | premium | 1 | 15 | 5 | 0 | 0.001000"
+    assert report[2] == "k | budget | 5 | 62 | 25 | 0 | 0 | 0.005000"
+    assert report[3] == "k | premium | 1 | 15 | 5 | 0 | 0 | 0.001000"
     sessions = usage_report(tmp_path, ["session"]).splitlines()
     assert sessions[0].startswith("session | requests")
-    assert "agent-1 | 1 | 16 | 5 | 0 | 0.001000" in sessions
+    assert "agent-1 | 1 | 16 | 5 | 0 | 0 | 0.001000" in sessions
     with pytest.raises(SystemExit, match="cannot group by"):
         usage_report(tmp_path, ["colour"])
 
@@ -143,6 +146,7 @@ def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
         "completion_tokens": 22,
         "reasoning_tokens": 3,
         "cached_tokens": 4,
+        "media_tokens": 3,
         "ttft_ms": 12.5,
         "latency_ms": 99.5,
         "cost_usd": 0.000123,

@@ -55,7 +55,8 @@ def test_refusals(model, plan, status, code):
 
 def test_capability_filter_skips_tiers_and_explains_refusal():
     cfg = CFG.model_copy(deep=True)
-    cfg.tier("premium").capabilities.vision = True
+    for name in ("standard", "budget"):
+        cfg.tier(name).capabilities.vision = False
     plan = cfg.plans["enterprise"]
     assert candidate_tiers("kimi-k2.5", plan, "enterprise", cfg, Needs(vision=True))[0].name == (
         "premium"
