@@ -39,6 +39,7 @@ stop:
 	-$(BIN)/ray stop --force
 
 test: install
+	scripts/install_browser.sh
 	$(BIN)/python -m pytest -v -rA tests
 
 test-unit: install

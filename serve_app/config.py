@@ -186,6 +186,18 @@ class GenerationDefaults(BaseModel):
     instant: SamplingDefaults = SamplingDefaults(temperature=0.6, top_p=0.95)
 
 
+class ConsoleSettings(BaseModel):
+    """The web console at /console: key holders' usage, operators' tiers and keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(False, description="off unless a deployment turns it on")
+    session_ttl_s: float = Field(3600, gt=0, description="a sign-in lasts this long")
+    recent_requests: int = Field(50, gt=0, le=1000, description="rows in the requests table")
+    dashboard_url: str | None = Field(
+        None, description="the Ray dashboard the console links to (default: :8265 of its host)"
+    )
+
+
 class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     outbound: OutboundPolicy = OutboundPolicy()
@@ -228,6 +240,7 @@ class AppConfig(BaseModel):
     sessions: SessionSettings = SessionSettings()
     media: MediaSettings = MediaSettings()
     generation_defaults: GenerationDefaults = GenerationDefaults()
+    console: ConsoleSettings = ConsoleSettings()
     model_aliases: list[ModelAlias] = Field(
         default_factory=list, description="first match wins; our own names never match"
     )

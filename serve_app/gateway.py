@@ -28,9 +28,10 @@ from ray.util import metrics
 from deployments.engine import Endpoint
 from serve_app.actor_calls import ActorCalls, ActorUnavailable
 from serve_app.config import Plan
+from serve_app.console_sessions import ConsoleSessions
 from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey
 from serve_app.limits import Denial, KeyState, Limits, session_denial
-from serve_app.metering import MeterWriter, UsageRecord, usage_summary
+from serve_app.metering import MeterWriter, UsageRecord, recent_usage, usage_summary
 
 ACTOR_NAME = "kimi-gateway"
 NAMESPACE = "kimi-serve"
@@ -54,6 +55,17 @@ class Caller:
     key_id: str
     plan: str
     overrides: KeyOverrides
+
+
+@dataclass(frozen=True)
+class KeyAccount:
+    """A key as its holder sees it: record, effective limits, this month's use."""
+
+    info: KeyInfo
+    limits: Limits | None  # None if its plan no longer exists
+    month: str
+    tokens: int
+    spend: float
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class GatewayState:
         self.flush_interval_s = flush_interval_s
         self.plans = {name: Plan.model_validate(p) for name, p in plans.items()}
         self.states: dict[str, KeyState] = {}
+        self.console = ConsoleSessions()
         self.tickets: dict[str, tuple[str, int]] = {}
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.duplicates = metrics.Counter(
@@ -266,7 +279,48 @@ class GatewayState:
         return stored(self.keys.list)
 
     def revoke_key(self, key_id: str) -> bool | StorageFault:
+        self.console.end_subject(key_id)
         return stored(lambda: self.keys.revoke(key_id))
+
+    def update_key(
+        self, key_id: str, plan: str | None, overrides: dict | None
+    ) -> KeyInfo | StorageFault | ValueError | None:
+        """A key's new plan or overrides; None if there is no active key of that id."""
+        if plan is not None and plan not in self.plans:
+            return ValueError(f"unknown plan {plan!r}; plans: {sorted(self.plans)}")
+        try:
+            checked = None if overrides is None else KeyOverrides.model_validate(overrides)
+        except ValidationError as exc:
+            return ValueError(str(exc))
+        return stored(lambda: self.keys.update(key_id, plan, checked))
+
+    def key_account(self, key_id: str) -> KeyAccount | StorageFault | None:
+        """A key's record, its limits as its plan and overrides make them, and this month's
+        use against its budgets."""
+        info = stored(lambda: self.keys.get(key_id))
+        if not isinstance(info, KeyInfo):
+            return info
+        plan = self.plans.get(info.plan)
+        month = month_of(time.time())
+        used = stored(lambda: self.keys.month_usage(key_id, month))
+        if isinstance(used, StorageFault):
+            return used
+        limits = plan_limits(plan, info.overrides) if plan is not None else None
+        return KeyAccount(info=info, limits=limits, month=month, tokens=used[0], spend=used[1])
+
+    async def recent(self, key_id: str | None, limit: int) -> list[dict]:
+        return await asyncio.to_thread(recent_usage, self.meter.root, key_id, limit)
+
+    # ---- console sign-in -------------------------------------------------------------
+
+    def open_console(self, subject: str, ttl_s: float) -> str:
+        return self.console.open(subject, ttl_s)
+
+    def console_subject(self, token: str) -> str | None:
+        return self.console.subject(token)
+
+    def close_console(self, token: str) -> None:
+        self.console.close(token)
 
     def flush(self) -> str | None:
         """Everything settled into Parquet; why not, where the disk fails."""
@@ -362,6 +416,29 @@ class GatewayClient:
 
     async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
         return await self._call("usage", key_id, by)
+
+    async def update_key(
+        self, key_id: str, plan: str | None, overrides: dict | None
+    ) -> KeyInfo | None:
+        made = await self._call("update_key", key_id, plan, overrides)
+        if isinstance(made, ValueError):
+            raise made
+        return unless_fault(made)
+
+    async def key_account(self, key_id: str) -> KeyAccount | None:
+        return unless_fault(await self._call("key_account", key_id))
+
+    async def recent(self, key_id: str | None, limit: int) -> list[dict]:
+        return await self._call("recent", key_id, limit)
+
+    async def open_console(self, subject: str, ttl_s: float) -> str:
+        return await self._call("open_console", subject, ttl_s)
+
+    async def console_subject(self, token: str) -> str | None:
+        return await self._call("console_subject", token)
+
+    async def close_console(self, token: str) -> None:
+        await self._call("close_console", token)
 
 
 def connect_gateway(

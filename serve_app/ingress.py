@@ -21,6 +21,7 @@ from deployments.loadboard import TierLoad, board
 from serve_app.api.admin import AdminAPI
 from serve_app.api.anthropic import AnthropicAPI
 from serve_app.api.anthropic_models import AnthropicError, CountTokensRequest, MessagesRequest
+from serve_app.api.console import ConsoleAPI
 from serve_app.api.conversations import ConversationsAPI
 from serve_app.api.http import openai_error
 from serve_app.api.openai import OpenAIAPI
@@ -40,6 +41,7 @@ from serve_app.errors import APIError
 from serve_app.gateway import connect_gateway, state_dir
 from serve_app.keys import NewKey
 from serve_app.pipeline import Pipeline
+from serve_app.scaling_events import ScalingEvents
 from serve_app.schemas import ChatRequest, CompletionRequest
 from serve_app.sealing import deployment_sealer
 from serve_app.sessions import SessionClient, connect_sessions
@@ -110,7 +112,11 @@ class Ingress:
         self.responses = ResponsesAPI(self.pipeline, self.config, sealer, store)
         self.conversations = ConversationsAPI(self.responses, self.config.router.max_body_bytes)
         self.admin = AdminAPI(gateway, store, gw.admin_token_env, self.config.router.max_body_bytes)
-        self.ops = OpsAPI(self.config, self._snapshot, gateway.health)
+        self.ops = OpsAPI(self.config, self._snapshot, gateway.health, self.admin.is_admin)
+        self.scaling = ScalingEvents()
+        self.console = ConsoleAPI(
+            self.config, self.pipeline, gateway, self.admin, self._snapshot, self.scaling
+        )
         self.usage = UsageAPI(self.pipeline, gateway)
         self.webhooks = WebhookEndpointsAPI(
             self.pipeline,
@@ -131,7 +137,9 @@ class Ingress:
         """Keep the tiers' engine figures fresh for tier choice, off the request path."""
         while True:
             try:
-                await self.pipeline.refresh(await self._snapshot())
+                loads = await self._snapshot()
+                self.scaling.observe(loads)
+                await self.pipeline.refresh(loads)
             except Exception:
                 log.exception("reading tier loads failed")
             await asyncio.sleep(self.config.router.load_refresh_s)
@@ -257,8 +265,40 @@ class Ingress:
         return await self.ops.ready()
 
     @app.get("/status")
-    async def status(self) -> dict[str, Any]:
-        return await self.ops.status()
+    async def status(self, request: Request) -> dict[str, Any]:
+        return await self.ops.status(request)
+
+    @app.get("/console", include_in_schema=False)
+    async def console_home(self, request: Request) -> Response:
+        return await self.console.home(request)
+
+    @app.get("/console/tiers", include_in_schema=False)
+    async def console_tiers(self, request: Request) -> Response:
+        return await self.console.tiers_page(request)
+
+    @app.get("/console/static/console.css", include_in_schema=False)
+    async def console_css(self) -> Response:
+        return self.console.stylesheet_response()
+
+    @app.post("/console/login", include_in_schema=False)
+    async def console_login(self, request: Request) -> Response:
+        return await self.console.sign_in(request)
+
+    @app.post("/console/logout", include_in_schema=False)
+    async def console_logout(self, request: Request) -> Response:
+        return await self.console.sign_out(request)
+
+    @app.post("/console/keys", include_in_schema=False)
+    async def console_create_key(self, request: Request) -> Response:
+        return await self.console.create_key(request)
+
+    @app.post("/console/keys/{key_id}/revoke", include_in_schema=False)
+    async def console_revoke_key(self, key_id: str, request: Request) -> Response:
+        return await self.console.revoke_key(request, key_id)
+
+    @app.post("/console/keys/{key_id}", include_in_schema=False)
+    async def console_update_key(self, key_id: str, request: Request) -> Response:
+        return await self.console.update_key(request, key_id)
 
     @app.post("/admin/keys", status_code=201)
     async def create_key(self, request: Request) -> JSONResponse:

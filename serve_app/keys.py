@@ -210,6 +210,22 @@ class KeyStore:
         rows = self.db.execute("SELECT * FROM keys ORDER BY created_at").fetchall()
         return [_info(r) for r in rows]
 
+    def update(
+        self, key_id: str, plan: str | None = None, overrides: KeyOverrides | None = None
+    ) -> KeyInfo | None:
+        """A key's new plan and/or overrides (its secret stays); None if no active key."""
+        if plan is not None:
+            self.db.execute(
+                "UPDATE keys SET plan = ? WHERE key_id = ? AND revoked_at IS NULL", (plan, key_id)
+            )
+        if overrides is not None:
+            self.db.execute(
+                "UPDATE keys SET overrides = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (overrides.model_dump_json(), key_id),
+            )
+        info = self.get(key_id)
+        return info if info is not None and info.revoked_at is None else None
+
     def revoke(self, key_id: str) -> bool:
         cur = self.db.execute(
             "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",

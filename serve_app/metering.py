@@ -357,6 +357,26 @@ def usage_summary(root: Path, by: list[str], key_id: str | None = None) -> list[
     return rows
 
 
+RECENT_COLUMNS = [
+    "time", "request_id", "key_id", "plan", "tier", "model", "api", "session_id", "status",
+    "prompt_tokens", "completion_tokens", "cost_usd", "ttft_ms", "latency_ms",
+]  # fmt: skip
+
+
+def recent_usage(root: Path, key_id: str | None, limit: int) -> list[dict]:
+    """The latest `limit` records (one key's, or all), newest first; figures only, no
+    prompt or output is ever in a record."""
+    import pyarrow.compute as pc
+
+    table = read_usage(root)
+    if key_id is not None:
+        table = table.filter(pc.equal(table["key_id"], key_id))
+    if table.num_rows == 0:
+        return []
+    latest = table.sort_by([("time", "descending")]).slice(0, limit)
+    return latest.select(RECENT_COLUMNS).to_pylist()
+
+
 def read_usage(root: Path) -> pa.Table:
     """All flushed records (Parquet) plus those still in write-ahead segments."""
     parts = sorted(root.glob("day=*/part-*.parquet"))

@@ -189,6 +189,9 @@ class LatencyWindow:
         self._samples.setdefault(tier, deque(maxlen=self._keep)).append((at, ms))
 
     def p90_ms(self, now: float | None = None) -> dict[str, float]:
+        return self.quantile_ms(0.9, now)
+
+    def quantile_ms(self, q: float, now: float | None = None) -> dict[str, float]:
         now = time.monotonic() if now is None else now
         out: dict[str, float] = {}
         for tier, samples in self._samples.items():
@@ -196,7 +199,7 @@ class LatencyWindow:
                 samples.popleft()
             if len(samples) >= self.min_samples:
                 ordered = sorted(ms for _, ms in samples)
-                out[tier] = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+                out[tier] = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
         return out
 
 

@@ -43,10 +43,13 @@ class AdminAPI:
         token = os.environ.get(token_env)
         self._hash = hash_key(token) if token else None
 
+    def is_admin(self, credential: str) -> bool:
+        return self._hash is not None and hmac.compare_digest(hash_key(credential), self._hash)
+
     def check(self, request: Request) -> None:
         if self._hash is None:
             raise APIError(403, f"the admin API is disabled: set {self.token_env}")
-        if not hmac.compare_digest(hash_key(bearer(request) or ""), self._hash):
+        if not self.is_admin(bearer(request) or ""):
             raise APIError(401, "invalid admin credential", code="invalid_admin_key")
 
     async def create_key(self, request: Request) -> JSONResponse:

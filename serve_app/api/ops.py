@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from deployments.loadboard import TierLoad
+from serve_app.api.http import bearer
 from serve_app.config import AppConfig
 
 Snapshot = Callable[[], Awaitable[dict[str, TierLoad]]]
@@ -15,10 +17,17 @@ Fault = Callable[[], Awaitable[str | None]]
 
 
 class OpsAPI:
-    def __init__(self, config: AppConfig, snapshot: Snapshot, fault: Fault) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        snapshot: Snapshot,
+        fault: Fault,
+        is_operator: Callable[[str], bool],
+    ) -> None:
         self.config = config
         self.snapshot = snapshot
         self.fault = fault  # why the state dir cannot be written, if it cannot
+        self.is_operator = is_operator
 
     def health(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -48,14 +57,20 @@ class OpsAPI:
             return f"the gateway does not answer: {exc}"
         return fault or "ok"
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, request: Request) -> dict[str, Any]:
         """Live engine figures per tier, summed over its replicas (each listed under
-        `members`), as the replicas last reported them (every 0.5 s)."""
+        `members`), as the replicas last reported them (every 0.5 s). Where the
+        deployment requires keys, replica and node ids are for operators (the admin
+        credential as bearer); anyone else learns only whether each tier can serve."""
         loads = await self.snapshot()
-        return {
-            "tiers": {
-                t.name: (loads[t.name].model_dump() if t.name in loads else None)
-                for t in self.config.tiers
-            },
-            "storage": await self._storage(),
-        }
+        detail = self.config.router.anonymous_plan is not None or self.is_operator(
+            bearer(request) or ""
+        )
+        tiers: dict[str, Any] = {}
+        for t in self.config.tiers:
+            load = loads.get(t.name)
+            if detail:
+                tiers[t.name] = load.model_dump() if load is not None else None
+            else:
+                tiers[t.name] = {"can_serve": load is not None and load.healthy}
+        return {"tiers": tiers, "storage": await self._storage()}
