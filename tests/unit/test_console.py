@@ -99,3 +99,16 @@ def test_status_keeps_replica_detail_for_operators_where_keys_are_required():
     assert operator["tiers"]["premium"]["members"][0]["replica"] == "r-1"
     open_deployment = asyncio.run(ops(CFG).status(request()))
     assert open_deployment["tiers"]["premium"]["members"][0]["node_id"] == "n-1"
+
+
+def test_the_console_is_off_unless_the_config_turns_it_on():
+    from serve_app.api.console import ConsoleAPI
+    from serve_app.config import ConsoleSettings
+    from serve_app.errors import APIError
+
+    off = CFG.model_copy(update={"console": ConsoleSettings()})
+    console = ConsoleAPI(off, None, None, None, None, None)  # type: ignore[arg-type]
+    for call in (console.home(request()), console.sign_in(request())):
+        with pytest.raises(APIError) as refused:
+            asyncio.run(call)
+        assert refused.value.status == 404
