@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -124,6 +125,40 @@ def usage_report(root: Path, by: list[str]) -> str:
     return "\n".join(rows)
 
 
+def plan_command(args: argparse.Namespace) -> None:
+    """`kimi-serve plan CONFIG`: the capacity plan of every tier (serve_app/planner/)."""
+    from serve_app.planner.inputs import node_types
+    from serve_app.planner.plan import PlanError, plan_config, table
+
+    chosen = dict(pair.split("=", 1) for pair in args.node_type if "=" in pair)
+    try:
+        config = load_config(app_args(args.config, args.app))
+        nodes = node_types(args.node_types) if args.node_types else node_types()
+        plans = plan_config(config, nodes, chosen)
+    except (ConfigError, PlanError, ValueError) as exc:
+        print(f"the plan does not fit:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.json:
+        print(json.dumps([p.model_dump() for p in plans], indent=2))
+    else:
+        print(table(plans))
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="capacity plan of a serve config (starts nothing)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--app", default=None)
+    p.add_argument(
+        "--node-type",
+        action="append",
+        default=[],
+        metavar="TIER=TYPE",
+        help="the node type a tier runs on, past its config's node_type",
+    )
+    p.add_argument("--node-types", type=Path, default=None, help="node types YAML")
+    p.add_argument("--json", action="store_true")
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimi-serve")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -160,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     )
     wl = wsub.add_parser("list")
     wl.add_argument("key_id")
+    add_plan_parser(sub)
     u = sub.add_parser("usage", help="usage report from the metered Parquet files")
     u.add_argument("--dir", type=Path, default=None, help="usage dir (default: state dir)")
     u.add_argument("--by", default="key_id,plan,tier,day")
@@ -184,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         keys_command(args)
     elif args.cmd == "webhooks":
         webhooks_command(args)
+    elif args.cmd == "plan":
+        plan_command(args)
     elif args.cmd == "usage":
         from serve_app.gateway import state_dir
 

@@ -48,6 +48,9 @@ class Slo(BaseModel):
 class TierEntry(TierSpec):
     price: Price
     slo: Slo = Slo()
+    node_type: str | None = Field(
+        None, description="the node type it runs on (cluster/node_types.yaml), for `plan`"
+    )
 
 
 class LimitFields(BaseModel):
