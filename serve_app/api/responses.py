@@ -120,6 +120,8 @@ class ResponsesAPI:
         if req.background:
             return JSONResponse(await guarded(self.runs.start(inbound, writer, turn)))
         result = await self.pipeline.serve(inbound)
+        if hosted := req.hosted_tools:
+            result.headers["x-kimi-tools-not-run"] = ", ".join(hosted)
         if isinstance(result, Streamed):
             events = self._events(result, writer, turn)
             return SettledStreamingResponse(result, events)

@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from serve_app.api.responses_models import (
+    FunctionTool,
     InputFile,
     InputImage,
     InputText,
@@ -187,9 +188,10 @@ def chat_body(req: ResponsesRequest, items: list[dict[str, Any]], sealer: Sealer
     for name in ("temperature", "top_p", "parallel_tool_calls"):
         if (value := getattr(req, name)) is not None:
             body[name] = value
-    if req.tools:
-        body["tools"] = [chat_tool(t.model_dump(exclude_none=True)) for t in req.tools]
-    if req.tool_choice is not None:
+    functions = [t for t in req.tools or () if isinstance(t, FunctionTool)]
+    if functions:
+        body["tools"] = [chat_tool(t.model_dump(exclude_none=True)) for t in functions]
+    if req.tool_choice is not None and (functions or req.tool_choice == "required"):
         choice = req.tool_choice
         body["tool_choice"] = (
             choice

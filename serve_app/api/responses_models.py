@@ -1,8 +1,10 @@
 """The Responses and Conversations APIs' request bodies, as OpenAI documents them.
 
 Input items are a union told apart by `type` (a message may leave it out). Fields we
-take but that change nothing here are named, so a field no tier could honour (a hosted
-tool, a stored prompt) is refused with its name rather than silently ignored.
+take but that change nothing here are named, so a field no tier could honour (a stored
+prompt, an input item of a hosted tool) is refused with its name rather than silently
+ignored. Hosted tools an agent offers alongside its functions (Codex's `web_search`) are
+taken but not shown to the model, and the answer names them; forcing one is refused.
 """
 
 from __future__ import annotations
@@ -133,15 +135,11 @@ class UnknownItem(Loose):
         raise ValueError(f"input items of type {v!r} are not supported")
 
 
-class UnknownTool(Loose):
-    """A hosted tool (web search, file search, code interpreter...): nothing here runs it."""
+class HostedTool(Loose):
+    """A hosted tool (web search, file search, code interpreter...): nothing here runs it,
+    so the model is not shown it (`x-kimi-tools-not-run` names it in the answer)."""
 
-    type: str = Field(json_schema_extra={"not": {"const": "function"}})
-
-    @field_validator("type")
-    @classmethod
-    def _refused(cls, v: str) -> str:
-        raise ValueError(f"tools of type {v!r} are not supported; function tools are")
+    type: str = Field(min_length=1, json_schema_extra={"not": {"const": "function"}})
 
 
 Item = Annotated[
@@ -178,7 +176,7 @@ def tool_kind(value: Any) -> str:
 
 
 Tool = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[UnknownTool, Tag("other")],
+    Annotated[FunctionTool, Tag("function")] | Annotated[HostedTool, Tag("other")],
     Discriminator(tool_kind),
 ]
 
@@ -186,6 +184,20 @@ Tool = Annotated[
 class NamedFunction(Strict):
     type: Literal["function"]
     name: Name
+
+
+class HostedChoice(Loose):
+    """`tool_choice` forcing a hosted tool: refused, since nothing here runs it."""
+
+    type: str = Field(json_schema_extra={"not": {"const": "function"}})
+
+    @field_validator("type")
+    @classmethod
+    def _refused(cls, v: str) -> str:
+        raise ValueError(
+            f"tool_choice forces the hosted tool {v!r}, which this server does not run;"
+            " force a function tool, or use auto"
+        )
 
 
 class Reasoning(Strict):
@@ -236,7 +248,7 @@ class ResponsesRequest(Strict):
     input: str | list[Item] | None = None
     instructions: str | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | HostedChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning: Reasoning | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT32)
@@ -258,6 +270,11 @@ class ResponsesRequest(Strict):
     truncation: Literal["auto", "disabled"] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+
+    @property
+    def hosted_tools(self) -> list[str]:
+        """The hosted tools offered, which the model is not shown."""
+        return [t.type for t in self.tools or () if isinstance(t, HostedTool)]
 
     @property
     def conversation_id(self) -> str | None:

@@ -227,8 +227,13 @@ def test_bad_requests_get_openai_errors(oai, serve_url, keyed):
         oai.responses.create(
             model="kimi-k2.5", input="x", previous_response_id="resp_1", conversation="conv_1"
         )
-    with pytest.raises(openai.BadRequestError, match="web_search"):
-        oai.responses.create(model="kimi-k2.5", input="x", tools=[{"type": "web_search"}])
+    with pytest.raises(openai.BadRequestError, match="hosted tool 'web_search'"):
+        oai.responses.create(
+            model="kimi-k2.5",
+            input="x",
+            tools=[{"type": "web_search"}],
+            tool_choice={"type": "web_search"},
+        )
     r = httpx.post(
         f"{serve_url}/v1/responses",
         json={"model": "kimi-k2.5", "input": [{"type": "computer_call"}]},
@@ -533,3 +538,29 @@ def test_operators_register_a_keys_webhook_from_the_cli(serve_url, admin, monkey
     mine = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=key, max_retries=0)
     [endpoint] = mine.webhooks.list().data
     assert endpoint.id == made["id"] and "signing_secret" not in endpoint.model_dump()
+
+
+@pytest.mark.parametrize("tier", ["premium", "standard"])
+def test_a_hosted_tool_offered_beside_functions_is_named_not_shown(oai, tier):
+    """Codex offers `web_search` with its functions: the model sees the functions only,
+    and the answer says which tools were not run."""
+    shell = {
+        "type": "function",
+        "name": "shell",
+        "parameters": {
+            "type": "object",
+            "properties": {"cmd": {"type": "string", "maxLength": 16}},
+            "required": ["cmd"],
+        },
+        "strict": True,
+    }
+    raw = oai.responses.with_raw_response.create(
+        model=f"kimi-k2.5:{tier}",
+        input="list the files",
+        tools=[shell, {"type": "web_search"}],
+        tool_choice="required",
+        max_output_tokens=200,
+    )
+    assert raw.headers["x-kimi-tools-not-run"] == "web_search"
+    calls = [item for item in raw.parse().output if item.type == "function_call"]
+    assert calls and all(c.name == "shell" for c in calls)

@@ -150,7 +150,8 @@ def test_a_tool_round_trip_with_an_image_gives_schema_valid_calls_on_premium(cli
     assert image_tokens(second.usage) > image_tokens(first.usage)  # two images now
 
 
-def test_a_forced_call_with_an_image_on_a_gguf_tier(client):
+@pytest.mark.parametrize("tier", ["standard", "budget"])
+def test_a_forced_call_with_an_image_on_a_gguf_tier(client, tier):
     """llama.cpp's constrained path (our grammar on /completion) takes the image too."""
     schema = {
         "type": "object",
@@ -158,7 +159,7 @@ def test_a_forced_call_with_an_image_on_a_gguf_tier(client):
         "required": ["n"],
     }
     r = client.chat.completions.create(
-        model="kimi-k2.5:standard",
+        model=f"kimi-k2.5:{tier}",
         messages=[{"role": "user", "content": [QUESTION, image_part(data_url(png()))]}],
         tools=[{"type": "function", "function": {"name": "count", "parameters": schema}}],
         tool_choice={"type": "function", "function": {"name": "count"}},

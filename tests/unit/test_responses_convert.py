@@ -106,8 +106,8 @@ def test_a_tool_round_trip_with_reasoning_becomes_one_assistant_turn():
 def test_unsupported_input_is_refused_with_its_place():
     with pytest.raises(ValidationError, match="not supported"):
         request(input=[{"type": "web_search_call", "id": "x"}])
-    with pytest.raises(ValidationError):
-        request(tools=[{"type": "web_search"}])
+    with pytest.raises(ValidationError, match="hosted tool 'web_search'"):
+        request(tools=[{"type": "web_search"}], tool_choice={"type": "web_search"})
     file_image = [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]
     with pytest.raises(APIError) as err:
         chat_body(request(input=file_image), input_items(request(input=file_image).input), SEALER)
@@ -218,3 +218,17 @@ def test_a_conversations_new_items_are_stored_like_a_responses_input():
     assert all(i["id"] and i["status"] == "completed" for i in stored)
     for item in stored:
         ITEMS.validate_python(item)
+
+
+def test_hosted_tools_are_taken_but_not_shown_to_the_model():
+    fn = {"type": "function", "name": "shell", "parameters": {"type": "object"}}
+    req = request(tools=[fn, {"type": "web_search"}], tool_choice="auto")
+    assert req.hosted_tools == ["web_search"]
+    body = chat_body(req, input_items(req.input), SEALER)
+    assert [t["function"]["name"] for t in body["tools"]] == ["shell"]
+    assert body["tool_choice"] == "auto"
+    alone = request(
+        tools=[{"type": "web_search", "search_context_size": "low"}], tool_choice="auto"
+    )
+    body = chat_body(alone, input_items(alone.input), SEALER)
+    assert "tools" not in body and "tool_choice" not in body
