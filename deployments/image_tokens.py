@@ -74,10 +74,18 @@ async def _completed(item: EngineOutput, counting: asyncio.Task[int | None]) -> 
         if (text_tokens := await counting) is not None:
             _with_details(item["usage"], text_tokens)
         return item
-    if not isinstance(item, str) or '"usage"' not in item or not item.startswith("data: {"):
+    if not isinstance(item, str) or '"usage"' not in item:
         return item
-    event = json.loads(item[6:])
-    if not isinstance(event.get("usage"), dict) or (text_tokens := await counting) is None:
-        return item
-    _with_details(event["usage"], text_tokens)
-    return f"data: {json.dumps(event)}\n\n"
+    # an output may hold several events; only one that carries usage changes
+    events = []
+    for event in item.split("\n\n"):
+        if event.startswith("data: {") and '"usage"' in event:
+            parsed = json.loads(event[6:])
+            if (
+                isinstance(parsed.get("usage"), dict)
+                and (text_tokens := await counting) is not None
+            ):
+                _with_details(parsed["usage"], text_tokens)
+                event = f"data: {json.dumps(parsed)}"
+        events.append(event)
+    return "\n\n".join(events)

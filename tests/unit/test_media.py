@@ -198,3 +198,14 @@ def test_the_gguf_constrained_path_sends_the_images_with_the_prompt():
         "multimodal_data": [first.partition(",")[2], second.partition(",")[2]],
     }
     assert completion_body(chat(), "<prompt>", "root ::= x")["prompt"] == "<prompt>"
+
+
+def test_usage_in_an_output_of_several_events_is_completed_too():
+    body = chat(url(encoded("PNG")))
+    usage = {"choices": [], "usage": {"prompt_tokens": 40}}
+    joined = f'data: {{"choices": []}}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n'
+    [out] = asyncio.run(collected(outputs(joined), body))
+    events = out.split("\n\n")
+    assert events[0] == 'data: {"choices": []}' and events[2] == "data: [DONE]"
+    assert json.loads(events[1][6:])["usage"]["prompt_tokens_details"] == {"image_tokens": 10}
+    assert out.endswith("\n\n")
