@@ -186,20 +186,6 @@ class NamedFunction(Strict):
     name: Name
 
 
-class HostedChoice(Loose):
-    """`tool_choice` forcing a hosted tool: refused, since nothing here runs it."""
-
-    type: str = Field(json_schema_extra={"not": {"const": "function"}})
-
-    @field_validator("type")
-    @classmethod
-    def _refused(cls, v: str) -> str:
-        raise ValueError(
-            f"tool_choice forces the hosted tool {v!r}, which this server does not run;"
-            " force a function tool, or use auto"
-        )
-
-
 class Reasoning(Strict):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
@@ -248,7 +234,7 @@ class ResponsesRequest(Strict):
     input: str | list[Item] | None = None
     instructions: str | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | HostedChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     reasoning: Reasoning | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT32)
@@ -270,6 +256,17 @@ class ResponsesRequest(Strict):
     truncation: Literal["auto", "disabled"] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _not_hosted(cls, v: Any) -> Any:
+        kind = v.get("type") if isinstance(v, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise ValueError(
+                f"tool_choice forces the hosted tool {kind!r}, which this server does not"
+                " run; force a function tool, or use auto"
+            )
+        return v
 
     @property
     def hosted_tools(self) -> list[str]:
