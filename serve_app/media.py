@@ -103,7 +103,7 @@ async def prepare_images(body: dict[str, Any], settings: MediaSettings) -> Media
         width, height, passed = await asyncio.to_thread(_decode, data, where, settings)
         part["image_url"] = {**part["image_url"], "url": passed}
         tokens += image_tokens(width, height, settings.tokens)
-        chars += len(passed)
+        chars += len(url) if url.startswith("data:") else 0  # as the client's body held it
     return Media(images=len(parts), tokens=tokens, data_chars=chars)
 
 

@@ -78,8 +78,9 @@ def test_a_png_passes_as_it_is_and_is_counted():
 
 @pytest.mark.parametrize("fmt", ["WEBP", "GIF"])
 def test_webp_and_gif_go_on_as_png(fmt):
-    body = chat(url(encoded(fmt), f"image/{fmt.lower()}"))
-    prepare(body)
+    sent = url(encoded(fmt), f"image/{fmt.lower()}")
+    body = chat(sent)
+    assert prepare(body).data_chars == len(sent)  # what the client's body held
     passed = body["messages"][0]["content"][1]["image_url"]["url"]
     assert passed.startswith("data:image/png;base64,")
     assert Image.open(io.BytesIO(base64.b64decode(passed.partition(",")[2]))).size == (64, 48)
