@@ -97,6 +97,11 @@ class RouterSettings(BaseModel):
     shed_pressure: float = Field(2.0, gt=0, description="above this, low plans are shed")
     shed_below_priority: int = Field(1, description="plans below this priority shed first")
     strategy: Strategy = Field("load", description="tier choice: load (the product), or a baseline")
+    clamp_messages_max_tokens: bool = Field(
+        True,
+        description="/v1/messages lowers max_tokens past the plan's or tiers' limit to it"
+        " (agent CLIs ask for more); false refuses it in Anthropic's own words",
+    )
     allow_strategy_header: bool = Field(
         False,
         description="honour x-kimi-routing-strategy per request (benchmarks compare baselines)",

@@ -77,6 +77,28 @@ class APIError(Exception):
         return ErrorResponse(error=detail).model_dump()
 
 
+class OutputCapExceeded(APIError):
+    """`max_tokens` past what the plan (or the key) allows, where it is refused rather
+    than lowered; each wire format words it its own way (Anthropic's: `anthropic_words`)."""
+
+    def __init__(self, asked: int, limit: int) -> None:
+        super().__init__(
+            400,
+            f"max_tokens exceeds the plan's limit of {limit}",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
+        self.asked = asked
+        self.limit = limit
+
+    def anthropic_words(self, model: str) -> str:
+        """Anthropic's own sentence, which Claude Code reads to retry with the limit."""
+        return (
+            f"max_tokens: {self.asked} > {self.limit}, which is the maximum allowed number"
+            f" of output tokens for {model}"
+        )
+
+
 def storage_error(cause: object) -> APIError:
     """The 503 of a state store (usage, keys, responses) that cannot be written."""
     return APIError(503, str(cause), code="storage_unavailable", headers={"retry-after": "5"})

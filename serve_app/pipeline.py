@@ -33,7 +33,7 @@ from deployments.openai_shape import output_limit
 from deployments.tier import Served
 from serve_app.config import AppConfig, Plan, Price, Strategy, TierEntry
 from serve_app.detached import DetachedCalls
-from serve_app.errors import APIError
+from serve_app.errors import APIError, OutputCapExceeded
 from serve_app.gateway import ANONYMOUS, Admission, Caller, GatewayUnavailable
 from serve_app.keys import KeyOverrides, split_key
 from serve_app.limits import Denial
@@ -299,6 +299,8 @@ class Pipeline:
         inbound = await self._prepared(inbound)
         if inbound.clamp_output:
             self._clamp_output(inbound, caller)
+        else:
+            self._within_output_cap(inbound, caller)
         route = self._route(inbound, caller)
         span.set_attributes(
             {
@@ -594,12 +596,18 @@ class Pipeline:
         if budget is not None and budget >= limit:
             inbound.body["thinking_token_budget"] = max(1, limit // 2)
 
-    def _output_limit(self, inbound: Inbound, plan: Plan, caller: Caller) -> int:
-        """Enforce the plan's max output; fill it in when the request sets none."""
-        cap = output_cap(plan, caller)
+    def _within_output_cap(self, inbound: Inbound, caller: Caller) -> None:
+        """Refuse a max output past the plan's (or key's) cap, before any tier is chosen."""
+        cap = output_cap(self.config.plans[caller.plan], caller)
         asked = output_limit(inbound.body)
         if cap is not None and asked is not None and asked > cap:
-            raise APIError(400, f"max_tokens exceeds the plan's limit of {cap}", param="max_tokens")
+            raise OutputCapExceeded(asked, cap)
+
+    def _output_limit(self, inbound: Inbound, plan: Plan, caller: Caller) -> int:
+        """The max output, the plan's cap filled in when the request sets none (a cap
+        exceeded was refused or clamped before routing)."""
+        cap = output_cap(plan, caller)
+        asked = output_limit(inbound.body)
         if cap is not None and asked is None:
             inbound.body["max_tokens"] = asked = cap
         floor = inbound.request.min_tokens

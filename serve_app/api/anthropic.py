@@ -43,7 +43,7 @@ from serve_app.api.http import (
 )
 from serve_app.api.sse import DONE, sse, sse_payloads, stream_error_status
 from serve_app.config import AppConfig
-from serve_app.errors import APIError
+from serve_app.errors import APIError, OutputCapExceeded
 from serve_app.pipeline import Inbound, Pipeline, Streamed
 from serve_app.schemas import ChatRequest, canonical_body
 from serve_app.sealing import Sealer
@@ -125,6 +125,8 @@ class AnthropicAPI:
             result = await self.pipeline.serve(inbound)
         except APIError as exc:
             exc.headers.setdefault("x-kimi-router", self.pipeline.replica)
+            if isinstance(exc, OutputCapExceeded):
+                exc.message = exc.anthropic_words(str(body.get("model")))
             return error_response(exc, request_id)
         except Exception:
             log.exception("unhandled error")  # the trace goes to the log, never to the client
@@ -160,7 +162,7 @@ class AnthropicAPI:
             session=session_of(request) or metadata_session(req),
             strategy=request.headers.get("x-kimi-routing-strategy"),
             api="anthropic",
-            clamp_output=True,
+            clamp_output=self.config.router.clamp_messages_max_tokens,
         )
 
 

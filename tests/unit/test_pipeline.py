@@ -551,3 +551,38 @@ async def test_inline_image_data_does_not_count_as_prompt_text():
         inbound("kimi-k2.5:budget", messages=[{"role": "user", "content": content}])
     )
     assert result.headers["x-kimi-tier"] == "budget"  # 2,048 tokens of context suffice
+
+
+async def test_with_clamping_off_messages_refuses_in_anthropics_own_words():
+    """Claude Code retries with the limit it reads in Anthropic's sentence."""
+    import json as _json
+
+    from starlette.requests import Request
+
+    from serve_app.api.anthropic import AnthropicAPI
+    from serve_app.sealing import Sealer
+
+    config = CFG.model_copy(deep=True)
+    config.router.clamp_messages_max_tokens = False
+    p = Pipeline(config, InProcessTiers(**engines()), FakeGateway("free"), "i-0", IngressMetrics())
+    api = AnthropicAPI(p, config, Sealer([b"k" * 32]))
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 32000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    raw = _json.dumps(body).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    headers = [(b"x-api-key", KEY.encode()), (b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/messages", "headers": headers}
+    answer = await api.messages(Request(scope, receive))
+    assert answer.status_code == 400
+    error = _json.loads(answer.body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == (
+        "max_tokens: 32000 > 1024, which is the maximum allowed number of output tokens"
+        " for claude-sonnet-4-5"
+    )
