@@ -25,14 +25,14 @@ def without_images(body: dict[str, Any]) -> dict[str, Any] | None:
     for message in body.get("messages") or ():
         content = message.get("content")
         if isinstance(content, list):
-            kept = [p for p in content if not _is_image(p)]
+            kept = [p for p in content if not is_image_part(p)]
             found = found or len(kept) != len(content)
             message = {**message, "content": kept or ""}
         messages.append(message)
     return {**body, "messages": messages} if found else None
 
 
-def _is_image(part: Any) -> bool:
+def is_image_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "image_url"
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.engine import EngineError
+from deployments.image_tokens import is_image_part
 from deployments.kimi_format import (
     MARKER_TEXTS,
     CallRules,
@@ -157,7 +158,7 @@ def image_data(body: dict[str, Any]) -> list[str]:
         for message in body.get("messages") or ()
         if isinstance(message.get("content"), list)
         for part in message["content"]
-        if isinstance(part, dict) and part.get("type") == "image_url"
+        if is_image_part(part)
     ]
 
 

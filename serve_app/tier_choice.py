@@ -31,6 +31,11 @@ class Needs:
     json_schema: bool = False
     context_tokens: int = 0  # a low estimate of prompt + requested output
 
+    @property
+    def capabilities(self) -> bool:
+        """Whether the request needs a capability some tier may lack."""
+        return self.vision or self.tools or self.json_schema
+
 
 def needs_of(
     request: ChatRequest | CompletionRequest, prompt_tokens: int, output: int | None
@@ -92,20 +97,26 @@ def plan_tiers(model: str, plan: Plan, plan_name: str, config: AppConfig) -> lis
     return [tier]
 
 
+def named_tiers(model: str, plan: Plan, plan_name: str, config: AppConfig) -> list[TierEntry]:
+    """The tiers `model` (or the alias it is) names for this plan, in its order."""
+    names = plan_tiers(resolve_alias(model, plan, config), plan, plan_name, config)
+    return [config.tier(n) for n in names]
+
+
 def lacking_tiers(
     model: str, plan: Plan, plan_name: str, config: AppConfig, needs: Needs
 ) -> list[tuple[TierEntry, str]]:
     """The tiers `model` names for this plan that lack a capability the request needs."""
-    names = plan_tiers(resolve_alias(model, plan, config), plan, plan_name, config)
-    tiers = [config.tier(n) for n in names]
+    if not needs.capabilities:
+        return []
+    tiers = named_tiers(model, plan, plan_name, config)
     return [(t, lacking) for t in tiers if (lacking := missing_capability(t, needs))]
 
 
 def candidate_tiers(
     model: str, plan: Plan, plan_name: str, config: AppConfig, needs: Needs
 ) -> list[TierEntry]:
-    names = plan_tiers(resolve_alias(model, plan, config), plan, plan_name, config)
-    tiers = [config.tier(n) for n in names]
+    tiers = named_tiers(model, plan, plan_name, config)
     able = [t for t in tiers if missing_capability(t, needs) is None]
     if not able:
         lacking = missing_capability(tiers[0], needs)
