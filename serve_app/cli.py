@@ -29,12 +29,14 @@ def app_args(serve_config: Path, app: str | None = None) -> dict:
 
 def build_artifacts(serve_config: Path) -> None:
     """Build every embedded artifact the config names, so replicas start without waiting."""
-    from deployments.artifacts.resolve import resolve_artifact
+    from deployments.artifacts.resolve import resolve_artifact, resolve_mmproj
 
     config = load_config(app_args(serve_config))
     for tier in config.tiers:
         if tier.artifact.kind == "embedded":
             print(f"{tier.name}: {resolve_artifact(tier.artifact)}")
+            if tier.engine == "llama.cpp" and (mmproj := resolve_mmproj(tier)):
+                print(f"{tier.name} mmproj: {mmproj}")
 
 
 def wait_ready(url: str, timeout: float) -> None:

@@ -116,7 +116,7 @@ class ResponsesAPI:
             api="responses",
             caller=caller,
         )
-        writer = ResponseWriter(turn.doc, self.sealer, encrypt_reasoning(req))
+        writer = ResponseWriter(turn.doc, self.sealer, encrypt_reasoning(req), req.namespaced)
         if req.background:
             return JSONResponse(await guarded(self.runs.start(inbound, writer, turn)))
         result = await self.pipeline.serve(inbound)

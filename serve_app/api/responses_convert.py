@@ -18,7 +18,6 @@ import uuid
 from typing import Any
 
 from serve_app.api.responses_models import (
-    FunctionTool,
     InputFile,
     InputImage,
     InputText,
@@ -96,7 +95,10 @@ def chat_messages(items: list[dict[str, Any]], sealer: Sealer) -> list[dict[str,
             if turn is None:
                 turn = assistant_turn("", thought)
                 out.append(turn)
-            call = {"name": item["name"], "arguments": item["arguments"]}
+            name = item["name"]
+            if space := item.get("namespace"):
+                name = f"{space}.{name}"
+            call = {"name": name, "arguments": item["arguments"]}
             turn.setdefault("tool_calls", []).append(
                 {"id": item["call_id"], "type": "function", "function": call}
             )
@@ -188,7 +190,7 @@ def chat_body(req: ResponsesRequest, items: list[dict[str, Any]], sealer: Sealer
     for name in ("temperature", "top_p", "parallel_tool_calls"):
         if (value := getattr(req, name)) is not None:
             body[name] = value
-    functions = [t for t in req.tools or () if isinstance(t, FunctionTool)]
+    functions = req.function_tools
     if functions:
         body["tools"] = [chat_tool(t.model_dump(exclude_none=True)) for t in functions]
     if req.tool_choice is not None and (functions or req.tool_choice == "required"):
@@ -310,10 +312,17 @@ class ResponseWriter:
     open at a time (reasoning, message, or a function call); the next kind closes it.
     The non-streamed answer is written the same way, its events unsent."""
 
-    def __init__(self, doc: dict[str, Any], sealer: Sealer, encrypt: bool) -> None:
+    def __init__(
+        self,
+        doc: dict[str, Any],
+        sealer: Sealer,
+        encrypt: bool,
+        namespaced: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
         self.doc = doc
         self.sealer = sealer
         self.encrypt = encrypt  # reasoning items carry their sealed text
+        self.namespaced = namespaced or {}  # flattened tool name -> (namespace, name)
         self.seq = 0
         self.open: dict[str, Any] | None = None
         self.calls: dict[int, dict[str, Any]] = {}  # the chunk's tool call index -> item
@@ -405,6 +414,8 @@ class ResponseWriter:
                 "arguments": "",
                 "status": "in_progress",
             }
+            if space := self.namespaced.get(item["name"]):
+                item["namespace"], item["name"] = space
             self.doc["output"].append(item)
             self.calls[index] = self.open = item
             out.append(self.event("response.output_item.added", **self._index(), item=copy(item)))

@@ -83,6 +83,7 @@ class FunctionCallItem(Loose):
     id: str | None = None
     call_id: str = Field(min_length=1, max_length=256)
     name: Name
+    namespace: Name | None = None  # a call of a namespace tool's member
     arguments: str
 
 
@@ -171,12 +172,28 @@ class FunctionTool(Strict):
         return v
 
 
+class NamespaceTool(Strict):
+    """A named group of function tools (Codex sends its sub-agent tools so). The model
+    sees each as `NAMESPACE.NAME`; its calls come back as `name` plus `namespace`."""
+
+    type: Literal["namespace"]
+    name: Name
+    description: str | None = None
+    tools: list[FunctionTool] = Field(min_length=1)
+
+    def flat(self) -> list[FunctionTool]:
+        return [t.model_copy(update={"name": f"{self.name}.{t.name}"}) for t in self.tools]
+
+
 def tool_kind(value: Any) -> str:
-    return "function" if isinstance(value, dict) and value.get("type") == "function" else "other"
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if kind in ("function", "namespace") else "other"
 
 
 Tool = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[HostedTool, Tag("other")],
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[NamespaceTool, Tag("namespace")]
+    | Annotated[HostedTool, Tag("other")],
     Discriminator(tool_kind),
 ]
 
@@ -243,6 +260,10 @@ class ResponsesRequest(Strict):
     text: TextConfig | None = None
     metadata: Metadata | None = Field(None, max_length=16)
     prompt_cache_key: str | None = Field(None, max_length=200)
+    # what the client says about itself (Codex: its turn and window ids); not the model's
+    client_metadata: dict[str, Annotated[str, Field(max_length=16384)]] | None = Field(
+        None, max_length=32
+    )
     store: bool = True
     previous_response_id: str | None = Field(None, min_length=1)
     conversation: str | ConversationRef | None = None
@@ -267,6 +288,27 @@ class ResponsesRequest(Strict):
                 " run; force a function tool, or use auto"
             )
         return v
+
+    @property
+    def function_tools(self) -> list[FunctionTool]:
+        """The tools the model is shown, namespaces' members flattened."""
+        out: list[FunctionTool] = []
+        for t in self.tools or ():
+            if isinstance(t, FunctionTool):
+                out.append(t)
+            elif isinstance(t, NamespaceTool):
+                out.extend(t.flat())
+        return out
+
+    @property
+    def namespaced(self) -> dict[str, tuple[str, str]]:
+        """Flattened name -> (namespace, name), to restore in the output."""
+        return {
+            f"{t.name}.{m.name}": (t.name, m.name)
+            for t in self.tools or ()
+            if isinstance(t, NamespaceTool)
+            for m in t.tools
+        }
 
     @property
     def hosted_tools(self) -> list[str]:

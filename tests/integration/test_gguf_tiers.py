@@ -27,7 +27,7 @@ def test_gguf_artifact_header(quant, ftype):
     header = read_gguf_header(path)
     assert header["file_type_name"] == ftype
     assert header["architecture"] == "deepseek2"
-    assert header["tokens"] == 4096
+    assert header["tokens"] == 32768
     assert header["chat_template"] == TEMPLATE_PATH.read_text()
 
 

@@ -427,12 +427,12 @@ async def test_an_output_limit_past_the_plan_is_lowered_where_the_api_asks_it():
 
 async def test_clamping_also_fits_the_longest_tier_of_the_plan():
     gateway = FakeGateway("enterprise")  # no output cap; premium's context is the longest
-    asked = dataclasses.replace(inbound(max_tokens=32000), clamp_output=True)
+    asked = dataclasses.replace(inbound(max_tokens=128000), clamp_output=True)
     result = await pipeline(InProcessTiers(**engines()), gateway).serve(asked)
     assert isinstance(result, Completed) and result.headers["x-kimi-tier"] == "premium"
     granted = asked.body["max_tokens"]
     assert granted < CFG.tier("premium").max_context
-    assert result.headers["x-kimi-max-tokens-clamped"] == f"32000->{granted}"
+    assert result.headers["x-kimi-max-tokens-clamped"] == f"128000->{granted}"
 
 
 @pytest.mark.parametrize("call", ["authenticate", "admit"])

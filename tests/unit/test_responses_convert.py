@@ -232,3 +232,36 @@ def test_hosted_tools_are_taken_but_not_shown_to_the_model():
     )
     body = chat_body(alone, input_items(alone.input), SEALER)
     assert "tools" not in body and "tool_choice" not in body
+
+
+CODEX_NAMESPACE = {
+    "type": "namespace",
+    "name": "multi_agent_v1",
+    "description": "Tools for spawning and managing sub-agents.",
+    "tools": [{**WEATHER, "name": "spawn_agent", "strict": False}],
+}
+
+
+def test_namespace_tools_are_flattened_for_the_model_and_restored_in_the_output():
+    req = request(
+        tools=[WEATHER, CODEX_NAMESPACE, {"type": "web_search", "external_web_access": False}],
+        client_metadata={"session_id": "s1", "x-codex-turn-metadata": "{}"},
+    )
+    body = chat_body(req, input_items(req.input), SEALER)
+    ChatRequest.model_validate(body)
+    names = [t["function"]["name"] for t in body["tools"]]
+    assert names == ["get_weather", "multi_agent_v1.spawn_agent"]
+    assert req.hosted_tools == ["web_search"]
+
+    writer = ResponseWriter(response_doc(req, "resp_ns"), SEALER, False, req.namespaced)
+    writer.start()
+    call = {"id": "functions.multi_agent_v1.spawn_agent:0", "function": {"name": names[1]}}
+    events = writer.chunk({"choices": [{"delta": {"tool_calls": [{"index": 0, **call}]}}]})
+    writer.chunk({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
+    events += writer.finish()
+    item = Response.model_validate(events[-1]["response"]).output[0]
+    assert (item.name, item.namespace) == ("spawn_agent", "multi_agent_v1")
+
+    # the call comes back in the next turn's input under its namespace
+    back = chat_messages(input_items(request(input=[item.model_dump()]).input), SEALER)
+    assert back[0]["tool_calls"][0]["function"]["name"] == "multi_agent_v1.spawn_agent"

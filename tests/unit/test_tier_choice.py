@@ -161,18 +161,18 @@ def test_baseline_strategies():
 
 def test_context_picks_a_tier_that_fits_or_refuses():
     plan = CFG.plans["enterprise"]
-    fits = candidate_tiers("kimi-k2.5", plan, "enterprise", CFG, Needs(context_tokens=3000))
-    assert [t.name for t in fits] == ["premium", "standard"]  # budget serves 2048
+    fits = candidate_tiers("kimi-k2.5", plan, "enterprise", CFG, Needs(context_tokens=20000))
+    assert [t.name for t in fits] == ["premium", "standard"]  # budget serves 16384
     cfg = CFG.model_copy(deep=True)
     cfg.plans["enterprise"].tiers = ["budget", "standard", "premium"]
     fits = candidate_tiers(
-        "kimi-k2.5", cfg.plans["enterprise"], "enterprise", cfg, Needs(context_tokens=5000)
+        "kimi-k2.5", cfg.plans["enterprise"], "enterprise", cfg, Needs(context_tokens=30000)
     )
     assert [t.name for t in fits] == ["premium"]
     with pytest.raises(APIError) as err:
-        candidate_tiers("kimi-k2.5", plan, "enterprise", CFG, Needs(context_tokens=9000))
+        candidate_tiers("kimi-k2.5", plan, "enterprise", CFG, Needs(context_tokens=40000))
     assert err.value.status == 400 and err.value.code == "context_length_exceeded"
-    assert "8192" in err.value.message
+    assert "32768" in err.value.message
 
 
 def test_latency_window_needs_samples_and_forgets_old_ones():
