@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/build_llama_cpp.sh scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/build_llama_cpp.sh scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch scripts/agent_clis/package-lock.json | sha1sum | cut -c1-12)
 RAY_CPUS ?= 8
 export RAY_USAGE_STATS_ENABLED := 0
 
@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/build_llama_cpp.sh $(wildcard scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch)
+$(STAMP): pyproject.toml scripts/build_llama_cpp.sh scripts/agent_clis/package-lock.json $(wildcard scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[cpu,dev]"
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml scripts/build_llama_cpp.sh $(wildcard scripts/llama_cpp
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	PYTHON=$(BIN)/python scripts/build_llama_cpp.sh
 	$(BIN)/python -m serve_app.cli build-artifacts
+	@# the real coding-agent CLIs (Claude Code, Codex) the agent tests drive, pinned
+	cd scripts/agent_clis && npm ci --no-audit --no-fund --loglevel=error
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Ray needs more logical CPUs than a 2-core machine reports, or deployments never schedule.

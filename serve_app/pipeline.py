@@ -48,6 +48,7 @@ from serve_app.relay import (
     timeout_error,
 )
 from serve_app.schemas import ChatRequest, CompletionRequest
+from serve_app.sealing import Opened
 from serve_app.telemetry import IngressMetrics
 from serve_app.tier_calls import ReplicaLost, TierCall, TierFault, TierRequest, Tiers
 from serve_app.tier_choice import (
@@ -98,6 +99,7 @@ class Inbound:
     clamp_output: bool = False  # max_tokens past the limits is lowered, not refused
     caller: Caller | None = None  # already identified by the adapter (`Pipeline.identify`)
     media: Media = field(default_factory=Media)  # its images, checked (`prepare_images`)
+    opened: Opened | None = None  # what the earlier turns' sealed reasoning gave back
 
     @property
     def text_bytes(self) -> int:
@@ -296,6 +298,8 @@ class Pipeline:
 
     async def _serve(self, inbound: Inbound, span: Span) -> Result:
         caller = inbound.caller or await self.identify(inbound.api_key)
+        if inbound.endpoint is Endpoint.CHAT:
+            self.metrics.observe_reasoning(inbound.api, inbound.body, inbound.opened)
         inbound = await self._prepared(inbound)
         if inbound.clamp_output:
             self._clamp_output(inbound, caller)

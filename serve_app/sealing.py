@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hashlib
 import os
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -28,6 +30,14 @@ KEYS_ENV = "KIMI_SERVE_REASONING_KEYS"
 AAD = b"kimi-reasoning-v1"
 VERSION = 1
 HEADER = struct.Struct(">B4s12s")  # version, key id, nonce
+
+
+@dataclass
+class Opened:
+    """What one request's seals gave back: opened, or dropped (altered, foreign, too old)."""
+
+    sealed: int = 0
+    dropped: int = 0
 
 
 def key_id(key: bytes) -> bytes:
@@ -41,6 +51,13 @@ class Sealer:
         self.keys = {key_id(k): AESGCM(k) for k in keys}
         self.current = key_id(keys[0])
         self.max_age_s = max_age_s
+        self.opened = Opened()
+
+    def counting(self) -> Sealer:
+        """This sealer for one request, counting what its seals give back (`opened`)."""
+        twin = copy.copy(self)
+        twin.opened = Opened()
+        return twin
 
     def seal(self, text: str, now: float | None = None) -> str:
         nonce = os.urandom(12)
@@ -51,6 +68,14 @@ class Sealer:
 
     def open(self, token: str, now: float | None = None) -> str | None:
         """The reasoning sealed in `token`, or None if it is not ours, altered or too old."""
+        text = self._open(token, now)
+        if text is None:
+            self.opened.dropped += 1
+        else:
+            self.opened.sealed += 1
+        return text
+
+    def _open(self, token: str, now: float | None) -> str | None:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             version, kid, nonce = HEADER.unpack_from(raw)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from ray.util import metrics
 
 from deployments.loadboard import TierLoad
 from serve_app.metering import UsageRecord
+from serve_app.sealing import Opened
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 log = logging.getLogger("serve_app.telemetry")
@@ -49,9 +51,22 @@ class IngressMetrics:
         self.replicas = metrics.Gauge(
             "kimi_tier_replicas", "healthy replicas reporting", tag_keys=("tier",)
         )
+        self.reasoning = metrics.Counter(
+            "kimi_reasoning_back",
+            "earlier turns' reasoning by how it came back, per API: sealed (a signature or"
+            " encrypted_content opened), text (the client kept it), dropped (a seal that did"
+            " not open), missing (a tool-call turn in thinking mode with none)",
+            tag_keys=("api", "how"),
+        )
         self.kv = metrics.Gauge(
             "kimi_tier_kv_cache_usage", "highest KV-cache use among the tier's replicas", ("tier",)
         )
+
+    def observe_reasoning(self, api: str, body: dict[str, Any], opened: Opened | None) -> None:
+        counts = reasoning_back(body, opened or Opened())
+        for how, n in counts.items():
+            if n:
+                self.reasoning.inc(n, {"api": api, "how": how})
 
     def observe_loads(self, loads: Mapping[str, TierLoad]) -> None:
         for tier, load in loads.items():
@@ -81,3 +96,21 @@ class IngressMetrics:
                 tpot = (rec.latency_ms - rec.ttft_ms) / 1000 / (rec.completion_tokens - 1)
                 self.tpot.observe(max(tpot, 0.0), pt)
         self.latency.observe(rec.latency_ms / 1000, pt)
+
+
+def reasoning_back(body: dict[str, Any], opened: Opened) -> dict[str, int]:
+    """How the reasoning of the history's tool-call turns came back. K2.5 in thinking mode
+    reads its own earlier reasoning there; a turn without it is `missing`."""
+    calls = [
+        m
+        for m in body.get("messages") or ()
+        if m.get("role") == "assistant" and m.get("tool_calls")
+    ]
+    kept = sum(1 for m in calls if m.get("reasoning_content"))
+    thinking = (body.get("chat_template_kwargs") or {}).get("thinking") is not False
+    return {
+        "sealed": opened.sealed,
+        "dropped": opened.dropped,
+        "text": max(kept - opened.sealed, 0),
+        "missing": len(calls) - kept if thinking else 0,
+    }

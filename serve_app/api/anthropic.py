@@ -151,7 +151,8 @@ class AnthropicAPI:
     def _inbound(
         self, request: Request, req: Conversation, size: int, endpoint: Endpoint, request_id: str
     ) -> Inbound:
-        chat = validated(chat_body(req, self.sealer), ChatRequest)
+        sealer = self.sealer.counting()
+        chat = validated(chat_body(req, sealer), ChatRequest)
         return Inbound(
             endpoint=endpoint,
             request=chat,
@@ -163,6 +164,7 @@ class AnthropicAPI:
             strategy=request.headers.get("x-kimi-routing-strategy"),
             api="anthropic",
             clamp_output=self.config.router.clamp_messages_max_tokens,
+            opened=sealer.opened,
         )
 
 

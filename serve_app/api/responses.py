@@ -103,7 +103,8 @@ class ResponsesAPI:
         # chain this response continues, else the chain it starts
         session = req.prompt_cache_key or session_of(request) or chained or response_id
         turn = Turn(req, caller, input_items(req.input), session, response_doc(req, response_id))
-        chat = validated(chat_body(req, history + turn.items, self.sealer), ChatRequest)
+        sealer = self.sealer.counting()
+        chat = validated(chat_body(req, history + turn.items, sealer), ChatRequest)
         inbound = Inbound(
             endpoint=Endpoint.CHAT,
             request=chat,
@@ -115,6 +116,7 @@ class ResponsesAPI:
             strategy=request.headers.get("x-kimi-routing-strategy"),
             api="responses",
             caller=caller,
+            opened=sealer.opened,
         )
         writer = ResponseWriter(turn.doc, self.sealer, encrypt_reasoning(req), req.namespaced)
         if req.background:

@@ -373,3 +373,29 @@ def test_omitted_thinking_streams_only_its_signature():
     deltas = [e["delta"] for e in events(out) if e["type"] == "content_block_delta"]
     assert [d["type"] for d in deltas] == ["signature_delta", "text_delta"]
     assert SEALER.open(deltas[0]["signature"]) == "plan"
+
+
+def test_how_reasoning_came_back_is_counted_per_request():
+    from serve_app.telemetry import reasoning_back
+
+    sealer = SEALER.counting()
+    call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}
+    good = {"type": "thinking", "thinking": "", "signature": SEALER.seal("plan")}
+    bad = {"type": "thinking", "thinking": "", "signature": "EqQBCkYIBxgC"}
+    back = request(
+        thinking={"type": "enabled", "budget_tokens": 32},
+        messages=[
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [good, call]},
+            {"role": "user", "content": [result]},
+            {"role": "assistant", "content": [bad, {**call, "id": "toolu_2"}]},
+            {"role": "user", "content": [{**result, "tool_use_id": "toolu_2"}]},
+            {"role": "assistant", "content": [{**call, "id": "toolu_3"}]},
+            {"role": "user", "content": [{**result, "tool_use_id": "toolu_3"}]},
+        ],
+    )
+    body = chat_body(back, sealer)
+    counts = reasoning_back(body, sealer.opened)
+    assert counts == {"sealed": 1, "dropped": 1, "text": 0, "missing": 2}
+    assert sealer.opened is not SEALER.opened  # each request counts its own
