@@ -323,6 +323,20 @@ def llama_server_alone() -> Iterator[str]:
 # ---- the run -------------------------------------------------------------------------------
 
 
+def run_facts(module: str) -> dict[str, str]:
+    """When, where, at which commit and with which command a report was made."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"{round(psutil.virtual_memory().total / 2**30)} GiB, no GPU",
+        "commit": commit,
+        "command": f"python -m {module} " + " ".join(sys.argv[1:]),
+    }
+
+
 def measure(name: str, spec: LoadSpec, levels: list[tuple[int, int]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     asyncio.run(run_load(spec, 4, concurrency=2))  # warm-up (prefix caches, first-call paths)
@@ -512,15 +526,8 @@ def main() -> None:
         run("litellm-proxy", litellm_proxy, "kimi-k2.5")
     run("llama-server", llama_server_alone, "kimi-k2.5:standard")
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     report = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"{round(psutil.virtual_memory().total / 2**30)} GiB, no GPU",
-        "commit": commit,
-        "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:]),
+        **run_facts("benchmarks.compare"),
         "max_tokens": args.max_tokens,
         "results": results,
         "ratios": {

@@ -32,6 +32,7 @@ from serve_app.console_sessions import ConsoleSessions
 from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey
 from serve_app.limits import Denial, KeyState, Limits, session_denial
 from serve_app.metering import MeterWriter, UsageRecord, recent_usage, usage_summary
+from serve_app.reasoning_memory import ReasoningMemory
 
 ACTOR_NAME = "kimi-gateway"
 NAMESPACE = "kimi-serve"
@@ -102,6 +103,7 @@ class GatewayState:
         self.plans = {name: Plan.model_validate(p) for name, p in plans.items()}
         self.states: dict[str, KeyState] = {}
         self.console = ConsoleSessions()
+        self.reasoning = ReasoningMemory()
         self.tickets: dict[str, tuple[str, int]] = {}
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.duplicates = metrics.Counter(
@@ -280,6 +282,7 @@ class GatewayState:
 
     def revoke_key(self, key_id: str) -> bool | StorageFault:
         self.console.end_subject(key_id)
+        self.reasoning.forget(key_id)
         return stored(lambda: self.keys.revoke(key_id))
 
     def update_key(
@@ -312,6 +315,12 @@ class GatewayState:
         return await asyncio.to_thread(recent_usage, self.meter.root, key_id, limit)
 
     # ---- console sign-in -------------------------------------------------------------
+
+    def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None:
+        self.reasoning.remember(key_id, turn, reasoning)
+
+    def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
+        return self.reasoning.recall(key_id, turns)
 
     def open_console(self, subject: str, ttl_s: float) -> str:
         return self.console.open(subject, ttl_s)
@@ -433,6 +442,12 @@ class GatewayClient:
 
     async def open_console(self, subject: str, ttl_s: float) -> str:
         return await self._call("open_console", subject, ttl_s)
+
+    async def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None:
+        await self._call("remember_reasoning", key_id, turn, reasoning)
+
+    async def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
+        return await self._call("recall_reasoning", key_id, turns)
 
     async def console_subject(self, token: str) -> str | None:
         return await self._call("console_subject", token)

@@ -105,7 +105,7 @@ class Ingress:
         self.board = board()
         replica = serve.get_replica_context().replica_id.unique_id
         self.pipeline = Pipeline(self.config, RayTiers(tiers), gateway, replica, IngressMetrics())
-        self.openai = OpenAIAPI(self.pipeline, self.config)
+        self.openai = OpenAIAPI(self.pipeline, self.config, gateway)
         sealer = deployment_sealer(state_dir(gw.state_dir))
         self.anthropic = AnthropicAPI(self.pipeline, self.config, sealer)
         store = self._sessions()

@@ -34,10 +34,12 @@ HEADER = struct.Struct(">B4s12s")  # version, key id, nonce
 
 @dataclass
 class Opened:
-    """What one request's seals gave back: opened, or dropped (altered, foreign, too old)."""
+    """How one request's earlier reasoning came back: seals opened or dropped (altered,
+    foreign, too old), turns filled from the server's memory (chat completions)."""
 
     sealed: int = 0
     dropped: int = 0
+    remembered: int = 0
 
 
 def key_id(key: bytes) -> bytes:

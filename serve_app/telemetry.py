@@ -54,8 +54,9 @@ class IngressMetrics:
         self.reasoning = metrics.Counter(
             "kimi_reasoning_back",
             "earlier turns' reasoning by how it came back, per API: sealed (a signature or"
-            " encrypted_content opened), text (the client kept it), dropped (a seal that did"
-            " not open), missing (a tool-call turn in thinking mode with none)",
+            " encrypted_content opened), memory (the server's, for chat completions), text"
+            " (the client kept it), dropped (a seal that did not open), missing (a tool-call"
+            " turn in thinking mode with none)",
             tag_keys=("api", "how"),
         )
         self.kv = metrics.Gauge(
@@ -110,7 +111,8 @@ def reasoning_back(body: dict[str, Any], opened: Opened) -> dict[str, int]:
     thinking = (body.get("chat_template_kwargs") or {}).get("thinking") is not False
     return {
         "sealed": opened.sealed,
+        "memory": opened.remembered,
         "dropped": opened.dropped,
-        "text": max(kept - opened.sealed, 0),
+        "text": max(kept - opened.sealed - opened.remembered, 0),
         "missing": len(calls) - kept if thinking else 0,
     }

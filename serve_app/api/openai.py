@@ -7,6 +7,8 @@ refusals as OpenAI's error object (`serve_app/errors.py`).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -15,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from deployments.engine import Endpoint
+from serve_app.api.chat_reasoning import ChatReasoning, Memory
 from serve_app.api.http import (
     SettledStreamingResponse,
     bearer,
@@ -27,6 +30,7 @@ from serve_app.errors import APIError
 from serve_app.measured import measured_accuracy
 from serve_app.pipeline import Completed, Inbound, Pipeline, Result
 from serve_app.schemas import ChatRequest, CompletionRequest, canonical_body
+from serve_app.sealing import Opened
 
 
 def render(result: Result) -> Response:
@@ -36,10 +40,11 @@ def render(result: Result) -> Response:
 
 
 class OpenAIAPI:
-    def __init__(self, pipeline: Pipeline, config: AppConfig) -> None:
+    def __init__(self, pipeline: Pipeline, config: AppConfig, memory: Memory) -> None:
         self.pipeline = pipeline
         self.config = config
         self.accuracy = measured_accuracy(config.tiers)
+        self.reasoning = ChatReasoning(memory)
 
     async def chat(self, request: Request) -> Response:
         return await self._serve(request, Endpoint.CHAT, ChatRequest)
@@ -52,10 +57,22 @@ class OpenAIAPI:
     ) -> Response:
         try:
             inbound = await self._inbound(request, endpoint, model)
-            return render(await self.pipeline.serve(inbound))
+            if endpoint is not Endpoint.CHAT:
+                return render(await self.pipeline.serve(inbound))
+            return render(await self._chat(inbound))
         except APIError as exc:
             exc.headers.setdefault("x-kimi-router", self.pipeline.replica)
             raise
+
+    async def _chat(self, inbound: Inbound) -> Result:
+        """A chat completion, with the reasoning its history dropped restored (thinking
+        mode: K2.5 reads it) and its own remembered for the next turn."""
+        caller = await self.pipeline.identify(inbound.api_key)
+        prefix = copy.deepcopy(inbound.body["messages"])
+        opened = Opened(remembered=await self.reasoning.restore(inbound, caller.key_id))
+        inbound = dataclasses.replace(inbound, caller=caller, opened=opened)
+        result = await self.pipeline.serve(inbound)
+        return self.reasoning.remembering(inbound, prefix, caller.key_id, result)
 
     async def _inbound(
         self, request: Request, endpoint: Endpoint, model: type[ChatRequest | CompletionRequest]

@@ -397,5 +397,5 @@ def test_how_reasoning_came_back_is_counted_per_request():
     )
     body = chat_body(back, sealer)
     counts = reasoning_back(body, sealer.opened)
-    assert counts == {"sealed": 1, "dropped": 1, "text": 0, "missing": 2}
+    assert counts == {"sealed": 1, "memory": 0, "dropped": 1, "text": 0, "missing": 2}
     assert sealer.opened is not SEALER.opened  # each request counts its own

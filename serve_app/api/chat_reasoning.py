@@ -1,0 +1,115 @@
+"""Chat completions in thinking mode with tools: the reasoning a client dropped from its
+history comes back from the gateway's per-key memory, and the reasoning of each answer
+that calls tools is remembered for the turn that sends the results back.
+(`serve_app/reasoning_memory.py` says how turns are recognised and bounded.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from deployments.openai_shape import thinking_on
+from serve_app.pipeline import Completed, Inbound, Result
+from serve_app.reasoning_memory import fingerprint, unreasoned_turns
+
+log = logging.getLogger("serve_app.api.chat_reasoning")
+
+
+class Memory(Protocol):
+    async def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None: ...
+
+    async def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]: ...
+
+
+class ChatReasoning:
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+
+    async def restore(self, inbound: Inbound, key_id: str) -> int:
+        """Fill in the reasoning of the history's tool-call turns that came without it;
+        how many were found."""
+        if not thinking_on(inbound.body):
+            return 0
+        messages = inbound.body["messages"]
+        wanted = unreasoned_turns(messages)
+        if not wanted:
+            return 0
+        found = await self.memory.recall_reasoning(key_id, list(wanted))
+        for turn, reasoning in found.items():
+            messages[wanted[turn]]["reasoning_content"] = reasoning
+        return len(found)
+
+    def remembering(
+        self, inbound: Inbound, prefix: list[dict], key_id: str, result: Result
+    ) -> Result:
+        """The answer, its reasoning remembered (under `prefix`, the history as the client
+        sent it) if it calls tools in thinking mode."""
+        if not (thinking_on(inbound.body) and inbound.body.get("tools")):
+            return result
+        if isinstance(result, Completed):
+            choices = result.body.get("choices") or [{}]
+            answer = choices[0].get("message") or {}
+            return self._after(result, prefix, key_id, answer)
+        result.events = self._watched(result.events, prefix, key_id)
+        return result
+
+    def _after(
+        self, result: Completed, prefix: list[dict], key_id: str, answer: dict[str, Any]
+    ) -> Completed:
+        calls, reasoning = answer.get("tool_calls"), answer.get("reasoning_content")
+        if calls and reasoning:
+            self._remember(key_id, fingerprint(prefix, calls), reasoning)
+        return result
+
+    async def _watched(
+        self, events: AsyncIterator[str], prefix: list[dict], key_id: str
+    ) -> AsyncIterator[str]:
+        answer = StreamedAnswer()
+        async for event in events:
+            answer.add(event)
+            yield event
+        if answer.calls and answer.reasoning:
+            self._remember(key_id, fingerprint(prefix, answer.tool_calls()), answer.reasoning)
+
+    def _remember(self, key_id: str, turn: str, reasoning: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.memory.remember_reasoning(key_id, turn, reasoning)
+        )
+        task.add_done_callback(_logged)
+
+
+def _logged(task: Any) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("reasoning not remembered: %r", exc)
+
+
+class StreamedAnswer:
+    """The reasoning and tool calls of a chat-completion chunk stream, as they pass."""
+
+    def __init__(self) -> None:
+        self.reasoning = ""
+        self.calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, event: str) -> None:
+        for line in event.splitlines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:]).get("choices") or ():
+                self._delta(choice.get("delta") or {})
+
+    def _delta(self, delta: dict[str, Any]) -> None:
+        self.reasoning += delta.get("reasoning_content") or ""
+        for call in delta.get("tool_calls") or ():
+            slot = self.calls.setdefault(
+                call.get("index", 0), {"id": None, "function": {"name": "", "arguments": ""}}
+            )
+            slot["id"] = call.get("id") or slot["id"]
+            fn = call.get("function") or {}
+            slot["function"]["name"] += fn.get("name") or ""
+            slot["function"]["arguments"] += fn.get("arguments") or ""
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [self.calls[i] for i in sorted(self.calls)]

@@ -1,0 +1,100 @@
+"""The per-key reasoning memory for chat-completions histories that drop reasoning."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from serve_app.api.chat_reasoning import ChatReasoning, StreamedAnswer
+from serve_app.reasoning_memory import ReasoningMemory, fingerprint, unreasoned_turns
+
+CALL = {
+    "id": "functions.get_weather:0",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+}
+ASK = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Weather?"}]
+
+
+def history(ask: list[dict], call: dict = CALL) -> list[dict]:
+    """The next request of a client that dropped `reasoning_content`."""
+    turn = {"role": "assistant", "content": None, "tool_calls": [call]}
+    result = {"role": "tool", "tool_call_id": call["id"], "content": "12 C"}
+    return [*ask, turn, result]
+
+
+def test_a_dropped_turn_is_found_by_its_conversation_and_calls():
+    memory = ReasoningMemory()
+    memory.remember("k1", fingerprint(ASK, [CALL]), "check Oslo first", now=0)
+    # the client re-serialized the arguments and sent its text as parts: still the same turn
+    resent = {**CALL, "function": {**CALL["function"], "arguments": '{"city":"Oslo"}'}}
+    parts = [ASK[0], {"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]
+    wanted = unreasoned_turns(history(parts, resent))
+    assert list(wanted.values()) == [2]
+    assert memory.recall("k1", list(wanted), now=10) == {next(iter(wanted)): "check Oslo first"}
+    # Kimi's call ids repeat: the same id in another conversation is another turn
+    other = unreasoned_turns(history([{"role": "user", "content": "Weather in Rome?"}]))
+    assert memory.recall("k1", list(other), now=10) == {}
+    assert memory.recall("k2", list(wanted), now=10) == {}  # another key's: never
+    assert memory.recall("k1", list(wanted), now=3601) == {}  # past the TTL
+
+
+def test_the_memory_is_bounded_per_key_oldest_out_first():
+    memory = ReasoningMemory(max_turns_per_key=3, max_chars_per_key=100)
+    for n in range(5):
+        memory.remember("k", f"t{n}", "x" * 10, now=n)
+    assert set(memory.recall("k", [f"t{n}" for n in range(5)], now=5)) == {"t2", "t3", "t4"}
+    memory.remember("k", "big", "y" * 95, now=6)  # the size cap pushes the rest out
+    assert set(memory.recall("k", ["t2", "t3", "t4", "big"], now=6)) == {"big"}
+    memory.remember("k", "huge", "z" * 101, now=7)  # larger than a key may hold: not kept
+    assert memory.recall("k", ["huge"], now=7) == {}
+    memory.forget("k")
+    assert memory.recall("k", ["big"], now=7) == {}
+
+
+def test_a_streamed_answer_gives_its_reasoning_and_calls():
+    answer = StreamedAnswer()
+    deltas = [
+        {"reasoning_content": "check "},
+        {"reasoning_content": "Oslo"},
+        {"tool_calls": [{"index": 0, "id": CALL["id"], "function": {"name": "get_weather"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]},
+    ]
+    events = "".join(f"data: {json.dumps({'choices': [{'delta': d}]})}\n\n" for d in deltas)
+    answer.add(events + "data: [DONE]\n\n")
+    assert answer.reasoning == "check Oslo"
+    assert fingerprint(ASK, answer.tool_calls()) == fingerprint(ASK, [CALL])
+
+
+class InMemory:
+    def __init__(self) -> None:
+        self.memory = ReasoningMemory()
+
+    async def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None:
+        self.memory.remember(key_id, turn, reasoning)
+
+    async def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
+        return self.memory.recall(key_id, turns)
+
+
+def test_restore_fills_the_turn_in_thinking_mode_only():
+    from deployments.engine import Endpoint
+    from serve_app.pipeline import Inbound
+    from serve_app.schemas import ChatRequest
+
+    backend = InMemory()
+    backend.memory.remember("k", fingerprint(ASK, [CALL]), "check Oslo first")
+    chat = ChatReasoning(backend)
+
+    def inbound(**extra: object) -> Inbound:
+        body = {"model": "kimi-k2.5", "messages": history(ASK), **extra}
+        request = ChatRequest.model_validate(body)
+        return Inbound(Endpoint.CHAT, request, body, 100, None, "r1")
+
+    thinking = inbound()
+    assert asyncio.run(chat.restore(thinking, "k")) == 1
+    assert thinking.body["messages"][2]["reasoning_content"] == "check Oslo first"
+    instant = inbound(chat_template_kwargs={"thinking": False})
+    assert asyncio.run(chat.restore(instant, "k")) == 0
+    assert "reasoning_content" not in instant.body["messages"][2]
