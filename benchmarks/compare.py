@@ -35,6 +35,7 @@ import httpx
 import psutil
 import yaml
 
+from benchmarks.cpu_cost import CpuMeter, Profiles, pids_of, summary
 from benchmarks.loadgen import LoadSpec, run_load, summarize
 from deployments.ports import free_port
 from deployments.spec import TierSpec, flags_to_argv
@@ -337,12 +338,24 @@ def run_facts(module: str) -> dict[str, str]:
     }
 
 
-def measure(name: str, spec: LoadSpec, levels: list[tuple[int, int]]) -> dict[str, Any]:
+def measure(
+    name: str, spec: LoadSpec, levels: list[tuple[int, int]], profile: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Each load level's latency and throughput, and the CPU each process spent on it;
+    at the highest level, py-spy profiles of the `profile` roles (results/profiles/)."""
     out: dict[str, Any] = {}
     asyncio.run(run_load(spec, 4, concurrency=2))  # warm-up (prefix caches, first-call paths)
     for concurrency, n in levels:
-        results, wall = asyncio.run(run_load(spec, n, concurrency=concurrency, seed=concurrency))
+        roles = profile if concurrency == levels[-1][0] else ()
+        spied = Profiles({r: pids_of(label, r) for r in roles}, 15, RESULTS / "profiles" / name)
+        with spied, CpuMeter(label) as cpu:
+            load = run_load(spec, n, concurrency=concurrency, seed=concurrency)
+            results, wall = asyncio.run(load)
         out[str(concurrency)] = summarize(results, wall)
+        tokens = sum(r.output_tokens for r in results if r.ok)
+        out[str(concurrency)]["cpu_ms_per_1k_tokens"] = cpu.per_1k_tokens(tokens)
+        if spied.files:
+            out[str(concurrency)]["profile_top_frames"] = summary(spied.files)
         s = out[str(concurrency)]
         print(
             f"  {name:15s} c={concurrency:<3d} ttft p50 {s['ttft_p50_ms']:8.1f} ms  "
@@ -449,9 +462,18 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "Peak resident memory while each system ran (MiB):",
+        "CPU milliseconds per 1,000 output tokens, by process (read from /proc around each"
+        " level; `benchmarks/cpu_cost.py`):",
         "",
+        "| system | concurrency | total | by process |",
+        "|---|---|---|---|",
     ]
+    for system, levels in report["results"].items():
+        for c, s in levels.items():
+            cpu = s.get("cpu_ms_per_1k_tokens") or {}
+            parts = ", ".join(f"{k} {v}" for k, v in cpu.items())
+            lines.append(f"| {system} | {c} | {round(sum(cpu.values()), 1)} | {parts} |")
+    lines += ["", "Peak resident memory while each system ran (MiB):", ""]
     for system, mem in report["memory"].items():
         top = ", ".join(f"{k} {v}" for k, v in list(mem["peak_by_process_mib"].items())[:6])
         lines.append(f"- {system}: total {mem['peak_total_mib']} ({top})")
@@ -514,7 +536,8 @@ def main() -> None:
         with MemorySampler() as mem, our_app() as url:
             for name, tier in (("ours-premium", "premium"), ("ours-standard", "standard")):
                 spec = LoadSpec(base_url=url, model=f"kimi-k2.5:{tier}", max_tokens=args.max_tokens)
-                results[name] = measure(name, spec, levels)
+                spied = ("ServeReplica:kimi:Ingress", f"ServeReplica:kimi:tier-{tier}")
+                results[name] = measure(name, spec, levels, spied)
         memory["ours (all three tiers)"] = mem.report()
 
     print("ours: starting the app (router, gateway, three tiers)", flush=True)
