@@ -57,15 +57,22 @@ def _message(m: dict[str, Any]) -> list[Any]:
     ]
 
 
-def fingerprint(prefix: list[dict[str, Any]], calls: list[dict[str, Any]]) -> str:
-    doc = json.dumps([[_message(m) for m in prefix], _calls(calls)], sort_keys=True, default=str)
+def history(messages: list[dict[str, Any]]) -> list[list[Any]]:
+    """The messages as a fingerprint reads them (text only: images, reasoning left out)."""
+    return [_message(m) for m in messages]
+
+
+def fingerprint(prefix: list[list[Any]], calls: list[dict[str, Any]]) -> str:
+    """A tool-call turn: the `history` before it and its calls."""
+    doc = json.dumps([prefix, _calls(calls)], sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
 def unreasoned_turns(messages: list[dict[str, Any]]) -> dict[str, int]:
     """Fingerprint -> index of each assistant tool-call turn that came without reasoning."""
+    read = history(messages)
     return {
-        fingerprint(messages[:i], m["tool_calls"]): i
+        fingerprint(read[:i], m["tool_calls"]): i
         for i, m in enumerate(messages)
         if m.get("role") == "assistant" and m.get("tool_calls") and not m.get("reasoning_content")
     }

@@ -43,10 +43,10 @@ class ChatReasoning:
         return len(found)
 
     def remembering(
-        self, inbound: Inbound, prefix: list[dict], key_id: str, result: Result
+        self, inbound: Inbound, prefix: list[list[Any]], key_id: str, result: Result
     ) -> Result:
-        """The answer, its reasoning remembered (under `prefix`, the history as the client
-        sent it) if it calls tools in thinking mode."""
+        """The answer, its reasoning remembered (under `prefix`, the client's history as
+        `reasoning_memory.history` reads it) if it calls tools in thinking mode."""
         if not (thinking_on(inbound.body) and inbound.body.get("tools")):
             return result
         if isinstance(result, Completed):
@@ -57,7 +57,7 @@ class ChatReasoning:
         return result
 
     def _after(
-        self, result: Completed, prefix: list[dict], key_id: str, answer: dict[str, Any]
+        self, result: Completed, prefix: list[list[Any]], key_id: str, answer: dict[str, Any]
     ) -> Completed:
         calls, reasoning = answer.get("tool_calls"), answer.get("reasoning_content")
         if calls and reasoning:
@@ -65,7 +65,7 @@ class ChatReasoning:
         return result
 
     async def _watched(
-        self, events: AsyncIterator[str], prefix: list[dict], key_id: str
+        self, events: AsyncIterator[str], prefix: list[list[Any]], key_id: str
     ) -> AsyncIterator[str]:
         answer = StreamedAnswer()
         async for event in events:

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from serve_app.api.chat_reasoning import ChatReasoning, StreamedAnswer
-from serve_app.reasoning_memory import ReasoningMemory, fingerprint, unreasoned_turns
+from serve_app.reasoning_memory import ReasoningMemory, fingerprint, history, unreasoned_turns
 
 CALL = {
     "id": "functions.get_weather:0",
@@ -16,7 +16,7 @@ CALL = {
 ASK = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Weather?"}]
 
 
-def history(ask: list[dict], call: dict = CALL) -> list[dict]:
+def next_request(ask: list[dict], call: dict = CALL) -> list[dict]:
     """The next request of a client that dropped `reasoning_content`."""
     turn = {"role": "assistant", "content": None, "tool_calls": [call]}
     result = {"role": "tool", "tool_call_id": call["id"], "content": "12 C"}
@@ -25,15 +25,15 @@ def history(ask: list[dict], call: dict = CALL) -> list[dict]:
 
 def test_a_dropped_turn_is_found_by_its_conversation_and_calls():
     memory = ReasoningMemory()
-    memory.remember("k1", fingerprint(ASK, [CALL]), "check Oslo first", now=0)
+    memory.remember("k1", fingerprint(history(ASK), [CALL]), "check Oslo first", now=0)
     # the client re-serialized the arguments and sent its text as parts: still the same turn
     resent = {**CALL, "function": {**CALL["function"], "arguments": '{"city":"Oslo"}'}}
     parts = [ASK[0], {"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]
-    wanted = unreasoned_turns(history(parts, resent))
+    wanted = unreasoned_turns(next_request(parts, resent))
     assert list(wanted.values()) == [2]
     assert memory.recall("k1", list(wanted), now=10) == {next(iter(wanted)): "check Oslo first"}
     # Kimi's call ids repeat: the same id in another conversation is another turn
-    other = unreasoned_turns(history([{"role": "user", "content": "Weather in Rome?"}]))
+    other = unreasoned_turns(next_request([{"role": "user", "content": "Weather in Rome?"}]))
     assert memory.recall("k1", list(other), now=10) == {}
     assert memory.recall("k2", list(wanted), now=10) == {}  # another key's: never
     assert memory.recall("k1", list(wanted), now=3601) == {}  # past the TTL
@@ -64,7 +64,7 @@ def test_a_streamed_answer_gives_its_reasoning_and_calls():
     events = "".join(f"data: {json.dumps({'choices': [{'delta': d}]})}\n\n" for d in deltas)
     answer.add(events + "data: [DONE]\n\n")
     assert answer.reasoning == "check Oslo"
-    assert fingerprint(ASK, answer.tool_calls()) == fingerprint(ASK, [CALL])
+    assert fingerprint(history(ASK), answer.tool_calls()) == fingerprint(history(ASK), [CALL])
 
 
 class InMemory:
@@ -84,11 +84,11 @@ def test_restore_fills_the_turn_in_thinking_mode_only():
     from serve_app.schemas import ChatRequest
 
     backend = InMemory()
-    backend.memory.remember("k", fingerprint(ASK, [CALL]), "check Oslo first")
+    backend.memory.remember("k", fingerprint(history(ASK), [CALL]), "check Oslo first")
     chat = ChatReasoning(backend)
 
     def inbound(**extra: object) -> Inbound:
-        body = {"model": "kimi-k2.5", "messages": history(ASK), **extra}
+        body = {"model": "kimi-k2.5", "messages": next_request(ASK), **extra}
         request = ChatRequest.model_validate(body)
         return Inbound(Endpoint.CHAT, request, body, 100, None, "r1")
 
