@@ -77,7 +77,8 @@ def _run(cmd: list[str]) -> None:
 
 
 def read_gguf_header(path: Path) -> dict[str, object]:
-    """File type and chat template read back from a GGUF file's metadata."""
+    """File type, chat template, vocabulary size and weights' bytes read back from a GGUF
+    file."""
     sys.path.insert(0, str(converter_dir() / "gguf-py"))
     import gguf
 
@@ -94,4 +95,5 @@ def read_gguf_header(path: Path) -> dict[str, object]:
         "file_type_name": gguf.LlamaFileType(ftype).name if isinstance(ftype, int) else None,
         "chat_template": field("tokenizer.chat_template"),
         "tokens": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors),  # the file less metadata
     }

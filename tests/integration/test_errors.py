@@ -151,7 +151,7 @@ def test_body_too_large_is_413(serve_url):
 
 
 @pytest.mark.parametrize(
-    ("tier", "words"), [("premium", 9000), ("standard", 5000), ("budget", 3000)]
+    ("tier", "words"), [("premium", 40000), ("standard", 30000), ("budget", 20000)]
 )
 def test_prompt_longer_than_context_is_400(serve_url, tier, words):
     body = {

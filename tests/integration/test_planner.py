@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from deployments.artifacts.gguf import read_gguf_header
+from deployments.artifacts.resolve import resolve_artifact
 from deployments.llama_cpp_engine import LlamaCppEngine
 from deployments.ports import free_port
 from serve_app.cli import app_args
@@ -69,10 +71,13 @@ def buffers(tier: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("tier", ["standard", "budget"])
 def test_llama_server_buffers_match_the_plan(tier):
-    """KV within 1 % (the cache is ctx-size x 576 x 2 B a layer); the model's buffer
-    within 15 % of its GGUF file (the file adds the vocabulary and metadata)."""
+    """KV within 1 % (the cache is ctx-size x 576 x 2 B a layer); the model's buffer is
+    the GGUF's tensors, and the plan, which counts the whole file (the vocabulary and
+    metadata too: ~1.25 MiB with the tiny model's 32K tokens), is never below it."""
     plan, reported = PLANS[tier], buffers(tier)
     kv = plan.kv_tokens * plan.kv_bytes_per_token / MIB
     assert reported["kv"] == pytest.approx(kv, rel=0.01), (reported, kv)
-    model = plan.artifact_gb * 1e9 / MIB
-    assert reported["model"] == pytest.approx(model, rel=0.15), (reported, model)
+    artifact = resolve_artifact(CONFIG.tier(tier).artifact)
+    tensors = read_gguf_header(Path(artifact))["tensor_bytes"] / MIB
+    assert reported["model"] == pytest.approx(tensors, rel=0.01), (reported, tensors)
+    assert plan.artifact_gb * 1e9 / MIB >= reported["model"], (reported, plan.artifact_gb)

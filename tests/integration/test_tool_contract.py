@@ -252,6 +252,9 @@ def test_call_cut_off_by_max_tokens(client, tier):
 
 @pytest.mark.parametrize("tier", TIERS)
 def test_streamed_and_plain_answers_agree(client, tier):
+    """The same greedy answer, as JSON and as a stream. A warm-up first, so both start
+    from the engine's cached prompt: a prompt computed afresh or from the cache differs in
+    the last bits, enough to flip a near-tie of the random model's flat logits."""
     kwargs = dict(
         model=f"kimi-k2.5:{tier}",
         messages=USER,
@@ -261,10 +264,16 @@ def test_streamed_and_plain_answers_agree(client, tier):
         temperature=0,
         extra_body=thinking(False),
     )
+    client.chat.completions.create(**kwargs)
     r = client.chat.completions.create(**kwargs)
-    calls, reason, _ = streamed(client.chat.completions.create(stream=True, **kwargs))
+    stream = list(client.chat.completions.create(stream=True, **kwargs))
+    calls, reason, _ = streamed(stream)
+    if reason == "length" and calls and not parses(calls[-1]["arguments"]):
+        calls = calls[:-1]  # OpenAI's deltas mark no call's end: `length` cut the last
     assert calls == plain(r.choices[0].message)
-    assert reason == r.choices[0].finish_reason == "tool_calls"
+    assert reason == r.choices[0].finish_reason
+    # several calls may come; `length` only when they used every token
+    assert reason == "tool_calls" or r.usage.completion_tokens == 300, (reason, r.usage)
 
 
 def test_models_show_quantization_and_measured_accuracy(client):
