@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from deployments.openai_shape import thinking_on
+from serve_app.actor_calls import ActorUnavailable
 from serve_app.pipeline import Completed, Inbound, Result
-from serve_app.reasoning_memory import fingerprint, unreasoned_turns
+from serve_app.reasoning_memory import fingerprint, history, unreasoned_turns
 
 log = logging.getLogger("serve_app.api.chat_reasoning")
 
@@ -37,17 +38,30 @@ class ChatReasoning:
         wanted = unreasoned_turns(messages)
         if not wanted:
             return 0
-        found = await self.memory.recall_reasoning(key_id, list(wanted))
+        try:
+            found = await self.memory.recall_reasoning(key_id, list(wanted))
+        except ActorUnavailable as exc:  # the answer goes on without it, as it would have
+            log.warning("reasoning not recalled: %s", exc)
+            return 0
         for turn, reasoning in found.items():
             messages[wanted[turn]]["reasoning_content"] = reasoning
         return len(found)
 
+    @staticmethod
+    def remembers(inbound: Inbound) -> bool:
+        """Only answers that may call tools in thinking mode have reasoning to keep."""
+        return thinking_on(inbound.body) and bool(inbound.body.get("tools"))
+
+    def prefix(self, inbound: Inbound) -> list[list[Any]]:
+        """The history an answer will be remembered under, read before the pipeline runs."""
+        return history(inbound.body["messages"]) if self.remembers(inbound) else []
+
     def remembering(
         self, inbound: Inbound, prefix: list[list[Any]], key_id: str, result: Result
     ) -> Result:
-        """The answer, its reasoning remembered (under `prefix`, the client's history as
-        `reasoning_memory.history` reads it) if it calls tools in thinking mode."""
-        if not (thinking_on(inbound.body) and inbound.body.get("tools")):
+        """The answer, its reasoning remembered under `prefix` if it calls tools in
+        thinking mode."""
+        if not self.remembers(inbound):
             return result
         if isinstance(result, Completed):
             choices = result.body.get("choices") or [{}]

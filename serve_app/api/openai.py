@@ -28,7 +28,6 @@ from serve_app.config import BASE_MODEL, AppConfig
 from serve_app.errors import APIError
 from serve_app.measured import measured_accuracy
 from serve_app.pipeline import Completed, Inbound, Pipeline, Result
-from serve_app.reasoning_memory import history
 from serve_app.schemas import ChatRequest, CompletionRequest, canonical_body
 from serve_app.sealing import Opened
 
@@ -68,7 +67,7 @@ class OpenAIAPI:
         """A chat completion, with the reasoning its history dropped restored (thinking
         mode: K2.5 reads it) and its own remembered for the next turn."""
         caller = await self.pipeline.identify(inbound.api_key)
-        prefix = history(inbound.body["messages"])  # before anything fills it in
+        prefix = self.reasoning.prefix(inbound)
         opened = Opened(remembered=await self.reasoning.restore(inbound, caller.key_id))
         inbound = dataclasses.replace(inbound, caller=caller, opened=opened)
         result = await self.pipeline.serve(inbound)

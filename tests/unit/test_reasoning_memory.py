@@ -98,3 +98,19 @@ def test_restore_fills_the_turn_in_thinking_mode_only():
     instant = inbound(chat_template_kwargs={"thinking": False})
     assert asyncio.run(chat.restore(instant, "k")) == 0
     assert "reasoning_content" not in instant.body["messages"][2]
+
+
+def test_a_gateway_away_leaves_the_history_as_it_came():
+    from deployments.engine import Endpoint
+    from serve_app.actor_calls import ActorUnavailable
+    from serve_app.pipeline import Inbound
+    from serve_app.schemas import ChatRequest
+
+    class Away(InMemory):
+        async def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
+            raise ActorUnavailable("the gateway did not answer in 10 s")
+
+    body = {"model": "kimi-k2.5", "messages": next_request(ASK)}
+    inbound = Inbound(Endpoint.CHAT, ChatRequest.model_validate(body), body, 100, None, "r2")
+    assert asyncio.run(ChatReasoning(Away()).restore(inbound, "k")) == 0
+    assert "reasoning_content" not in inbound.body["messages"][2]
