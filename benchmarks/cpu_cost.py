@@ -9,6 +9,7 @@ engine core and worker, gateway, llama-server, vllm serve, Ray Serve LLM's repli
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import threading
@@ -22,12 +23,16 @@ ROLES = ("ray", "vllm", "llama", "serve", "python", "litellm")
 
 
 def cpu_by_process(label: Callable[[str, str], str]) -> dict[int, tuple[str, float]]:
-    """pid -> (role, CPU seconds so far) for every serving process on the machine."""
+    """pid -> (role, CPU seconds so far) for every serving process on the machine (not the
+    load generator itself, nor the profiler)."""
     out: dict[int, tuple[str, float]] = {}
+    me = os.getpid()
     for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
         cmd = " ".join(p.info["cmdline"] or [])
         times = p.info["cpu_times"]
-        if times is None or not any(k in cmd.lower() for k in ROLES):
+        if times is None or p.info["pid"] == me or "py-spy" in cmd:
+            continue
+        if not any(k in cmd.lower() for k in ROLES):
             continue
         out[p.info["pid"]] = (label(p.info["name"], cmd), times.user + times.system)
     return out

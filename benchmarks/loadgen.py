@@ -78,6 +78,10 @@ async def one_request(
         "stream": True,
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
+        # the same sampling on every system: where a request sets none, our router fills
+        # in the model card's (top_p 0.95), a sort of the 32K vocabulary per token on a CPU
+        "temperature": 1.0,
+        "top_p": 1.0,
         **spec.extra_body,
     }
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
