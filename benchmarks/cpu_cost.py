@@ -116,5 +116,30 @@ def top_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(frame, round(c / total, 3)) for frame, c in own.most_common(n)] if total else []
 
 
+IDLE = ("Thread.run", "Worker.main_loop", "_worker (", "_WorkItem.run", "_run_user_code_event_loop")
+
+
+def busy_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
+    """Self time without the frames that stand for waiting (a thread or event loop parked
+    in native code shows as its last Python frame)."""
+    return [(f, share) for f, share in top_frames(collapsed, 40) if not f.startswith(IDLE)][:n]
+
+
+def our_code(collapsed: Path, n: int = 12, roots: tuple[str, ...] = ("serve_app/", "deployments/")
+) -> list[tuple[str, float]]:  # fmt: skip
+    """Inclusive shares of samples in this project's own functions."""
+    seen: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        for frame in set(stack.split(";")):
+            if any(root in frame for root in roots):
+                seen[frame] += int(count)
+    return [(f, round(c / total, 3)) for f, c in seen.most_common(n)] if total else []
+
+
 def summary(files: list[Path]) -> dict[str, Any]:
-    return {f.name: top_frames(f) for f in files}
+    return {f.name: {"busy": busy_frames(f), "ours": our_code(f)} for f in files}
