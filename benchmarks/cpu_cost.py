@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +102,27 @@ class Profiles:
             t.join()
 
 
+def stacks(collapsed: Path) -> Iterator[tuple[list[str], int]]:
+    """A collapsed-stack profile's stacks (outermost frame first) and their sample counts."""
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield stack.split(";"), int(count)
+
+
+def shares(counts: collections.Counter[str], total: int, n: int) -> list[tuple[str, float]]:
+    return [(frame, round(c / total, 3)) for frame, c in counts.most_common(n)] if total else []
+
+
 def top_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
     """The functions a collapsed-stack profile spent most samples in (self time), as
     shares of all samples."""
     own: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        total += int(count)
-        own[stack.split(";")[-1]] += int(count)
-    return [(frame, round(c / total, 3)) for frame, c in own.most_common(n)] if total else []
+    for frames, count in stacks(collapsed):
+        total += count
+        own[frames[-1]] += count
+    return shares(own, total, n)
 
 
 IDLE = ("Thread.run", "Worker.main_loop", "_worker (", "_WorkItem.run", "_run_user_code_event_loop")
@@ -130,15 +139,12 @@ def our_code(collapsed: Path, n: int = 12, roots: tuple[str, ...] = ("serve_app/
     """Inclusive shares of samples in this project's own functions."""
     seen: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        total += int(count)
-        for frame in set(stack.split(";")):
+    for frames, count in stacks(collapsed):
+        total += count
+        for frame in set(frames):
             if any(root in frame for root in roots):
-                seen[frame] += int(count)
-    return [(f, round(c / total, 3)) for f, c in seen.most_common(n)] if total else []
+                seen[frame] += count
+    return shares(seen, total, n)
 
 
 def summary(files: list[Path]) -> dict[str, Any]:
