@@ -10,6 +10,7 @@ from typing import Any
 from ray.util import metrics
 
 from deployments.loadboard import TierLoad
+from deployments.openai_shape import thinking_on
 from serve_app.metering import UsageRecord
 from serve_app.sealing import Opened
 
@@ -108,7 +109,7 @@ def reasoning_back(body: dict[str, Any], opened: Opened) -> dict[str, int]:
         if m.get("role") == "assistant" and m.get("tool_calls")
     ]
     kept = sum(1 for m in calls if m.get("reasoning_content"))
-    thinking = (body.get("chat_template_kwargs") or {}).get("thinking") is not False
+    thinking = thinking_on(body)
     return {
         "sealed": opened.sealed,
         "memory": opened.remembered,
