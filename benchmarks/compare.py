@@ -9,15 +9,18 @@ same tiny Kimi-architecture model with the same engine flags:
   ray-serve-llm     Ray Serve LLM's `build_openai_app` (optional: --with-ray-llm)
   ours-standard     our app -> standard tier (llama.cpp, GGUF Q4_K_M)
   llama-server      llama.cpp's server alone, with the standard tier's flags
-Closed-loop load at concurrency 1, 8 and 32 (streaming, fixed output length). Writes
-benchmarks/results/latest.{json,md} and PNG plots; prints the ratios ours/peer. Peak
-resident memory of every process is sampled while each system runs.
+Closed-loop load at concurrency 1, 8 and 32 (streaming, fixed output length), every system
+`--repeats` times (3), interleaved; the report gives medians and each ratio's median with
+its min and max over the runs. Writes benchmarks/results/latest.{json,md} and PNG plots.
+Peak resident memory of every process is sampled while each system runs, and the CPU
+each process spends per 1,000 output tokens (`cpu_cost.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -37,6 +40,7 @@ import yaml
 
 from benchmarks.cpu_cost import CpuMeter, Profiles, pids_of, summary
 from benchmarks.loadgen import LoadSpec, run_load, summarize
+from benchmarks.repeats import median_levels, ratio_spread
 from deployments.ports import free_port
 from deployments.spec import TierSpec, flags_to_argv
 
@@ -399,7 +403,11 @@ def router_cost(iterations: int = 2000) -> dict[str, float]:
 def ratios(results: dict[str, Any], ours: str, peer: str) -> dict[str, float | None]:
     if ours not in results or peer not in results:
         return {}
-    a, b = results[ours], results[peer]
+    return level_ratios(results[ours], results[peer])
+
+
+def level_ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    """Ours (`a`) over a peer (`b`), level by level; < 1 is better for latency."""
 
     def r(level: str, key: str) -> float | None:
         x, y = a.get(level, {}).get(key), b.get(level, {}).get(key)
@@ -446,10 +454,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{s['itl_p50_ms']} | {s['tpot_mean_ms']} | {s['output_throughput']} | "
                 f"{s['request_throughput']} | {s['errors']} |"
             )
-    lines += ["", "Ratios (ours / peer; < 1 is better for latency, > 1 for throughput):", ""]
-    for pair, rs in report["ratios"].items():
+    repeats = report.get("repeats", 1)
+    lines += [
+        "",
+        f"Medians of {repeats} interleaved runs of every system. Ratios (ours / peer; < 1 is"
+        " better for latency, > 1 for throughput), run by run: median [min, max]:",
+        "",
+    ]
+    for pair, rs in report.get("ratio_spread", {}).items():
         if rs:
-            lines.append(f"- **{pair}**: " + ", ".join(f"{k} {v}" for k, v in rs.items()))
+            spread = (f"{k} {v['median']} [{v['min']}, {v['max']}]" for k, v in rs.items())
+            lines.append(f"- **{pair}**: " + ", ".join(spread))
     lines += [
         "",
         f"Router decision + admission CPU per request: "
@@ -517,11 +532,14 @@ def main() -> None:
         "--with-litellm", action="store_true", help="LiteLLM's proxy before vllm serve"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of every system, interleaved (medians)"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     scale = 1 if args.quick else 2
     levels = [(1, 8 * scale), (8, 16 * scale), (32, 32 * scale)]
-    results: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     memory: dict[str, Any] = {}
     started = time.monotonic()
 
@@ -529,36 +547,47 @@ def main() -> None:
         print(f"{name}: starting", flush=True)
         with MemorySampler() as mem, system() as url:
             spec = LoadSpec(base_url=url, model=model, max_tokens=args.max_tokens)
-            results[name] = measure(name, spec, levels)
+            runs[name].append(measure(name, spec, levels))
         memory[name] = mem.report()
 
-    def ours_both() -> None:
+    def ours_both(profile: bool) -> None:
         with MemorySampler() as mem, our_app() as url:
             for name, tier in (("ours-premium", "premium"), ("ours-standard", "standard")):
                 spec = LoadSpec(base_url=url, model=f"kimi-k2.5:{tier}", max_tokens=args.max_tokens)
                 spied = ("ServeReplica:kimi:Ingress", f"ServeReplica:kimi:tier-{tier}")
-                results[name] = measure(name, spec, levels, spied)
+                runs[name].append(measure(name, spec, levels, spied if profile else ()))
         memory["ours (all three tiers)"] = mem.report()
 
-    print("ours: starting the app (router, gateway, three tiers)", flush=True)
-    ours_both()
-    run("vllm-serve", vllm_serve, "kimi-k2.5")
-    if args.with_ray_llm:
-        run("ray-serve-llm", ray_serve_llm, "kimi-k2.5")
-    if args.with_litellm:
-        run("litellm-proxy", litellm_proxy, "kimi-k2.5")
-    run("llama-server", llama_server_alone, "kimi-k2.5:standard")
+    for repeat in range(args.repeats):
+        print(f"run {repeat + 1} of {args.repeats}; ours: starting the app", flush=True)
+        ours_both(profile=repeat == 0)
+        run("vllm-serve", vllm_serve, "kimi-k2.5")
+        if args.with_ray_llm:
+            run("ray-serve-llm", ray_serve_llm, "kimi-k2.5")
+        if args.with_litellm:
+            run("litellm-proxy", litellm_proxy, "kimi-k2.5")
+        run("llama-server", llama_server_alone, "kimi-k2.5:standard")
 
+    results = {name: median_levels(rs) for name, rs in runs.items()}
+    pairs = [
+        ("ours-premium", "vllm-serve"),
+        ("ours-premium", "ray-serve-llm"),
+        ("ours-premium", "litellm-proxy"),
+        ("ours-standard", "llama-server"),
+    ]
     report = {
         **run_facts("benchmarks.compare"),
         "max_tokens": args.max_tokens,
         "results": results,
-        "ratios": {
-            "ours-premium / vllm-serve": ratios(results, "ours-premium", "vllm-serve"),
-            "ours-premium / ray-serve-llm": ratios(results, "ours-premium", "ray-serve-llm"),
-            "ours-premium / litellm-proxy": ratios(results, "ours-premium", "litellm-proxy"),
-            "ours-standard / llama-server": ratios(results, "ours-standard", "llama-server"),
+        "repeats": args.repeats,
+        "ratios": {f"{a} / {b}": ratios(results, a, b) for a, b in pairs},
+        # run i of ours over run i of the peer: median, min, max
+        "ratio_spread": {
+            f"{a} / {b}": ratio_spread(runs[a], runs[b], level_ratios)
+            for a, b in pairs
+            if a in runs and b in runs
         },
+        "runs": runs,
         "router_cost": router_cost(),
         "gateway_added_ttft_ms": gateway_added(results),
         "memory": memory,
