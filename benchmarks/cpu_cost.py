@@ -90,7 +90,8 @@ class Profiles:
             self.files.append(out)
 
     def __enter__(self) -> Profiles:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.jobs:  # no empty folder for a level nothing is profiled at
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         for role, pid in self.jobs:
             t = threading.Thread(target=self._record, args=(role, pid), daemon=True)
             t.start()

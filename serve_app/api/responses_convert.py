@@ -25,6 +25,7 @@ from serve_app.api.responses_models import (
     OutputText,
     Refusal,
     ResponsesRequest,
+    in_namespace,
 )
 from serve_app.api.thinking import effort_budget, thinking_fields
 from serve_app.errors import APIError
@@ -97,7 +98,7 @@ def chat_messages(items: list[dict[str, Any]], sealer: Sealer) -> list[dict[str,
                 out.append(turn)
             name = item["name"]
             if space := item.get("namespace"):
-                name = f"{space}.{name}"
+                name = in_namespace(space, name)
             call = {"name": name, "arguments": item["arguments"]}
             turn.setdefault("tool_calls", []).append(
                 {"id": item["call_id"], "type": "function", "function": call}

@@ -172,6 +172,11 @@ class FunctionTool(Strict):
         return v
 
 
+def in_namespace(namespace: str, name: str) -> str:
+    """The one name the model sees for a namespace tool's member."""
+    return f"{namespace}.{name}"
+
+
 class NamespaceTool(Strict):
     """A named group of function tools (Codex sends its sub-agent tools so). The model
     sees each as `NAMESPACE.NAME`; its calls come back as `name` plus `namespace`."""
@@ -182,7 +187,7 @@ class NamespaceTool(Strict):
     tools: list[FunctionTool] = Field(min_length=1)
 
     def flat(self) -> list[FunctionTool]:
-        return [t.model_copy(update={"name": f"{self.name}.{t.name}"}) for t in self.tools]
+        return [t.model_copy(update={"name": in_namespace(self.name, t.name)}) for t in self.tools]
 
 
 def tool_kind(value: Any) -> str:
@@ -304,7 +309,7 @@ class ResponsesRequest(Strict):
     def namespaced(self) -> dict[str, tuple[str, str]]:
         """Flattened name -> (namespace, name), to restore in the output."""
         return {
-            f"{t.name}.{m.name}": (t.name, m.name)
+            in_namespace(t.name, m.name): (t.name, m.name)
             for t in self.tools or ()
             if isinstance(t, NamespaceTool)
             for m in t.tools

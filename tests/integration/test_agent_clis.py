@@ -74,6 +74,11 @@ def sealer(state_dir: Path) -> Sealer:
     return Sealer([(state_dir / "reasoning.key").read_bytes()])
 
 
+def altered(seal: str) -> str:
+    """The seal with one character changed: it no longer opens."""
+    return seal[:-8] + ("A" if seal[-8] != "A" else "B") + seal[-7:]
+
+
 def session_records(admin: httpx.Client, state_dir: Path, session: str) -> list[dict[str, Any]]:
     rows = flushed_usage(admin, state_dir).to_pylist()
     return sorted((r for r in rows if r["session_id"] == session), key=lambda r: r["time"])
@@ -202,7 +207,7 @@ def test_claude_code_resume_brings_the_sealed_reasoning_back(tier, agent, admin,
     closes the stored turn with one ("No response requested."), so the prompt's size is
     no witness here (the Codex test below has one)."""
     seal = sealer(state_dir).seal(REASONING)
-    tampered = seal[:-8] + ("A" if seal[-8] != "A" else "B") + seal[-7:]
+    tampered = altered(seal)
     for signature, how in ((seal, "sealed"), (tampered, "dropped")):
         before = reasoning_back("anthropic", how)
         session = str(uuid.uuid4())
@@ -318,7 +323,7 @@ def test_codex_first_turn(tier, agent, admin, state_dir):
 @pytest.mark.parametrize("tier", TIERS)
 def test_codex_resume_brings_the_sealed_reasoning_back(tier, agent, admin, state_dir):
     seal = sealer(state_dir).seal(REASONING)
-    tampered = seal[:-8] + ("A" if seal[-8] != "A" else "B") + seal[-7:]
+    tampered = altered(seal)
     prompts = {}
     for name, sealed in (("sealed", seal), ("tampered", tampered)):
         thread = thread_of(codex(agent, tier, "Which files are here?"))
