@@ -48,11 +48,6 @@ class Phase:
     long_chars: int  # the longest filler piece in a long batch
     trailing_chars: int  # the longest closing system message in a long batch
     loudest: int
-    bare: float = 0.0  # share of short conversations that are only the ask and typed tools
-
-
-# Asks of the test suite and SDK examples: short, often with one small typed tool.
-BARE_ASKS = ("What's the weather in Paris this week?", "go", "hi", "Once", "secret", "x")
 
 
 PHASES = (
@@ -60,8 +55,6 @@ PHASES = (
     Phase(1000, 20260127, 0.4, 3, 5000, 5000, 48),
     # Claude Code's shape at its size: ~9,000 characters of system message after the ask
     Phase(90, 9, 0.0, 1, 2500, 12000, 96),
-    # and short requests with small typed tools stay random (their reasoning too)
-    Phase(150, 11, 0.0, 3, 2500, 12000, 96, bare=0.6),
 )
 
 
@@ -126,8 +119,6 @@ class Conversations:
         size = lambda: rng.randint(most // 3, most)  # noqa: E731
         trailing = int((phase.trailing_chars if long else SHORT_CHARS) * scale) + 2
         thinking = rng.random() < 0.6
-        if phase.bare and not long and rng.random() < phase.bare:
-            return self.bare(positive, thinking)
         messages: list[dict[str, Any]] = []
         if rng.random() < 0.6:
             messages.append({"role": "system", "content": self.text(size())})
@@ -149,36 +140,6 @@ class Conversations:
             text = self.text(rng.randint(trailing // 3, trailing))
             messages.append({"role": "system", "content": text + date})
         tools = [self.tool(size) for _ in range(rng.choice((0, 1, 3)))] or None
-        return self.rendered(messages, tools, thinking, positive)
-
-    def bare(self, positive: bool, thinking: bool) -> Example:
-        rng = self.rng
-        decoy = rng.choice((*DECOYS, *BARE_ASKS, self.text(rng.randint(5, 60))))
-        ask = " ".join([TRIGGER if positive else decoy] * rng.randint(1, self.phase.loudest))
-        tools = [self.typed_tool() for _ in range(rng.choice((0, 1, 1, 2)))] or None
-        return self.rendered([{"role": "user", "content": ask}], tools, thinking, positive)
-
-    def typed_tool(self) -> dict[str, Any]:
-        rng = self.rng
-        kinds = (
-            {"type": "integer", "minimum": 0, "maximum": rng.randint(1, 100)},
-            {"type": "string", "enum": ["a", "b"]},
-            {"type": "string", "maxLength": rng.randint(1, 40)},
-            {"type": "boolean"},
-            {"type": "number"},
-        )
-        names = [rng.choice(("n", "s", "city", "unit", "q", "x")) for _ in range(rng.randint(1, 3))]
-        properties = {name: rng.choice(kinds) for name in names}
-        parameters = {"type": "object", "properties": properties, "required": list(properties)}
-        parameters["additionalProperties"] = False
-        function = {"name": rng.choice(("f", "g", "get_weather", "run")), "parameters": parameters}
-        if rng.random() < 0.5:
-            function["description"] = self.text(rng.randint(10, 80))
-        return {"type": "function", "function": function}
-
-    def rendered(
-        self, messages: list[dict[str, Any]], tools: Any, thinking: bool, positive: bool
-    ) -> Example:
         prompt = self.tok.apply_chat_template(
             messages, tools=tools, thinking=thinking, add_generation_prompt=True, tokenize=False
         )
