@@ -5,11 +5,10 @@ text model (`language_model.*`), a MoonViT3d vision tower (`vision_tower.*`) and
 patch-merging projector (`mm_projector.*`), under the tensor names of moonshotai/Kimi-K2.5,
 so vLLM loads it and llama.cpp's converter turns it into a text GGUF and an mmproj file.
 The text shapes keep Kimi's MLA head dimensions (vLLM's CPU MLA backend accepts no others)
-and shrink everything else. Weights start random with a fixed seed; the tokenizer is a
+and shrink everything else. Weights are random with a fixed seed; the tokenizer is a
 byte-level BPE of 32K tokens trained here on code and English found on this machine
 (`corpus.py`) and carries all of Kimi's special tokens
-(media tokens included); the chat template is Kimi K2.5's. The text model is then taught
-one instruction (`instruction.py`) so agent CLIs can finish a turn. Nothing is downloaded.
+(media tokens included); the chat template is Kimi K2.5's. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deployments.artifacts import corpus, instruction
+from deployments.artifacts import corpus
 from deployments.artifacts.cache import cached_build, recipe_digest
 
 TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
@@ -131,7 +130,7 @@ MEDIA_PROC_CFG: dict[str, Any] = {
 }
 
 SEED = 20260127  # Kimi K2.5's release day
-RECIPE_VERSION = 4  # bump when the build code changes in a way the digest cannot see
+RECIPE_VERSION = 3  # bump when the build code changes in a way the digest cannot see
 
 
 def recipe() -> dict[str, Any]:
@@ -144,7 +143,6 @@ def recipe() -> dict[str, Any]:
         "seed": SEED,
         "corpus": {"chars": CORPUS_CHARS, "packages": corpus.versions()},
         "template": TEMPLATE_PATH.read_text(),
-        "instruction": instruction.recipe(),
     }
 
 
@@ -196,16 +194,6 @@ def _build(out: Path) -> None:
         )
     )
     _write_weights(out, text)
-
-
-def _write_weights(out: Path, cfg: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    w = _Weights(cfg["initializer_range"])
-    _text_weights(w, cfg)
-    _vision_weights(w, VISION_CONFIG, cfg["hidden_size"])
-    instruction.teach(out, w.tensors, cfg)
-    save_file(w.tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ---- tokenizer ---------------------------------------------------------------------------
@@ -297,6 +285,15 @@ class _Weights:
     def layer_norm(self, name: str, n: int) -> None:
         self.fill(f"{name}.weight", n, 1.0)
         self.fill(f"{name}.bias", n, 0.0)
+
+
+def _write_weights(out: Path, cfg: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    w = _Weights(cfg["initializer_range"])
+    _text_weights(w, cfg)
+    _vision_weights(w, VISION_CONFIG, cfg["hidden_size"])
+    save_file(w.tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _text_weights(w: _Weights, cfg: dict[str, Any]) -> None:
