@@ -38,6 +38,7 @@ import httpx
 import psutil
 import yaml
 
+from benchmarks import holdback
 from benchmarks.cpu_cost import CpuMeter, Profiles, pids_of, summary
 from benchmarks.loadgen import LoadSpec, run_load, summarize
 from benchmarks.repeats import median_levels, ratio_spread
@@ -151,7 +152,13 @@ def our_app(args: dict[str, Any] | None = None) -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # metrics exported every second, so a level's hold-back histogram is read soon after it
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args or serve_args()), name="kimi", route_prefix="/")
@@ -343,21 +350,31 @@ def run_facts(module: str) -> dict[str, str]:
 
 
 def measure(
-    name: str, spec: LoadSpec, levels: list[tuple[int, int]], profile: tuple[str, ...] = ()
+    name: str,
+    spec: LoadSpec,
+    levels: list[tuple[int, int]],
+    profile: tuple[str, ...] = (),
+    tier: str | None = None,
 ) -> dict[str, Any]:
     """Each load level's latency and throughput, and the CPU each process spent on it;
-    at the highest level, py-spy profiles of the `profile` roles (results/profiles/)."""
+    at the highest level, py-spy profiles of the `profile` roles (results/profiles/); for
+    our app (`tier` named), how long that tier's replicas held tokens back."""
     out: dict[str, Any] = {}
     asyncio.run(run_load(spec, 4, concurrency=2))  # warm-up (prefix caches, first-call paths)
+    ports = metrics_ports() if tier else []
     for concurrency, n in levels:
         roles = profile if concurrency == levels[-1][0] else ()
         spied = Profiles({r: pids_of(label, r) for r in roles}, 15, RESULTS / "profiles" / name)
+        held = holdback.settled(ports, tier) if tier else {}
         with spied, CpuMeter(label) as cpu:
             load = run_load(spec, n, concurrency=concurrency, seed=concurrency)
             results, wall = asyncio.run(load)
         out[str(concurrency)] = summarize(results, wall)
         tokens = sum(r.output_tokens for r in results if r.ok)
         out[str(concurrency)]["cpu_ms_per_1k_tokens"] = cpu.per_1k_tokens(tokens)
+        if tier:
+            after = holdback.settled(ports, tier)
+            out[str(concurrency)]["holdback"] = holdback.summary(held, after)
         if spied.files:
             out[str(concurrency)]["profile_top_frames"] = summary(spied.files)
         s = out[str(concurrency)]
@@ -368,6 +385,12 @@ def measure(
             flush=True,
         )
     return out
+
+
+def metrics_ports() -> list[int]:
+    import ray
+
+    return [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
 
 
 def router_cost(iterations: int = 2000) -> dict[str, float]:
@@ -488,11 +511,37 @@ def markdown(report: dict[str, Any]) -> str:
             cpu = s.get("cpu_ms_per_1k_tokens") or {}
             parts = ", ".join(f"{k} {v}" for k, v in cpu.items())
             lines.append(f"| {system} | {c} | {round(sum(cpu.values()), 1)} | {parts} |")
+    lines += holdback_lines(report)
     lines += ["", "Peak resident memory while each system ran (MiB):", ""]
     for system, mem in report["memory"].items():
         top = ", ".join(f"{k} {v}" for k, v in list(mem["peak_by_process_mib"].items())[:6])
         lines.append(f"- {system}: total {mem['peak_total_mib']} ({top})")
     return "\n".join(lines) + "\n"
+
+
+def holdback_lines(report: dict[str, Any]) -> list[str]:
+    """Our tier replicas' hold-back per level: every run's bucket bounds (ms) for the
+    median, the 99th percentile and the longest wait of a message's oldest chunk."""
+    lines = [
+        "",
+        "Hold-back in our tier replicas (`kimi_tier_holdback_seconds`; per run: p50 / p99 /"
+        " max, each as the histogram bucket's upper bound in ms; messages sent):",
+        "",
+        "| system | concurrency | per run |",
+        "|---|---|---|",
+    ]
+    for system, runs in report.get("runs", {}).items():
+        for c in runs[0]:
+            held = [run[c].get("holdback") for run in runs if c in run]
+            cells = [
+                f"{h['p50_ms_at_most']} / {h['p99_ms_at_most']} / {h['max_ms_at_most']}"
+                f" ({h['messages']})"
+                for h in held
+                if h and h.get("messages")
+            ]
+            if cells:
+                lines.append(f"| {system} | {c} | {'; '.join(cells)} |")
+    return lines
 
 
 def plots(report: dict[str, Any]) -> list[str]:
@@ -535,9 +584,15 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs of every system, interleaved (medians)"
     )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated systems left out (ours, vllm-serve, llama-server), to iterate",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     scale = 1 if args.quick else 2
+    skip = set(filter(None, args.skip.split(",")))
     levels = [(1, 8 * scale), (8, 16 * scale), (32, 32 * scale)]
     runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     memory: dict[str, Any] = {}
@@ -555,18 +610,22 @@ def main() -> None:
             for name, tier in (("ours-premium", "premium"), ("ours-standard", "standard")):
                 spec = LoadSpec(base_url=url, model=f"kimi-k2.5:{tier}", max_tokens=args.max_tokens)
                 spied = ("ServeReplica:kimi:Ingress", f"ServeReplica:kimi:tier-{tier}")
-                runs[name].append(measure(name, spec, levels, spied if profile else ()))
+                profiled = spied if profile else ()
+                runs[name].append(measure(name, spec, levels, profiled, tier))
         memory["ours (all three tiers)"] = mem.report()
 
     for repeat in range(args.repeats):
         print(f"run {repeat + 1} of {args.repeats}; ours: starting the app", flush=True)
-        ours_both(profile=repeat == 0)
-        run("vllm-serve", vllm_serve, "kimi-k2.5")
+        if "ours" not in skip:
+            ours_both(profile=repeat == 0)
+        if "vllm-serve" not in skip:
+            run("vllm-serve", vllm_serve, "kimi-k2.5")
         if args.with_ray_llm:
             run("ray-serve-llm", ray_serve_llm, "kimi-k2.5")
         if args.with_litellm:
             run("litellm-proxy", litellm_proxy, "kimi-k2.5")
-        run("llama-server", llama_server_alone, "kimi-k2.5:standard")
+        if "llama-server" not in skip:
+            run("llama-server", llama_server_alone, "kimi-k2.5:standard")
 
     results = {name: median_levels(rs) for name, rs in runs.items()}
     pairs = [

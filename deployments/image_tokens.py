@@ -49,15 +49,23 @@ def _with_details(usage: dict[str, Any], text_tokens: int) -> None:
     usage["prompt_tokens_details"] = details
 
 
-async def with_image_tokens(
+def with_image_tokens(
     source: AsyncIterator[EngineOutput], body: dict[str, Any], request_id: str, tokenize: Tokenize
 ) -> AsyncIterator[EngineOutput]:
-    """`source`'s outputs, the usage they carry completed with the images' tokens."""
+    """`source`'s outputs, the usage they carry completed with the images' tokens
+    (`source` itself when there are none: no generator layer on the token path)."""
     text_body = without_images(body)
     if text_body is None:
-        async for item in source:
-            yield item
-        return
+        return source
+    return _counted(source, text_body, request_id, tokenize)
+
+
+async def _counted(
+    source: AsyncIterator[EngineOutput],
+    text_body: dict[str, Any],
+    request_id: str,
+    tokenize: Tokenize,
+) -> AsyncIterator[EngineOutput]:
     counting = asyncio.create_task(_count(tokenize, text_body, request_id))
     try:
         async for item in source:

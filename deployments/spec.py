@@ -81,6 +81,25 @@ class Resources(Strict):
     placement_bundles: list[dict[str, float]] | None = None
 
 
+class HoldBack(Strict):
+    """How long a tier replica may hold a stream's tokens so that they cross the Ray hops
+    (tier -> router -> proxy) as one message: each message costs about the same CPU however
+    many tokens it carries, and on a busy replica that CPU is taken from the engine.
+
+    The window grows with the streams the replica relays: `min_ms` with one (the latency a
+    lone client sees; at most 10 ms), `per_stream_ms` more for each other, up to `max_ms`.
+    The first output of a stream is never held (time to first token).
+    """
+
+    min_ms: float = Field(6.0, ge=0, le=10)
+    per_stream_ms: float = Field(2.0, ge=0)
+    max_ms: float = Field(50.0, ge=0, le=1000)
+
+    def window_s(self, streams: int) -> float:
+        ms = self.min_ms + self.per_stream_ms * max(streams - 1, 0)
+        return min(ms, max(self.max_ms, self.min_ms)) / 1000
+
+
 class TierSpec(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     engine: EngineKind
@@ -99,6 +118,7 @@ class TierSpec(Strict):
     # Forced tool calls and JSON answers in thinking mode close the reasoning after this
     # many tokens, so the call or the JSON is reached; None leaves it open.
     forced_tool_thinking_budget: int | None = Field(64, ge=0)
+    hold_back: HoldBack = HoldBack()
     startup_timeout_s: float = Field(600, gt=0)
 
     @model_validator(mode="after")

@@ -10,77 +10,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve.deployment import Application
+from ray.util import metrics
 
 from deployments import tracing
-from deployments.engine import Endpoint, Engine, EngineLoad, EngineOutput
+from deployments.engine import Endpoint, Engine, EngineLoad
 from deployments.image_tokens import with_image_tokens
 from deployments.loadboard import ReplicaLoad, board
 from deployments.spec import TierSpec
+from deployments.streaming import Pacing, TierOutput, coalesce
 
 log = logging.getLogger(__name__)
 
 LOAD_REPORT_S = 0.5
-
-
-@dataclass(frozen=True)
-class Served:
-    """The first message of every answer: which replica took it, with its first output
-    (riding along, so naming the replica costs no extra message)."""
-
-    replica: str
-    output: EngineOutput | list[str]
-
-
-TierOutput = EngineOutput | list[str] | Served
-
-
-async def coalesce(source: AsyncIterator[EngineOutput]) -> AsyncIterator[TierOutput]:
-    """Pass engine outputs on; SSE chunks go as lists of every chunk ready at that moment.
-
-    Each item crosses two Ray hops (tier -> router -> proxy). When the engine writes
-    tokens faster than those hops carry them, chunks pile up here and leave together, so
-    throughput is not capped at one message per token; when the consumer keeps up, each
-    list holds one chunk and nothing waits.
-    """
-    queue: asyncio.Queue[EngineOutput | None] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for item in source:
-                queue.put_nowait(item)
-        finally:
-            queue.put_nowait(None)
-
-    task = asyncio.create_task(pump())
-    try:
-        while (item := await queue.get()) is not None:
-            if not isinstance(item, str):
-                yield item
-                continue
-            batch: list[str] = [item]
-            while not queue.empty() and isinstance(queue._queue[0], str):  # type: ignore[attr-defined]
-                batch.append(queue.get_nowait())  # type: ignore[arg-type]
-            yield batch
-        await task  # re-raise what the engine raised
-    finally:
-        if not task.done():
-            task.cancel()  # the client went away: closing the source aborts the request
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-async def served(replica: str, source: AsyncIterator[EngineOutput]) -> AsyncIterator[TierOutput]:
-    """A tier call's messages: the engine's outputs coalesced, the first one `Served`."""
-    first = True
-    async for item in coalesce(source):
-        yield Served(replica, item) if first else item
-        first = False
+HOLD_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
 
 
 def make_engine(spec: TierSpec) -> Engine:
@@ -103,6 +50,17 @@ class TierServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.board = board()
+        self.streams = 0  # answers in flight here: the load the hold-back window follows
+        self.held = metrics.Histogram(
+            "kimi_tier_holdback_seconds",
+            "how long a message's oldest chunk waited in the tier replica before it was sent",
+            boundaries=HOLD_BUCKETS,
+            tag_keys=("tier",),
+        )
+        self.held.set_default_tags({"tier": self.spec.name})
+        self.pacing = Pacing(
+            window=lambda: self.spec.hold_back.window_s(self.streams), held=self.held.observe
+        )
         # One reader of the engine's figures for the board, the request router and the
         # autoscaler alike (each reads them on its own period; the engine is asked once).
         self.last_load: EngineLoad = await self.engine.load()
@@ -132,7 +90,7 @@ class TierServer:
         trace_ctx: dict[str, str] | None = None,
         affinity: str | None = None,
     ) -> AsyncIterator[TierOutput]:
-        """One engine call, its outputs as `served` sends them."""
+        """One engine call, its outputs as `coalesce` sends them."""
         span = self.tracer.start_span(
             f"engine.{endpoint.value}",
             context=tracing.extract(trace_ctx),
@@ -146,11 +104,13 @@ class TierServer:
         if endpoint is Endpoint.CHAT:
             source = with_image_tokens(source, body, request_id, self.engine.tokenize)
         items = 0
+        self.streams += 1
         try:
-            async for item in served(self.replica, source):
+            async for item in coalesce(source, self.replica, self.pacing):
                 items += 1
                 yield item
         finally:
+            self.streams -= 1
             span.set_attribute("kimi.messages", items)
             span.end()
 

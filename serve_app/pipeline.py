@@ -30,7 +30,7 @@ from deployments import tracing
 from deployments.engine import Endpoint, EngineError
 from deployments.loadboard import TierLoad
 from deployments.openai_shape import output_limit
-from deployments.tier import Served
+from deployments.streaming import Served
 from serve_app.config import AppConfig, Plan, Price, Strategy, TierEntry
 from serve_app.detached import DetachedCalls
 from serve_app.errors import APIError, OutputCapExceeded

@@ -23,6 +23,7 @@ log = logging.getLogger("serve_app.relay")
 
 Settle = Callable[[UsageRecord], Awaitable[None]]
 DONE = "data: [DONE]"
+END = object()  # a tier call's end
 
 
 @dataclass
@@ -152,14 +153,17 @@ class StreamRelay:
         self.state = state
         self.wants_usage = wants_usage
         self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else state.meter.started + timeout_s
         self.failed: EngineError | None = None  # an engine's error event: the record's status
 
     async def run(self) -> AsyncIterator[str]:
         state = self.state
         try:
-            async for item in self._items():
+            item = self.first
+            while item is not END:
                 if out := await self._events(item):
                     yield out
+                item = await self._next()
             await self._settle_ended()  # an engine that stopped without `[DONE]` (it died)
         except TimeoutError:
             err = timeout_error(self.timeout_s or 0)
@@ -182,17 +186,17 @@ class StreamRelay:
         finally:
             await state.abandon()
 
-    async def _items(self) -> AsyncIterator[Any]:
-        """The tier's messages, until the deadline (TimeoutError past it)."""
-        meter = self.state.meter
-        deadline = None if self.timeout_s is None else meter.started + self.timeout_s
-        yield self.first
-        while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
-            try:
-                yield await asyncio.wait_for(self.state.gen.__anext__(), left)
-            except StopAsyncIteration:
-                return
+    async def _next(self) -> Any:
+        """The tier's next message (`END` after the last); TimeoutError past the deadline.
+        A timeout scope per message, not `wait_for`: that would make a task per message."""
+        at = None
+        if self.deadline is not None:
+            at = asyncio.get_running_loop().time() + max(self.deadline - time.monotonic(), 0)
+        try:
+            async with asyncio.timeout_at(at):
+                return await self.state.gen.__anext__()
+        except StopAsyncIteration:
+            return END
 
     async def _events(self, item: Any) -> str:
         """One message's chunks as the client gets them (usage only if it asked)."""

@@ -1,6 +1,6 @@
 """Calling a tier: the one place that knows tiers are Ray Serve deployments.
 
-A call is a stream of the tier's messages (`deployments/tier.py`: the first is `Served`,
+A call is a stream of the tier's messages (`deployments/streaming.py`: the first is `Served`,
 then engine outputs). Ray's failures are turned into the two the pipeline acts on: the
 replica was lost before answering (worth one retry), or the tier's code raised (a defect).
 """

@@ -2,7 +2,7 @@
 lost replicas and budgets, settled exactly once, in seconds and without Ray or a model.
 
 The engines implement `deployments/engine.py`; their calls go through the tier's own
-`served` (coalescing, the first message naming the replica), so the pipeline sees what a
+`coalesce` (coalescing, the first message naming the replica), so the pipeline sees what a
 tier replica sends. The gateway keeps each key's state with the real `limits.KeyState`.
 """
 
@@ -29,7 +29,7 @@ from deployments.engine import (
     engine_down,
     token_count,
 )
-from deployments.tier import served
+from deployments.streaming import coalesce
 from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.errors import APIError
@@ -163,7 +163,7 @@ class InProcessTiers:
             return LostCall()
         engine = self.engines[req.tier]
         source = getattr(engine, req.endpoint.value)(req.body, req.request_id)
-        return InProcessCall(served(f"{req.tier}-0", source))
+        return InProcessCall(coalesce(source, f"{req.tier}-0"))
 
 
 class FakeGateway:
