@@ -47,6 +47,9 @@ from deployments.spec import TierSpec, flags_to_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# Ray's metrics exported every second (default 10 s), so that a level's hold-back histogram
+# can be read soon after it; Ray Serve LLM runs with the same setting
+METRICS_EVERY_S = {"metrics_report_interval_ms": 1000}
 
 
 # ---- memory sampling ---------------------------------------------------------------------
@@ -152,12 +155,8 @@ def our_app(args: dict[str, Any] | None = None) -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    # metrics exported every second, so a level's hold-back histogram is read soon after it
     ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        log_to_driver=False,
-        _system_config={"metrics_report_interval_ms": 1000},
+        num_cpus=8, include_dashboard=False, log_to_driver=False, _system_config=METRICS_EVERY_S
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -282,7 +281,11 @@ def ray_serve_llm() -> Iterator[str]:
     spec = tier_spec("premium")
     kwargs = {k.replace("-", "_"): v for k, v in vllm_flags(spec).items()}
     ray.init(
-        num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": spec.env}
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": spec.env},
+        _system_config=METRICS_EVERY_S,  # as ours: the same metrics cost on both
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

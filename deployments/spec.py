@@ -91,7 +91,7 @@ class HoldBack(Strict):
     The first output of a stream is never held (time to first token).
     """
 
-    min_ms: float = Field(6.0, ge=0, le=10)
+    min_ms: float = Field(4.0, ge=0, le=10)
     per_stream_ms: float = Field(2.0, ge=0)
     max_ms: float = Field(50.0, ge=0, le=1000)
 
