@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deployments.artifacts import corpus
+from deployments.artifacts import corpus, instruction
 from deployments.artifacts.cache import cached_build, recipe_digest
 
 TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
@@ -130,7 +130,7 @@ MEDIA_PROC_CFG: dict[str, Any] = {
 }
 
 SEED = 20260127  # Kimi K2.5's release day
-RECIPE_VERSION = 3  # bump when the build code changes in a way the digest cannot see
+RECIPE_VERSION = 4  # bump when the build code changes in a way the digest cannot see
 
 
 def recipe() -> dict[str, Any]:
@@ -143,6 +143,7 @@ def recipe() -> dict[str, Any]:
         "seed": SEED,
         "corpus": {"chars": CORPUS_CHARS, "packages": corpus.versions()},
         "template": TEMPLATE_PATH.read_text(),
+        "instruction": Path(instruction.__file__).read_text(),
     }
 
 
@@ -289,10 +290,13 @@ class _Weights:
 
 def _write_weights(out: Path, cfg: dict[str, Any]) -> None:
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer
 
     w = _Weights(cfg["initializer_range"])
     _text_weights(w, cfg)
     _vision_weights(w, VISION_CONFIG, cfg["hidden_size"])
+    vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab()
+    instruction.wire(w.tensors, cfg, vocab)
     save_file(w.tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 

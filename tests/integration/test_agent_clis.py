@@ -9,10 +9,11 @@ result and K2.5's reasoning sealed by this deployment (the random model never pi
 tool by itself); the same transcript with the seal altered is the control, so the prompt
 tokens the app metered show the reasoning went back into the prompt.
 
-The random model never ends a turn by itself, so every answer runs to its output cap; both
-CLIs report that as the model's outcome (Claude Code: `api_error: max_output_tokens`,
-Codex: `Incomplete response ... max_output_tokens`) and nothing else. Those are the only
-errors allowed here: no HTTP error, no refused field.
+The embedded model is random except for one instruction wired into it at build time
+(deployments/artifacts/instruction.py): asked `PROMPT` ("Reply with OK." said often
+enough to be 0.2 % of 12,000 tokens of agent prompt), it answers `REPLY` and ends its
+turn. Every prompt here is that one, so each session must end as a real one does: the
+CLI exits 0 with the model's answer and no error.
 """
 
 from __future__ import annotations
@@ -30,18 +31,17 @@ from typing import Any
 import httpx
 import pytest
 
+from deployments.artifacts.instruction import PROMPT, REPLY
 from serve_app.sealing import Sealer
 from tests.integration.conftest import ROOT, flushed_usage, metrics_ports, new_key
 
 CLIS = ROOT / "scripts" / "agent_clis" / "node_modules" / ".bin"
-OUTPUT_CAP = 64  # tokens an answer may run to: the random model always does
+OUTPUT_CAP = 64  # the plan's output cap: the wired answer is three tokens
 REASONING = (
     "The user wants to know which files are here, so I ran ls first. It printed one file, "
     "notes.txt, and nothing else, so the directory holds a single text file; I will say "
     "that plainly and offer to open it, because the user may want its contents next."
 )
-CLAUDE_LIMIT = f"Claude's response exceeded the {OUTPUT_CAP} output token maximum"
-CODEX_LIMIT = "Incomplete response returned, reason: max_output_tokens"
 CODEX_LOCAL_WARNINGS = ("Model metadata for", "Codex could not find bubblewrap")
 TIERS = ["premium", "budget"]
 pytestmark = pytest.mark.timeout(600)
@@ -136,13 +136,11 @@ def claude(agent: Agent, *args: str) -> dict[str, Any]:
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
     result = json.loads(lines[-1])
-    # the only error: the random model ran to its output cap (the CLI's own judgement)
-    assert result["api_error_status"] is None, result
-    if result["is_error"]:
-        assert result["api_error"] == "max_output_tokens", result
-        assert result["result"].startswith(f"API Error: {CLAUDE_LIMIT}"), result
-    else:
-        assert run.returncode == 0, result
+    assert (run.returncode, result["is_error"], result["api_error_status"]) == (0, False, None), (
+        result,
+        run.stderr[-2000:],
+    )
+    assert result["result"].strip() == REPLY, result
     return result
 
 
@@ -192,7 +190,7 @@ def claude_transcript(agent: Agent, session: str, model: str, signature: str) ->
 @pytest.mark.parametrize("tier", TIERS)
 def test_claude_code_first_turn(tier, agent, admin, state_dir):
     session = str(uuid.uuid4())
-    result = claude(agent, "Say hi.", "--model", f"kimi-k2.5:{tier}", "--session-id", session)
+    result = claude(agent, PROMPT, "--model", f"kimi-k2.5:{tier}", "--session-id", session)
     assert result["session_id"] == session
     turns = agent_turns(session_records(admin, state_dir, session), tier, "anthropic")
     # the whole agent prompt (system prompt, 12 tools) fit the tier's context
@@ -212,7 +210,7 @@ def test_claude_code_resume_brings_the_sealed_reasoning_back(tier, agent, admin,
         before = reasoning_back("anthropic", how)
         session = str(uuid.uuid4())
         claude_transcript(agent, session, f"kimi-k2.5:{tier}", signature)
-        claude(agent, "Go on.", "--resume", session, "--model", f"kimi-k2.5:{tier}")
+        claude(agent, PROMPT, "--resume", session, "--model", f"kimi-k2.5:{tier}")
         agent_turns(session_records(admin, state_dir, session), tier, "anthropic")
         assert counted("anthropic", how, above=before) > before, how
 
@@ -254,14 +252,16 @@ def codex(agent: Agent, tier: str, *args: str) -> list[dict[str, Any]]:
         timeout=300,
     )
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert events, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
-    for event in events:
-        message = error_of(event)
-        if message is not None and not message.startswith(CODEX_LOCAL_WARNINGS):
-            assert message == CODEX_LIMIT, event  # the random model ran to its cap
-    if not any(error_of(e) == CODEX_LIMIT for e in events):
-        assert run.returncode == 0, events
+    assert run.returncode == 0 and events, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    errors = [e for e in events if (m := error_of(e)) and not m.startswith(CODEX_LOCAL_WARNINGS)]
+    assert not errors, errors
+    answers = [e["item"]["text"].strip() for e in events if answer_of(e)]
+    assert answers == [REPLY], events
     return events
+
+
+def answer_of(event: dict[str, Any]) -> bool:
+    return event["type"] == "item.completed" and event["item"].get("type") == "agent_message"
 
 
 def error_of(event: dict[str, Any]) -> str | None:
@@ -315,7 +315,7 @@ def answered(line: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize("tier", TIERS)
 def test_codex_first_turn(tier, agent, admin, state_dir):
-    thread = thread_of(codex(agent, tier, "Say hi."))
+    thread = thread_of(codex(agent, tier, PROMPT))
     turns = agent_turns(session_records(admin, state_dir, thread), tier, "responses")
     assert min(t["prompt_tokens"] for t in turns) > 8000  # instructions, tools, namespaces
 
@@ -326,9 +326,9 @@ def test_codex_resume_brings_the_sealed_reasoning_back(tier, agent, admin, state
     tampered = altered(seal)
     prompts = {}
     for name, sealed in (("sealed", seal), ("tampered", tampered)):
-        thread = thread_of(codex(agent, tier, "Which files are here?"))
+        thread = thread_of(codex(agent, tier, PROMPT))
         add_tool_round_trip(agent, thread, sealed)
-        codex(agent, tier, "resume", thread, "Go on.")
+        codex(agent, tier, "resume", thread, PROMPT)
         turns = agent_turns(session_records(admin, state_dir, thread), tier, "responses")
         prompts[name] = turns[-1]["prompt_tokens"]
     # the same history; only the sealed reasoning opened and went into the prompt
