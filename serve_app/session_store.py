@@ -70,6 +70,10 @@ class QuotaExceeded(Exception):
     """One item alone is larger than the owner's whole quota."""
 
 
+class ItemIdTaken(Exception):
+    """An item's id is already one of its conversation's."""
+
+
 @dataclass(frozen=True)
 class StoredResponse:
     id: str
@@ -298,10 +302,15 @@ class SessionStore:
     ) -> None:
         rows = [(conversation_id, i["id"], owner, dumps(i)) for i in items]
         self._make_room(db, owner, sum(len(r[3]) for r in rows))
-        db.executemany(
-            "INSERT INTO items (conversation, id, owner, bytes, item) VALUES (?, ?, ?, ?, ?)",
-            [(c, i, o, len(item), item) for c, i, o, item in rows],
-        )
+        try:
+            db.executemany(
+                "INSERT INTO items (conversation, id, owner, bytes, item) VALUES (?, ?, ?, ?, ?)",
+                [(c, i, o, len(item), item) for c, i, o, item in rows],
+            )
+        except sqlite3.IntegrityError:  # UNIQUE (conversation, id): the transaction rolls back
+            raise ItemIdTaken(
+                "an item with one of these ids is already in the conversation"
+            ) from None
 
     def items(
         self,

@@ -20,7 +20,13 @@ from ray.util import metrics
 from serve_app.actor_calls import ActorCalls
 from serve_app.config import SessionSettings
 from serve_app.gateway import NAMESPACE
-from serve_app.session_store import QuotaExceeded, SessionStore, StoredResponse, StoreLimits
+from serve_app.session_store import (
+    ItemIdTaken,
+    QuotaExceeded,
+    SessionStore,
+    StoredResponse,
+    StoreLimits,
+)
 from serve_app.webhooks import Delivery, backoff_s, deliver
 
 ACTOR_NAME = "kimi-sessions"
@@ -34,6 +40,10 @@ class StorageFull(Exception):
 
 class StoreFailed(Exception):
     """The store's database could not be read or written (disk full, read-only...)."""
+
+
+class ItemConflict(Exception):
+    """Items whose ids the conversation already holds (the client's error, not the store's)."""
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -60,6 +70,8 @@ class SessionState:
             return functools.reduce(getattr, method.split("."), self.store)(*args)
         except QuotaExceeded as exc:
             return StorageFull(str(exc))
+        except ItemIdTaken as exc:
+            return ItemConflict(str(exc))
         except sqlite3.Error as exc:
             log.error("the session store failed on %s: %s", method, exc)
             return StoreFailed(f"the response store cannot be written ({exc})")
@@ -113,7 +125,7 @@ class SessionClient:
 
     async def _store(self, method: str, *args: Any) -> Any:
         result = await self._call("call", method, *args)
-        if isinstance(result, StorageFull | StoreFailed):
+        if isinstance(result, StorageFull | StoreFailed | ItemConflict):
             raise result
         return result
 

@@ -17,7 +17,7 @@ from serve_app.api.responses_models import (
     ItemsCreate,
 )
 from serve_app.errors import APIError
-from serve_app.sessions import StorageFull
+from serve_app.sessions import ItemConflict, StorageFull
 
 
 def conversation_doc(conversation_id: str, created_at: float, metadata: dict) -> dict[str, Any]:
@@ -52,7 +52,7 @@ class ConversationsAPI:
         spec = await self._body(request, ConversationCreate)
         owner = await self._owner(request)
         conversation_id, metadata = new_id("conv"), spec.metadata or {}
-        items = input_items(spec.items)
+        items = input_items(spec.items, "items")
         try:
             created = await guarded(
                 self.store.create_conversation(owner, conversation_id, metadata, items)
@@ -87,11 +87,13 @@ class ConversationsAPI:
     async def add_items(self, request: Request, conversation_id: str) -> dict[str, Any]:
         spec = await self._body(request, ItemsCreate)
         owner = await self._owner(request)
-        items = input_items(spec.items)
+        items = input_items(spec.items, "items")
         try:
             added = await guarded(self.store.add_items(owner, conversation_id, items))
         except StorageFull as exc:
             raise APIError(400, str(exc), code="storage_quota_exceeded") from None
+        except ItemConflict as exc:
+            raise APIError(400, str(exc), param="items", code="duplicate_item_id") from None
         if not added:
             raise not_found("conversation", conversation_id)
         return {

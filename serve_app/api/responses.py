@@ -43,7 +43,7 @@ from serve_app.pipeline import Completed, Inbound, Pipeline, Streamed
 from serve_app.schemas import ChatRequest, canonical_body
 from serve_app.sealing import Sealer
 from serve_app.session_store import StoredResponse
-from serve_app.sessions import SessionClient, StorageFull, StoreFailed
+from serve_app.sessions import ItemConflict, SessionClient, StorageFull, StoreFailed
 
 log = logging.getLogger("serve_app.api.responses")
 T = TypeVar("T")
@@ -201,7 +201,7 @@ class ResponsesAPI:
             if req.store:
                 stored = StoredResponse(doc["id"], turn.session, doc, turn.items)
                 await self.store.put_response(turn.owner, stored, req.previous_response_id)
-        except (StorageFull, StoreFailed, ActorUnavailable) as exc:
+        except (StorageFull, StoreFailed, ItemConflict, ActorUnavailable) as exc:
             log.warning("response %s not stored: %s", doc["id"], exc)
             doc["store"] = False
             headers["x-kimi-not-stored"] = str(exc)[:200]

@@ -39,18 +39,24 @@ def new_id(prefix: str) -> str:
 # ---- input items -----------------------------------------------------------------------
 
 
-def input_items(given: str | list[Item] | None) -> list[dict[str, Any]]:
+def input_items(given: str | list[Item] | None, param: str = "input") -> list[dict[str, Any]]:
     """A request's input (or a conversation's new items) as stored items, each with an id
     (for `input_items` and item listings)."""
     if given is None:
         return []
     if isinstance(given, str):
         return [stored_item({"type": "message", "role": "user", "content": given})]
-    out = []
+    out: list[dict[str, Any]] = []
     for item in given:
         if item.type == "item_reference":
             raise APIError(400, "item_reference inputs are not supported", param="input")
         out.append(stored_item(item.model_dump(mode="json", exclude_none=True)))
+    ids = [i["id"] for i in out]
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise APIError(
+            400, f"two items have the id {dup!r}; item ids must be unique", param="items"
+        )
     return out
 
 
@@ -58,7 +64,7 @@ def stored_item(item: dict[str, Any]) -> dict[str, Any]:
     """An input item as the API lists it back: an id, a status, a message's content as
     parts."""
     kind = item.get("type", "message")
-    out = {"type": kind, "id": item.get("id") or new_id(ID_PREFIX[kind]), **item}
+    out = {"type": kind, **item, "id": item.get("id") or new_id(ID_PREFIX[kind])}
     out.setdefault("status", "completed")
     if kind == "message" and isinstance(item["content"], str):
         text = item["content"]

@@ -182,6 +182,20 @@ def test_a_conversation_keeps_the_session_server_side(oai):
         oai.conversations.retrieve(conv.id)
 
 
+def test_item_ids_are_unique_in_a_conversation_or_the_request_is_refused(oai):
+    """Clients may name their items; a name used twice is their error (400), not a store
+    failure (it was a 503 until the fuzzer sent one)."""
+    said = {"type": "message", "role": "user", "content": "hi", "id": "msg_mine"}
+    with pytest.raises(openai.BadRequestError) as twice:
+        oai.conversations.create(items=[said, said])
+    assert twice.value.body["param"] == "items", twice.value.body
+    conv = oai.conversations.create(items=[said])
+    with pytest.raises(openai.BadRequestError) as again:
+        oai.conversations.items.create(conv.id, items=[said])
+    assert again.value.body["code"] == "duplicate_item_id", again.value.body
+    assert [i.id for i in oai.conversations.items.list(conv.id).data] == ["msg_mine"]
+
+
 def test_another_key_finds_nothing_of_the_first(oai, serve_url, admin):
     r = oai.responses.create(
         model="kimi-k2.5:standard", input="mine", max_output_tokens=4, reasoning=INSTANT

@@ -40,6 +40,16 @@ def request(**fields: object) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": "kimi-k2.5", "input": "hi"} | fields)
 
 
+def test_input_items_with_one_id_twice_are_refused_and_an_empty_id_gets_a_fresh_one():
+    twice = [{"type": "message", "role": "user", "content": "hi", "id": "msg_1"}] * 2
+    with pytest.raises(APIError) as err:
+        input_items(request(input=twice).input, "items")
+    assert (err.value.status, err.value.param) == (400, "items")
+    blank = [{"type": "message", "role": "user", "content": "hi", "id": ""}] * 2
+    ids = [i["id"] for i in input_items(request(input=blank).input)]
+    assert len(set(ids)) == 2 and all(ids)
+
+
 def test_a_string_input_is_one_user_message_and_settings_carry_over():
     req = request(
         instructions="be brief",

@@ -6,7 +6,13 @@ import time
 
 import pytest
 
-from serve_app.session_store import QuotaExceeded, SessionStore, StoredResponse, StoreLimits
+from serve_app.session_store import (
+    ItemIdTaken,
+    QuotaExceeded,
+    SessionStore,
+    StoredResponse,
+    StoreLimits,
+)
 
 
 def response(rid: str, text: str = "x", session: str | None = None) -> StoredResponse:
@@ -52,6 +58,14 @@ def test_conversations_keep_items_in_order_per_owner(store):
     assert store.conversation("bob", "c1") is None
     assert store.delete_conversation("alice", "c1")
     assert store.items("alice", "c1") is None
+
+
+def test_an_item_id_already_in_the_conversation_is_refused_and_nothing_added(store):
+    store.create_conversation("alice", "c1", {}, [{"id": "a"}])
+    with pytest.raises(ItemIdTaken):
+        store.add_items("alice", "c1", [{"id": "b"}, {"id": "a"}])
+    assert [i["id"] for i in store.items("alice", "c1")] == ["a"]  # rolled back, "b" too
+    assert store.add_items("alice", "c1", [{"id": "b"}])
 
 
 def test_the_quota_evicts_the_owners_oldest_responses_only(store):
