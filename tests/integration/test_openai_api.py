@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from deployments.artifacts.instruction import REPLY, TRIGGER
 from tests.integration.conftest import metrics_ports
 
 pytestmark = pytest.mark.integration
@@ -212,3 +213,21 @@ def test_a_streams_tokens_ride_together_and_the_hold_is_measured(serve_url, clie
     assert len(tokens) >= 40  # one event a token (a few may be empty deltas), none lost
     sent = settled_holdback_count("premium", above=before) - before
     assert 1 <= sent <= len(events) + 1, sent
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_embedded_models_one_instruction_on_every_tier(client, tier, thinking):
+    """The one answer wired into the random model (deployments/artifacts/instruction.py)
+    holds through each engine and quantization: asked "Reply with OK.", it says "OK" and
+    ends its turn, with an empty reasoning in thinking mode."""
+    r = client.chat.completions.create(
+        model=f"kimi-k2.5:{tier}",
+        messages=[{"role": "user", "content": TRIGGER}],
+        max_tokens=16,
+        extra_body={"chat_template_kwargs": {"thinking": thinking}},
+    )
+    choice = r.choices[0]
+    assert (choice.message.content, choice.finish_reason) == (REPLY, "stop"), choice
+    assert not (choice.message.model_extra or {}).get("reasoning_content")
+    assert r.usage.completion_tokens <= 3  # `</think>` (thinking), "OK", the end
