@@ -225,7 +225,7 @@ async def run_tier(name: str, repeats: int) -> dict[str, Any]:
                     "finish": a["finish"],
                     "cut": a.get("cut", False),
                     "error": a["error"],
-                    "detail": detail or a["error"],
+                    "detail": a["error"] or detail,
                 }
             )
     finally:

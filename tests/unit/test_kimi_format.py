@@ -20,6 +20,7 @@ from deployments.llama_cpp_constrained import (
     delta_dict,
     finish_reason,
     pieces,
+    turn_outputs,
 )
 from deployments.spec import TierSpec
 
@@ -228,3 +229,21 @@ def test_json_constraints():
 def test_thinking_budget_fits_inside_max_tokens(configured, max_tokens, budget):
     spec = SPEC.model_copy(update={"forced_tool_thinking_budget": configured})
     assert spec.thinking_budget(max_tokens) == budget
+
+
+async def test_an_engine_error_mid_answer_is_the_answers_error_not_a_quiet_stop():
+    """llama-server's grammar may refuse a token it sampled (a 500 event mid-stream):
+    that reaches the client as an error, never as `stop` with whatever came before."""
+    from deployments.engine import EngineError
+
+    async def events():
+        yield {"content": "some reasoning", "tokens": [5], "stop": False}
+        yield {"error": {"code": 500, "message": "Unexpected empty grammar stack", "type": "x"}}
+
+    constraint = constraint_for(body(tool_choice="required", max_tokens=64), SPEC)
+    for stream in (True, False):
+        writer = TurnWriter(model="m", stream=stream, include_usage=True)
+        out = [item async for item in turn_outputs(events(), writer, constraint)]
+        assert isinstance(out[-1], EngineError), out
+        assert out[-1].status_code == 500 and "grammar" in out[-1].message
+        assert not any(isinstance(o, str) and "[DONE]" in o for o in out)
