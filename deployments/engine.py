@@ -44,6 +44,17 @@ def token_count(count: int) -> dict[str, Any]:
     return {"object": "tokenization", "usage": usage}
 
 
+def mid_answer_error(error: dict[str, Any]) -> EngineError:
+    """An engine server's error event in the middle of an answer (vLLM's, llama-server's
+    `{"error": {...}}`) as ours: its status where it gives a valid one, else a 500."""
+    code = error.get("code")
+    return EngineError(
+        status_code=code if isinstance(code, int) and 400 <= code < 600 else 500,
+        message=f"the engine failed mid-answer: {error.get('message') or 'unknown error'}",
+        type="server_error",
+    )
+
+
 def engine_down() -> EngineError:
     """The engine died under a request: a 503 to retry (before any token, the router
     sends the request to the plan's next tier itself)."""

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine import EngineError
+from deployments.engine import EngineError, mid_answer_error
 from deployments.image_tokens import is_image_part
 from deployments.kimi_format import (
     MARKER_TEXTS,
@@ -293,8 +293,8 @@ async def turn_outputs(
     if writer.stream:
         yield sse(writer.chunk({"role": "assistant", "content": None}))
     async for event in events:
-        if isinstance(event.get("error"), dict):  # llama-server failed mid-answer
-            yield engine_failure(event["error"])
+        if isinstance(event.get("error"), dict):  # e.g. its grammar refused a sampled token:
+            yield mid_answer_error(event["error"])  # an error, never a quiet `stop`
             return
         for text, marker in pieces(event):
             delta = parser.feed(text, marker)
@@ -311,17 +311,6 @@ async def turn_outputs(
     if writer.include_usage:
         yield sse(writer.usage_chunk(usage))
     yield "data: [DONE]\n\n"
-
-
-def engine_failure(error: dict[str, Any]) -> EngineError:
-    """llama-server's error event (e.g. its grammar refusing a token it had sampled) as
-    the answer's error, never a quiet `stop` with what came before."""
-    code = error.get("code")
-    return EngineError(
-        status_code=code if isinstance(code, int) and 400 <= code < 600 else 500,
-        message=f"the engine failed mid-answer: {error.get('message') or 'unknown error'}",
-        type="server_error",
-    )
 
 
 def sse(obj: dict[str, Any]) -> str:

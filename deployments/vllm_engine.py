@@ -24,6 +24,7 @@ from deployments.engine import (
     EngineLoad,
     EngineOutput,
     engine_down,
+    mid_answer_error,
     token_count,
 )
 from deployments.openai_shape import (
@@ -171,12 +172,7 @@ class VLLMEngine(Engine):
         """vLLM's mid-stream error event as ours; a dead engine core is a 503 to retry."""
         if self._client is not None and self._client.errored:
             return engine_down()
-        code = error.get("code")
-        return EngineError(
-            status_code=code if isinstance(code, int) and 400 <= code < 600 else 500,
-            message=str(error.get("message") or "the engine failed on this request"),
-            type="server_error",
-        )
+        return mid_answer_error(error)
 
     async def _serve(
         self, model_cls: Any, body: dict[str, Any], request_id: str, handler: Any
