@@ -41,7 +41,7 @@ def new_id(prefix: str) -> str:
 
 def input_items(given: str | list[Item] | None, param: str = "input") -> list[dict[str, Any]]:
     """A request's input (or a conversation's new items) as stored items, each with an id
-    (for `input_items` and item listings)."""
+    (for `input_items` and item listings); refusals name `param`, the field they came in."""
     if given is None:
         return []
     if isinstance(given, str):
@@ -49,14 +49,12 @@ def input_items(given: str | list[Item] | None, param: str = "input") -> list[di
     out: list[dict[str, Any]] = []
     for item in given:
         if item.type == "item_reference":
-            raise APIError(400, "item_reference inputs are not supported", param="input")
+            raise APIError(400, "item_reference inputs are not supported", param=param)
         out.append(stored_item(item.model_dump(mode="json", exclude_none=True)))
     ids = [i["id"] for i in out]
     if len(set(ids)) < len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise APIError(
-            400, f"two items have the id {dup!r}; item ids must be unique", param="items"
-        )
+        raise APIError(400, f"two items have the id {dup!r}; item ids must be unique", param=param)
     return out
 
 

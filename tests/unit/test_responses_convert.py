@@ -45,6 +45,9 @@ def test_input_items_with_one_id_twice_are_refused_and_an_empty_id_gets_a_fresh_
     with pytest.raises(APIError) as err:
         input_items(request(input=twice).input, "items")
     assert (err.value.status, err.value.param) == (400, "items")
+    with pytest.raises(APIError) as err:
+        input_items(request(input=twice).input)
+    assert (err.value.status, err.value.param) == (400, "input")  # a response's own input
     blank = [{"type": "message", "role": "user", "content": "hi", "id": ""}] * 2
     ids = [i["id"] for i in input_items(request(input=blank).input)]
     assert len(set(ids)) == 2 and all(ids)
