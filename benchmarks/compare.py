@@ -364,7 +364,7 @@ def measure(
     our app (`tier` named), how long that tier's replicas held tokens back."""
     out: dict[str, Any] = {}
     asyncio.run(run_load(spec, 4, concurrency=2))  # warm-up (prefix caches, first-call paths)
-    ports = metrics_ports() if tier else []
+    ports = holdback.metrics_ports() if tier else []
     for concurrency, n in levels:
         roles = profile if concurrency == levels[-1][0] else ()
         spied = Profiles({r: pids_of(label, r) for r in roles}, 15, RESULTS / "profiles" / name)
@@ -388,12 +388,6 @@ def measure(
             flush=True,
         )
     return out
-
-
-def metrics_ports() -> list[int]:
-    import ray
-
-    return [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
 
 
 def router_cost(iterations: int = 2000) -> dict[str, float]:

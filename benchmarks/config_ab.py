@@ -3,24 +3,22 @@
     .venv/bin/python -m benchmarks.config_ab REPEATS 'NAME=JSON' ['NAME=JSON' ...]
 
 Each JSON is merged into `serve_config.yaml`'s app args (e.g. `r1={"router":
-{"num_replicas": 1}}`, `base={}`); each variant runs the compare benchmark's quick levels
-(c=1, 8, 32; streaming, 64 tokens) and prints output tokens/s and CPU ms per 1,000
-tokens of every process together.
+{"num_replicas": 1}}`, `base={}`); each variant runs the compare benchmark's quick
+levels (`compare.measure`: c=1, 8, 32; streaming, 64 tokens) and prints output tokens/s
+and CPU ms per 1,000 tokens of every process together.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import sys
 from typing import Any
 
-from benchmarks.compare import label, our_app, serve_args
-from benchmarks.cpu_cost import CpuMeter
-from benchmarks.loadgen import LoadSpec, run_load, summarize
+from benchmarks.compare import measure, our_app, serve_args
+from benchmarks.loadgen import LoadSpec
 
-LEVELS = ((1, 8), (8, 16), (32, 32))
+LEVELS = [(1, 8), (8, 16), (32, 32)]  # compare's --quick levels
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -35,16 +33,12 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def one(args: dict[str, Any]) -> list[str]:
     with our_app(args) as url:
         spec = LoadSpec(base_url=url, model="kimi-k2.5:premium", max_tokens=64)
-        asyncio.run(run_load(spec, 4, concurrency=2))  # warm-up
-        row = []
-        for c, n in LEVELS:
-            with CpuMeter(label) as cpu:
-                results, wall = asyncio.run(run_load(spec, n, concurrency=c, seed=c))
-            s = summarize(results, wall)
-            tokens = sum(r.output_tokens for r in results if r.ok)
-            total = sum(cpu.per_1k_tokens(tokens).values())
-            row.append(f"c={c} {s['output_throughput']:.0f} tok/s, cpu/1k {total:.0f} ms")
-        return row
+        levels = measure("ours-premium", spec, LEVELS)
+    return [
+        f"c={c} {s['output_throughput']:.0f} tok/s, "
+        f"cpu/1k {sum(s['cpu_ms_per_1k_tokens'].values()):.0f} ms"
+        for c, s in levels.items()
+    ]
 
 
 def main() -> None:

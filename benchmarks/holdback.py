@@ -2,8 +2,8 @@
 own histogram (`kimi_tier_holdback_seconds`, one observation per message sent: the wait of
 its oldest chunk) on the cluster's Prometheus endpoints, before and after the level.
 
-Ray's metrics agent exports every `metrics_report_interval_ms`; the reading after a level
-waits until the count stops moving, so that every message of the level is in it.
+Ray's metrics agent exports every `metrics_report_interval_ms`; a reading waits until the
+count stops moving, so that every message so far is in it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from typing import Any
 import httpx
 
 METRIC = "ray_kimi_tier_holdback_seconds_bucket"
+
+
+def metrics_ports() -> list[int]:
+    """Every node's Prometheus endpoint (a replica's metrics leave from its own node)."""
+    import ray
+
+    return [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
 
 
 def buckets(ports: list[int], tier: str) -> dict[float, float]:
@@ -31,16 +38,21 @@ def buckets(ports: list[int], tier: str) -> dict[float, float]:
     return out
 
 
-def settled(ports: list[int], tier: str, timeout_s: float = 20.0) -> dict[float, float]:
-    """The buckets once two readings 1.5 s apart agree (the agent has exported it all)."""
-    last = buckets(ports, tier)
-    deadline = time.monotonic() + timeout_s
+def settled(
+    ports: list[int], tier: str, quiet_s: float = 1.5, above: float = -1.0, timeout_s: float = 20
+) -> dict[float, float]:
+    """The buckets once their count is above `above` and has not moved for `quiet_s` (more
+    than the agent's export period: every message so far is in); at the timeout, as they
+    are."""
+    last, since = buckets(ports, tier), time.monotonic()
+    deadline = since + timeout_s
     while time.monotonic() < deadline:
-        time.sleep(1.5)
+        time.sleep(min(quiet_s, 2.0))
         now = buckets(ports, tier)
-        if now == last:
-            return now
-        last = now
+        if now != last:
+            last, since = now, time.monotonic()
+        elif last.get(math.inf, 0.0) > above and time.monotonic() - since >= quiet_s:
+            return last
     return last
 
 

@@ -174,13 +174,6 @@ def flushed_usage(admin: httpx.Client, state_dir: Path) -> Any:
     return read_usage(state_dir / "usage")
 
 
-def metrics_ports() -> list[int]:
-    """Every node's Prometheus endpoint (a replica's metrics leave from its own node)."""
-    import ray
-
-    return [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
-
-
 @pytest.fixture(scope="session")
 def client(serve_url: str, admin: httpx.Client) -> openai.OpenAI:
     """The official OpenAI client with an enterprise-plan key (all tiers, no limits)."""

@@ -31,9 +31,10 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.holdback import metrics_ports
 from deployments.artifacts.instruction import PROMPT, REPLY
 from serve_app.sealing import Sealer
-from tests.integration.conftest import ROOT, flushed_usage, metrics_ports, new_key
+from tests.integration.conftest import ROOT, flushed_usage, new_key
 
 CLIS = ROOT / "scripts" / "agent_clis" / "node_modules" / ".bin"
 OUTPUT_CAP = 64  # the plan's output cap: the wired answer is three tokens

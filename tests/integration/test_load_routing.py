@@ -11,7 +11,8 @@ import httpx
 import pyarrow.compute as pc
 import pytest
 
-from tests.integration.conftest import flushed_usage, metrics_ports, new_key, saturated
+from benchmarks.holdback import metrics_ports
+from tests.integration.conftest import flushed_usage, new_key, saturated
 
 pytestmark = pytest.mark.integration
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
+import math
 
 import httpx
 import pytest
 
+from benchmarks import holdback
 from deployments.artifacts.instruction import REPLY, TRIGGER
-from tests.integration.conftest import metrics_ports
 
 pytestmark = pytest.mark.integration
 
@@ -164,35 +164,18 @@ def test_same_shape_on_every_tier(serve_url):
     assert shapes["premium"] == shapes["standard"] == shapes["budget"], shapes
 
 
-def holdback_count(tier: str) -> float:
-    """Messages the tier's replicas sent, as their hold-back histogram counts them."""
-    total = 0.0
-    for port in metrics_ports():
-        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-            name = "ray_kimi_tier_holdback_seconds_count{"
-            if line.startswith(name) and f'tier="{tier}"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def settled_holdback_count(tier: str, above: float = -1.0) -> float:
-    """The count once it is above `above` and has not moved for longer than Ray's metrics
-    agent takes to export (10 s by default): earlier tests' messages are all in it."""
-    deadline, last, since = time.monotonic() + 120, holdback_count(tier), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(2)
-        now = holdback_count(tier)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif last > above and time.monotonic() - since > 12:
-            return last
-    raise AssertionError(f"the hold-back count of {tier} never settled")
+def holdback_count(above: float = -1.0) -> float:
+    """Messages premium's replicas sent, as their hold-back histogram counts them, once the
+    count is above `above` and has stood longer than Ray's default 10 s export period."""
+    ports = holdback.metrics_ports()
+    held = holdback.settled(ports, "premium", quiet_s=12, above=above, timeout_s=120)
+    return held.get(math.inf, 0.0)
 
 
 def test_a_streams_tokens_ride_together_and_the_hold_is_measured(serve_url, client):
     """The tier replica joins a stream's chunks into fewer messages (never drops or
     reorders one) and counts each message it sends in `kimi_tier_holdback_seconds`."""
-    before = settled_holdback_count("premium")
+    before = holdback_count()
     body = {
         "model": "kimi-k2.5:premium",
         "messages": USER,
@@ -211,7 +194,7 @@ def test_a_streams_tokens_ride_together_and_the_hold_is_measured(serve_url, clie
     tokens = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert events[-1]["usage"]["completion_tokens"] == 48
     assert len(tokens) >= 40  # one event a token (a few may be empty deltas), none lost
-    sent = settled_holdback_count("premium", above=before) - before
+    sent = holdback_count(above=before) - before
     assert 1 <= sent <= len(events) + 1, sent
 
 
