@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ from benchmarks.loadgen import LoadSpec, run_load, summarize
 from benchmarks.repeats import median_levels, ratio_spread
 from deployments.ports import free_port
 from deployments.spec import TierSpec, flags_to_argv
+from serve_app.ray_env import ray_env, ray_started_with
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -155,9 +157,13 @@ def our_app(args: dict[str, Any] | None = None) -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    ray.init(
-        num_cpus=8, include_dashboard=False, log_to_driver=False, _system_config=METRICS_EVERY_S
-    )
+    with ray_started_with(ray_env()):  # as `ray start` gets it (cluster/ray.env)
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=METRICS_EVERY_S,
+        )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args or serve_args()), name="kimi", route_prefix="/")
@@ -271,7 +277,9 @@ def litellm_proxy() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def ray_serve_llm() -> Iterator[str]:
+def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
+    """Ray Serve LLM's OpenAI app on the premium tier's engine flags; `env`: what its
+    Ray starts with (none: Ray Serve's defaults, as a user gets them)."""
     import ray
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
@@ -280,13 +288,14 @@ def ray_serve_llm() -> Iterator[str]:
 
     spec = tier_spec("premium")
     kwargs = {k.replace("-", "_"): v for k, v in vllm_flags(spec).items()}
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": spec.env},
-        _system_config=METRICS_EVERY_S,  # as ours: the same metrics cost on both
-    )
+    with ray_started_with(env or {}):
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": spec.env},
+            _system_config=METRICS_EVERY_S,  # as ours: the same metrics cost on both
+        )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = LLMConfig(
@@ -575,6 +584,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests per level")
     parser.add_argument("--with-ray-llm", action="store_true")
     parser.add_argument(
+        "--with-ray-llm-optimized",
+        action="store_true",
+        help="Ray Serve LLM again, on the Ray environment ours runs on (cluster/ray.env)",
+    )
+    parser.add_argument(
         "--with-litellm", action="store_true", help="LiteLLM's proxy before vllm serve"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -619,6 +633,8 @@ def main() -> None:
             run("vllm-serve", vllm_serve, "kimi-k2.5")
         if args.with_ray_llm:
             run("ray-serve-llm", ray_serve_llm, "kimi-k2.5")
+        if args.with_ray_llm_optimized:
+            run("ray-serve-llm-opt", functools.partial(ray_serve_llm, ray_env()), "kimi-k2.5")
         if args.with_litellm:
             run("litellm-proxy", litellm_proxy, "kimi-k2.5")
         if "llama-server" not in skip:
@@ -628,6 +644,7 @@ def main() -> None:
     pairs = [
         ("ours-premium", "vllm-serve"),
         ("ours-premium", "ray-serve-llm"),
+        ("ours-premium", "ray-serve-llm-opt"),
         ("ours-premium", "litellm-proxy"),
         ("ours-standard", "llama-server"),
     ]

@@ -10,6 +10,8 @@ RAY="${RAY:-$(dirname "$0")/../.venv/bin/ray}"
 PORT="${RAY_HEAD_PORT:-6390}"
 # Ray 2.60 authenticates nodes with a token: one shared token for the local nodes.
 export RAY_AUTH_MODE=token
+# every node starts with the app's Ray environment (Ray Serve's throughput-optimized path)
+set -a; . "$(dirname "$0")/ray.env"; set +a
 case "${1:-start}" in
   start)
     "$RAY" get-auth-token --generate > /dev/null

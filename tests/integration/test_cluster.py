@@ -52,6 +52,20 @@ def test_tiers_are_placed_on_the_nodes_their_resources_ask_for(serve_url, cluste
     assert premium_nodes.isdisjoint(standard_nodes)
 
 
+def test_http_reaches_the_router_replicas_through_haproxy_not_the_python_proxy(serve_url):
+    """cluster/ray.env: Ray Serve's throughput-optimized path, in which HAProxy listens on
+    the app's port and hands each connection to a router replica's own HTTP server."""
+    import psutil
+
+    port = int(serve_url.rsplit(":", 1)[1])
+    conns = psutil.net_connections("tcp")
+    listeners = {c.pid for c in conns if c.laddr.port == port and c.status == "LISTEN"}
+    assert {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}
+    r = chat(serve_url, None, headers={"x-request-id": "through-haproxy"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "through-haproxy"
+    assert r.headers["x-kimi-router"]
+
+
 def replicas(url: str, tier: str) -> int:
     s = tier_status(url, tier)
     return 0 if not s else int(s["replicas"])
