@@ -151,13 +151,14 @@ def wait_http(url: str, timeout: float = 600) -> None:
 
 
 @contextlib.contextmanager
-def our_app(args: dict[str, Any] | None = None) -> Iterator[str]:
+def our_app(args: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Our app on a Ray started as `ray start` is (cluster/ray.env), or with `env`."""
     import ray
     from ray import serve
 
     from serve_app.app import build_app
 
-    with ray_started_with(ray_env()):  # as `ray start` gets it (cluster/ray.env)
+    with ray_started_with(ray_env() if env is None else env):
         ray.init(
             num_cpus=8,
             include_dashboard=False,

@@ -394,7 +394,7 @@ class Pipeline:
             api=inbound.api,
             session_id=session_of(inbound),
         )
-        # Ray Serve's proxy echoes x-request-id (ours comes from it), so it is not repeated.
+        # Ray Serve's HTTP ingress echoes x-request-id (ours comes from it): not repeated.
         headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
         if route.degraded:
             headers["x-kimi-degraded"] = f"{route.candidates[0].name}->{tier.name}"
