@@ -29,7 +29,7 @@ from deployments.engine import Endpoint
 from serve_app.actor_calls import ActorCalls, ActorUnavailable
 from serve_app.config import Plan
 from serve_app.console_sessions import ConsoleSessions
-from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey
+from serve_app.keys import KeyInfo, KeyOverrides, KeyStore, NewKey, UsageRow
 from serve_app.limits import Denial, KeyState, Limits, session_denial
 from serve_app.metering import MeterWriter, UsageRecord, recent_usage, usage_summary
 from serve_app.reasoning_memory import ReasoningMemory
@@ -110,10 +110,11 @@ class GatewayState:
             "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
         )
         self._flusher: asyncio.Task[None] | None = None
+        # settlements waiting for their records to be written, and the task writing them
+        self._waiting: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
         # budget totals not yet in the key store (it failed), and why
-        self.totals: collections.deque[tuple[str, str, int, float, str | None]] = (
-            collections.deque()
-        )
+        self.totals: collections.deque[UsageRow] = collections.deque()
         self.totals_fault: str | None = None
         self.degraded = metrics.Gauge(
             "kimi_storage_degraded", "1 while the state dir cannot be written (503s)"
@@ -229,21 +230,49 @@ class GatewayState:
         if key_id is not None and key_id in self.states:
             self.states[key_id].settle(est, tokens, cost, now)
         if record is not None:
-            self.meter.append(record)  # held in memory while the disk fails
+            self.meter.backlog.append(record)  # held in memory while the disk fails
             if tokens or cost:
                 month = month_of(record.time)
                 self.totals.append((record.key_id, month, tokens, cost, record.session_id))
+            await self._persisted()
+
+    async def _persisted(self) -> None:
+        """Return once what is queued now is on disk (or held, the disk failing): one
+        writer writes for every settlement waiting at once (group commit: one fsync of
+        the usage log and one key-store commit for all of them), so the gateway's
+        ceiling of metered requests a second grows with the load instead of being one
+        request per two fsyncs."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_waiting())
+        await asyncio.shield(done)
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # settlements that came in meanwhile join this write
+            batch, self._waiting = self._waiting, []
+            try:
+                self.meter.heal()  # a disk that fails: held and retried, not raised
                 self._write_totals()
+            except Exception as exc:  # anything else is the waiting settlements' error
+                for done in batch:
+                    done.set_exception(exc)
+                continue
+            for done in batch:
+                done.set_result(None)
 
     def _write_totals(self) -> None:
-        """Budget totals into the key store, oldest first, until it fails (then kept)."""
-        while self.totals:
-            try:
-                self.keys.add_usage(*self.totals[0])
-            except sqlite3.Error as exc:
-                self.totals_fault = str(exc)
-                return
-            self.totals.popleft()
+        """Budget totals into the key store in one transaction, or kept (it failed)."""
+        if not self.totals:
+            self.totals_fault = None
+            return
+        try:
+            self.keys.add_usages(list(self.totals))
+        except sqlite3.Error as exc:
+            self.totals_fault = str(exc)
+            return
+        self.totals.clear()
         self.totals_fault = None
 
     @property

@@ -17,6 +17,7 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.config import LimitFields
 
 PREFIX = "sk-kimi-"
+# what a settled request adds to its key's budget totals: key id, month, tokens, USD, session
+UsageRow = tuple[str, str, int, float, str | None]
 log = logging.getLogger("serve_app.keys")
 
 
@@ -237,20 +240,26 @@ class KeyStore:
         self, key_id: str, month: str, tokens: int, spend: float, session: str | None = None
     ) -> None:
         """Add to the key's month (and its session's) totals, both or neither."""
+        self.add_usages([(key_id, month, tokens, spend, session)])
+
+    def add_usages(self, rows: Sequence[UsageRow]) -> None:
+        """`add_usage` for each row, in one transaction (one commit to disk): all or none."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute(
-                """INSERT INTO month_usage VALUES (?, ?, ?, ?) ON CONFLICT (key_id, month)
-                DO UPDATE SET tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
-                (key_id, month, tokens, spend),
-            )
-            if session:
+            for key_id, month, tokens, spend, session in rows:
                 self.db.execute(
-                    """INSERT INTO session_usage VALUES (?, ?, ?, ?)
-                    ON CONFLICT (key_id, session) DO UPDATE SET
-                    tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
-                    (key_id, session, tokens, spend),
+                    """INSERT INTO month_usage VALUES (?, ?, ?, ?) ON CONFLICT (key_id, month)
+                    DO UPDATE SET tokens = tokens + excluded.tokens,
+                    spend = spend + excluded.spend""",
+                    (key_id, month, tokens, spend),
                 )
+                if session:
+                    self.db.execute(
+                        """INSERT INTO session_usage VALUES (?, ?, ?, ?)
+                        ON CONFLICT (key_id, session) DO UPDATE SET
+                        tokens = tokens + excluded.tokens, spend = spend + excluded.spend""",
+                        (key_id, session, tokens, spend),
+                    )
         except BaseException:
             self.db.execute("ROLLBACK")
             raise

@@ -191,17 +191,19 @@ class MeterWriter:
         self.heal()
 
     def heal(self) -> bool:
-        """Write what the backlog holds, oldest first, until the disk fails again; whether
-        it is empty (and the fault cleared)."""
-        while self.backlog:
+        """Write what the backlog holds (one write and one fsync for all of it: several
+        settlements' records at once); whether it is empty (and the fault cleared)."""
+        if self.backlog:
+            batch = list(self.backlog)
             try:
-                self._write(self.backlog[0])
+                self._write(batch)
             except OSError as exc:
                 if self.fault is None:
                     log.error("the usage log cannot be written: %s", exc)
                 self.fault = f"{exc.strerror or exc}"
                 return False
-            self._pending.append(self.backlog.popleft())
+            self.backlog.clear()
+            self._pending.extend(batch)
         if self.fault is not None:
             log.warning("the usage log is writable again")
         self.fault = None
@@ -209,14 +211,14 @@ class MeterWriter:
             self.flush()
         return True
 
-    def _write(self, record: UsageRecord) -> None:
-        """One line in the write-ahead segment, fsynced; a failed write is cut back off,
-        so no torn line stays in front of the next."""
+    def _write(self, records: list[UsageRecord]) -> None:
+        """A line each in the write-ahead segment, fsynced; a failed write is cut back
+        off, so no torn line stays in front of the next."""
         if self._wal is None:
             self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
         start = self._wal.tell()
         try:
-            self._wal.write(record.model_dump_json() + "\n")
+            self._wal.write("".join(r.model_dump_json() + "\n" for r in records))
             self._wal.flush()
             os.fsync(self._wal.fileno())
         except OSError:

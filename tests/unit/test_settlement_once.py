@@ -57,3 +57,39 @@ def test_each_request_is_metered_once_however_its_settlement_is_repeated(
     tokens = sum(10 + n + 1 for n, _ in billed)
     month = month_of(T0)
     assert KeyStore(root / "keys.db").month_usage(CALLER.key_id, month)[0] == tokens
+
+
+def test_settlements_at_once_share_their_writes_and_each_is_durable_when_it_returns(
+    tmp_path, monkeypatch
+):
+    """Group commit: 64 settlements at once cost a few fsyncs, not 64 of the usage log and
+    64 key-store commits; yet none returns before its record is in the fsynced log and
+    its tokens in the committed totals."""
+    import os
+
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    n = 64
+
+    async def run() -> None:
+        gateway = Gateway(str(tmp_path), PLANS, 1000, 3600)
+        for i in range(n):
+            await gateway.admit(CALLER, 100, 0.01, f"t{i}")
+        store = KeyStore(tmp_path / "keys.db")  # another connection: sees commits only
+
+        async def settle(i: int) -> None:
+            await gateway.settle(f"t{i}", record(i))
+            logged = "".join(p.read_text() for p in (tmp_path / "usage" / "_wal").iterdir())
+            assert f'"request_id":"req-{i}"' in logged
+            assert store.month_usage(CALLER.key_id, month_of(T0))[0] >= 10 + i + 1
+
+        await asyncio.gather(*(settle(i) for i in range(n)))
+        logged = "".join(p.read_text() for p in (tmp_path / "usage" / "_wal").iterdir())
+        assert len(logged.splitlines()) == n
+        tokens = sum(10 + i + 1 for i in range(n))
+        assert store.month_usage(CALLER.key_id, month_of(T0))[0] == tokens
+        gateway.close()
+
+    asyncio.run(run())
+    assert 0 < len(fsyncs) <= 8, len(fsyncs)
