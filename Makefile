@@ -41,6 +41,8 @@ deploy: install
 stop:
 	-$(BIN)/serve shutdown -y
 	-$(BIN)/ray stop --force
+	@# Ray's stop leaves Serve's HAProxy running, holding the app's port
+	-$(BIN)/python -c "from serve_app.ray_env import stop_orphaned_haproxy as s; s()"
 
 test: install
 	@# the console tests need a browser; where it cannot be installed, they fail and say why

@@ -45,7 +45,7 @@ from benchmarks.loadgen import LoadSpec, run_load, summarize
 from benchmarks.repeats import median_levels, ratio_spread
 from deployments.ports import free_port
 from deployments.spec import TierSpec, flags_to_argv
-from serve_app.ray_env import ray_env, ray_started_with
+from serve_app.ray_env import on_free_ports, ray_env, ray_started_with, stop_orphaned_haproxy
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -158,7 +158,7 @@ def our_app(args: dict[str, Any] | None = None, env: dict[str, str] | None = Non
 
     from serve_app.app import build_app
 
-    with ray_started_with(ray_env() if env is None else env):
+    with ray_started_with({**(ray_env() if env is None else env), **on_free_ports()}):
         ray.init(
             num_cpus=8,
             include_dashboard=False,
@@ -175,6 +175,7 @@ def our_app(args: dict[str, Any] | None = None, env: dict[str, str] | None = Non
     finally:
         serve.shutdown()
         ray.shutdown()
+        stop_orphaned_haproxy()
 
 
 @contextlib.contextmanager
@@ -289,7 +290,7 @@ def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
 
     spec = tier_spec("premium")
     kwargs = {k.replace("-", "_"): v for k, v in vllm_flags(spec).items()}
-    with ray_started_with(env or {}):
+    with ray_started_with({**(env or {}), **on_free_ports()}):
         ray.init(
             num_cpus=8,
             include_dashboard=False,
@@ -329,6 +330,7 @@ def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        stop_orphaned_haproxy()
 
 
 @contextlib.contextmanager

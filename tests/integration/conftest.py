@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from deployments.ports import free_port
-from serve_app.ray_env import ray_env
+from serve_app.ray_env import on_free_ports, ray_env, stop_orphaned_haproxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,8 @@ def cluster(state_dir: Path) -> Iterator[object]:
     # The "nodes" share one machine: the proxy's preference for router replicas on its own
     # node would send every request to one of them, and the tests want both to serve.
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
-    os.environ.update(ray_env())  # as `ray start` gets them (cluster/ray.env)
+    # as `ray start` gets them (cluster/ray.env), HAProxy's own ports where nothing else is
+    os.environ.update({**ray_env(), **on_free_ports()})
     # A 2-core machine needs more logical CPUs than it reports (README, `make serve`).
     c = Cluster(initialize_head=True, head_node_args={**NODES["head"], "include_dashboard": False})
     c.add_node(**NODES["h200"])
@@ -132,6 +133,7 @@ def cluster(state_dir: Path) -> Iterator[object]:
     yield c
     ray.shutdown()
     c.shutdown()
+    stop_orphaned_haproxy()
 
 
 @pytest.fixture(scope="session")

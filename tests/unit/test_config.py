@@ -75,30 +75,3 @@ def test_price_cost_counts_cached_tokens_at_their_rate():
     assert full == pytest.approx(0.60)
     assert cached == pytest.approx(0.15)
     assert price.cost(0, 1_000_000) == pytest.approx(2.50)
-
-
-def test_every_way_of_starting_ray_carries_the_apps_ray_env(tmp_path):
-    """Ray reads cluster/ray.env's settings when each of its processes starts: a node
-    started without them serves through the slower Python proxy path."""
-    import yaml
-
-    from serve_app.ray_env import ray_env
-
-    env = ray_env()
-    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-    cluster = ROOT / "cluster"
-    kuberay = yaml.safe_load((cluster / "kuberay-rayservice.yaml").read_text())
-    groups = kuberay["spec"]["rayClusterConfig"]
-    pods = [groups["headGroupSpec"], *groups["workerGroupSpecs"]]
-    for container in (c for pod in pods for c in pod["template"]["spec"]["containers"]):
-        assert env.items() <= {e["name"]: e.get("value") for e in container["env"]}.items()
-    launcher = yaml.safe_load((cluster / "ray-cluster.gpu.yaml").read_text())
-    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
-    for start in (c for c in starts if "ray start" in c):
-        assert all(f"{name}={value} " in start for name, value in env.items()), start
-    assert '. "$(dirname "$0")/ray.env"' in (cluster / "local_multinode.sh").read_text()
-    makefile = (ROOT / "Makefile").read_text()
-    assert makefile.count("env $(RAY_ENV) $(BIN)/ray start") == makefile.count("ray start")
-    # the parser: comments, blank lines and spaces around the name are no part of it
-    (tmp_path / "ray.env").write_text("# a comment\n\n A=1\nB = two words\n")
-    assert ray_env(tmp_path / "ray.env") == {"A": "1", "B": "two words"}
