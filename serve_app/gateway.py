@@ -230,7 +230,7 @@ class GatewayState:
         if key_id is not None and key_id in self.states:
             self.states[key_id].settle(est, tokens, cost, now)
         if record is not None:
-            self.meter.backlog.append(record)  # held in memory while the disk fails
+            self.meter.add(record)  # written below; held in memory while the disk fails
             if tokens or cost:
                 month = month_of(record.time)
                 self.totals.append((record.key_id, month, tokens, cost, record.session_id))

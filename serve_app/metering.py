@@ -187,8 +187,12 @@ class MeterWriter:
 
     def append(self, record: UsageRecord) -> None:
         """Durable on return, or (the disk failing) held in the backlog, `fault` set."""
-        self.backlog.append(record)
+        self.add(record)
         self.heal()
+
+    def add(self, record: UsageRecord) -> None:
+        """Held for the next `heal`, which writes every record held at once."""
+        self.backlog.append(record)
 
     def heal(self) -> bool:
         """Write what the backlog holds (one write and one fsync for all of it: several
