@@ -175,25 +175,29 @@ def holdback_count(above: float = -1.0) -> float:
 def test_a_streams_tokens_ride_together_and_the_hold_is_measured(serve_url, client):
     """The tier replica joins a stream's chunks into fewer messages (never drops or
     reorders one) and counts each message it sends in `kimi_tier_holdback_seconds`."""
-    before = holdback_count()
     body = {
         "model": "kimi-k2.5:premium",
         "messages": USER,
         "max_tokens": 48,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "temperature": 0,  # greedy: the plain answer below is the same text
         "chat_template_kwargs": {"thinking": False},
     }
-    events = []
     url, auth = f"{serve_url}/v1/chat/completions", {"authorization": f"Bearer {client.api_key}"}
-    with httpx.stream("POST", url, json=body, headers=auth, timeout=120) as r:
+    plain = httpx.post(url, json=body, headers=auth, timeout=120).json()
+    before = holdback_count()
+    events = []
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url, json=streamed, headers=auth, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
     tokens = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert events[-1]["usage"]["completion_tokens"] == 48
-    assert len(tokens) >= 40  # one event a token (a few may be empty deltas), none lost
+    # every chunk its own event, in order, none lost: the plain answer's text exactly
+    text = "".join(e["choices"][0]["delta"]["content"] for e in tokens)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert len(tokens) >= 40  # one event a token (a few may be empty deltas)
     sent = holdback_count(above=before) - before
     assert 1 <= sent <= len(events) + 1, sent
 
