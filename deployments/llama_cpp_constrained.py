@@ -185,12 +185,16 @@ MARKERS_BY_TEXT = {m.value: m for m in Marker}
 
 def pieces(event: dict[str, Any]) -> list[tuple[str, Marker | None]]:
     """One `/completion` stream event as (text, marker) pieces. An event is one token,
-    except where llama-server held back an incomplete UTF-8 character; a marker is only
-    ever a single special token."""
+    except where llama-server held back an incomplete UTF-8 character: the next event
+    carries the held text too (U+FFFD when a marker follows it, which cannot complete
+    it). A marker is only ever a single special token, so a one-token event that ends
+    in a marker's text is that marker after any held text."""
     text, tokens = event.get("content") or "", event.get("tokens") or []
-    marker = MARKERS_BY_TEXT.get(text)
-    if marker is not None and len(tokens) == 1:
-        return [(text, marker)]
+    if len(tokens) == 1 and text.endswith(">"):
+        for spelled, marker in MARKERS_BY_TEXT.items():
+            if text.endswith(spelled):
+                held = text[: -len(spelled)]
+                return [(held, None), (spelled, marker)] if held else [(spelled, marker)]
     return [(text, None)] if text else []
 
 

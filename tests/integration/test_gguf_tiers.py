@@ -16,6 +16,7 @@ import pytest
 
 from deployments.artifacts.gguf import ensure_tiny_gguf, read_gguf_header
 from deployments.artifacts.tiny_model import TEMPLATE_PATH, ensure_tiny_model
+from tests.integration.tiny_vocab import half_character_token, token_bytes, vocab
 
 pytestmark = pytest.mark.integration
 
@@ -115,16 +116,8 @@ def test_grammar_lets_no_invalid_utf8_through():
     tokens holding bytes that no UTF-8 text holds are no characters to a grammar, however
     much the model wants them. Unpatched, they passed as characters and came out as U+FFFD
     each, past a JSON string's maxLength."""
-    from transformers import AutoTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    vocab = AutoTokenizer.from_pretrained(ensure_tiny_model()).get_vocab()
     impossible = [
-        i
-        for text, i in vocab.items()
-        if all(c in to_byte for c in text)
-        and any(to_byte[c] in (0xC0, 0xC1) or to_byte[c] >= 0xF5 for c in text)
+        i for i, b in token_bytes().items() if any(x in (0xC0, 0xC1) or x >= 0xF5 for x in b)
     ]
     assert impossible, "the byte-level vocabulary holds every byte"
     with llama_server("Q2_K") as url:
@@ -141,6 +134,29 @@ def test_grammar_lets_no_invalid_utf8_through():
         ).json()
     assert not set(r["tokens"]) & set(impossible)
     assert "\ufffd" not in r["content"] and len(r["content"]) == 8, r["content"]
+
+
+def test_a_marker_ends_reasoning_that_stopped_mid_character():
+    """Our patch grammar-token-after-partial-utf8.patch: where the grammar wants a named
+    token next (`</think>` once the reasoning budget is spent) and the token before left
+    a character half-written, the named token still comes. Unpatched, the grammar
+    refused every token there (the marker's text cannot complete the character), the
+    sampler drew one anyway and the request failed: "Unexpected empty grammar stack"."""
+    half, think_end = half_character_token(), vocab()["</think>"]
+    with llama_server("Q4_K_M") as url:
+        r = httpx.post(
+            f"{url}/completion",
+            json={
+                "prompt": "x",
+                "grammar": 'root ::= (!</think>){0,1} </think> "ok"',
+                "n_predict": 8,
+                "logit_bias": [[half, 100.0]],  # the half character, wherever it may come
+                "return_tokens": True,
+            },
+            timeout=60,
+        ).json()
+    assert r.get("tokens", [])[:2] == [half, think_end], r
+    assert r["content"].endswith("ok") and r["stop_type"] == "eos", r
 
 
 def _llama_server_pid(quant: str) -> int:

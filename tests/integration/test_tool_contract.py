@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from serve_app.measured import RESULTS
+from tests.integration.tiny_vocab import half_character_token
 
 pytestmark = pytest.mark.integration
 
@@ -281,6 +282,36 @@ def test_streamed_and_plain_answers_agree(client, tier):
     assert reason == r.choices[0].finish_reason
     # several calls may come; `length` only when they used every token
     assert reason == "tool_calls" or r.usage.completion_tokens == 300, (reason, r.usage)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_spent_mid_character_still_ends_and_calls(client, tier, stream):
+    """A one-token thinking budget spent on half a character (`logit_bias` steers the
+    sampler at such a token): the reasoning still ends where the budget says, the held
+    byte comes back as reasoning text, and the forced call follows."""
+    kwargs = dict(
+        model=f"kimi-k2.5:{tier}",
+        messages=USER,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,  # the steered model would call again and again
+        max_tokens=200,
+        logit_bias={str(half_character_token()): 100},
+        extra_body={**thinking(True), "thinking_token_budget": 1},
+    )
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        calls, reason, _ = streamed(chunks)
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    else:
+        r = client.chat.completions.create(**kwargs)
+        calls, reason = plain(r.choices[0].message), r.choices[0].finish_reason
+        reasoning = (r.choices[0].message.model_extra or {}).get("reasoning_content")
+    assert reasoning == " \ufffd", reasoning
+    assert_valid(calls, {"get_weather"})
+    assert reason == "tool_calls"
 
 
 def test_models_show_quantization_and_measured_accuracy(client):

@@ -106,6 +106,18 @@ def test_spelled_markers_are_text():
     assert pieces({"content": "", "tokens": [2]}) == []
 
 
+def test_a_marker_after_a_held_back_character_is_still_the_marker():
+    """llama-server holds back a half-written character and sends it with the next
+    token's text; when that token is a marker it cannot complete it (U+FFFD)."""
+    assert pieces({"content": " \ufffd</think>", "tokens": [21]}) == [
+        (" \ufffd", None),
+        ("</think>", Marker.THINK_END),
+    ]
+    assert pieces({"content": "a</think>", "tokens": [60, 61]}) == [("a</think>", None)]
+    parser, _ = parse([*pieces({"content": " \ufffd</think>", "tokens": [21]}), ("ok", None)])
+    assert (parser.reasoning, parser.content) == (" \ufffd", "ok")
+
+
 @pytest.mark.parametrize(
     ("header", "name"),
     [("functions.get_weather:12", "get_weather"), ("functions.a:b:0", "a:b"), ("odd", "odd")],
