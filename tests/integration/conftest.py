@@ -143,7 +143,9 @@ def serve_url(cluster: object) -> Iterator[str]:
     from serve_app.app import build_app
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One proxy, on the head, as serve_config.yaml says: the "nodes" share one machine, and
+    # a worker node's HAProxy would find the head's holding its ports and restart forever.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(session_app_args()), name="kimi", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
