@@ -111,6 +111,19 @@ def llama_server(quant: str) -> Iterator[str]:
         proc.wait(10)
 
 
+def steered_completion(quant: str, grammar: str, n_predict: int, bias: dict[int, float]) -> dict:
+    """One `/completion` under `grammar` with the sampler pushed at the `bias` tokens."""
+    with llama_server(quant) as url:
+        body = {
+            "prompt": "x",
+            "grammar": grammar,
+            "n_predict": n_predict,
+            "logit_bias": [[i, b] for i, b in bias.items()],
+            "return_tokens": True,
+        }
+        return httpx.post(f"{url}/completion", json=body, timeout=60).json()
+
+
 def test_grammar_lets_no_invalid_utf8_through():
     """Our patch to llama.cpp's grammar (scripts/llama_cpp/patches/grammar-strict-utf8.patch):
     tokens holding bytes that no UTF-8 text holds are no characters to a grammar, however
@@ -120,18 +133,9 @@ def test_grammar_lets_no_invalid_utf8_through():
         i for i, b in token_bytes().items() if any(x in (0xC0, 0xC1) or x >= 0xF5 for x in b)
     ]
     assert impossible, "the byte-level vocabulary holds every byte"
-    with llama_server("Q2_K") as url:
-        r = httpx.post(
-            f"{url}/completion",
-            json={
-                "prompt": "x",
-                "grammar": 'root ::= [^"\\\\\\x00-\\x1F]{8}',
-                "n_predict": 16,
-                "logit_bias": [[i, 50.0] for i in impossible],
-                "return_tokens": True,
-            },
-            timeout=60,
-        ).json()
+    r = steered_completion(
+        "Q2_K", 'root ::= [^"\\\\\\x00-\\x1F]{8}', 16, {i: 50.0 for i in impossible}
+    )
     assert not set(r["tokens"]) & set(impossible)
     assert "\ufffd" not in r["content"] and len(r["content"]) == 8, r["content"]
 
@@ -143,18 +147,8 @@ def test_a_marker_ends_reasoning_that_stopped_mid_character():
     refused every token there (the marker's text cannot complete the character), the
     sampler drew one anyway and the request failed: "Unexpected empty grammar stack"."""
     half, think_end = half_character_token(), vocab()["</think>"]
-    with llama_server("Q4_K_M") as url:
-        r = httpx.post(
-            f"{url}/completion",
-            json={
-                "prompt": "x",
-                "grammar": 'root ::= (!</think>){0,1} </think> "ok"',
-                "n_predict": 8,
-                "logit_bias": [[half, 100.0]],  # the half character, wherever it may come
-                "return_tokens": True,
-            },
-            timeout=60,
-        ).json()
+    # the half character, wherever it may come
+    r = steered_completion("Q4_K_M", 'root ::= (!</think>){0,1} </think> "ok"', 8, {half: 100.0})
     assert r.get("tokens", [])[:2] == [half, think_end], r
     assert r["content"].endswith("ok") and r["stop_type"] == "eos", r
 
