@@ -264,15 +264,13 @@ class GatewayState:
 
     def _write_totals(self) -> None:
         """Budget totals into the key store in one transaction, or kept (it failed)."""
-        if not self.totals:
-            self.totals_fault = None
-            return
-        try:
-            self.keys.add_usages(list(self.totals))
-        except sqlite3.Error as exc:
-            self.totals_fault = str(exc)
-            return
-        self.totals.clear()
+        if self.totals:
+            try:
+                self.keys.add_usages(list(self.totals))
+            except sqlite3.Error as exc:
+                self.totals_fault = str(exc)
+                return
+            self.totals.clear()
         self.totals_fault = None
 
     @property
