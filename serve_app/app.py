@@ -14,6 +14,8 @@ from serve_app.ingress import Ingress
 def build_app(args: dict[str, Any]) -> Application:
     config = load_config(args)  # raises ConfigError naming the field
     tiers = {tier.name: build_tier(tier) for tier in config.tiers}
-    return Ingress.options(num_replicas=config.router.num_replicas).bind(
-        config.model_dump(mode="json"), tiers
+    router = config.router
+    ingress = Ingress.options(
+        num_replicas=router.num_replicas, max_replicas_per_node=router.max_replicas_per_node
     )
+    return ingress.bind(config.model_dump(mode="json"), tiers)

@@ -84,6 +84,12 @@ class Plan(LimitFields):
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_replicas: int = Field(1, ge=1)
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="router replicas on one node at most; 1 keeps a router alive when a node "
+        "is lost (unset on a one-node cluster, where it would leave replicas unplaced)",
+    )
     max_body_bytes: int = Field(
         20 * 2**20, gt=0, description="a request body; inline images count against it"
     )

@@ -96,6 +96,8 @@ def session_app_args() -> dict:
         for field, values in OVERLAY[tier["name"]].items():
             tier[field] = {**tier.get(field, {}), **values}
     args["router"]["allow_strategy_header"] = True
+    # as in production: the routers on two nodes, so a lost node leaves one serving
+    args["router"]["max_replicas_per_node"] = 1
     # a plan whose first tier (standard) shares a node with budget, and whose next
     # (premium) does not: the node-loss test watches its requests move
     args["plans"]["spill"] = {"tiers": ["standard", "premium"], "allow_degrade": True}
