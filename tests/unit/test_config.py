@@ -28,6 +28,19 @@ def test_production_config_is_valid():
     assert cfg.tier("premium").artifact.repo == "moonshotai/Kimi-K2.5"
 
 
+@pytest.mark.parametrize(
+    ("path", "per_node"), [("cluster/serve_config.production.yaml", 1), ("serve_config.yaml", None)]
+)
+def test_router_replicas_per_node_reach_the_router_deployment(path, per_node):
+    """Production keeps its two routers on different nodes, so a lost node leaves one
+    serving; the one-node default sets no cap (it would leave the second unplaced)."""
+    from serve_app.app import build_app
+
+    router = build_app(app_args(ROOT / path))._bound_deployment  # Ray keeps it private
+    assert router.num_replicas == 2
+    assert router._replica_config.max_replicas_per_node == per_node
+
+
 def test_config_path_may_name_a_serve_config():
     cfg = load_config({"config_path": "cluster/serve_config.production.yaml"})
     assert cfg.router.anonymous_plan is None and cfg.tier("budget").autoscaling.min_replicas == 0
@@ -57,6 +70,7 @@ def test_config_path_arg_loads_a_file(tmp_path):
         (lambda c: c["plans"]["free"].update(tiers=["gold"]), "plans.free.tiers"),
         (lambda c: c["plans"]["free"].update(tiers=[]), "plans.free.tiers"),
         (lambda c: c["router"].update(anonymous_plan="vip"), "router.anonymous_plan"),
+        (lambda c: c["router"].update(max_replicas_per_node=0), "router.max_replicas_per_node"),
         (lambda c: c["tiers"].append(dict(c["tiers"][0])), "duplicate tier"),
     ],
 )
