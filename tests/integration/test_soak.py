@@ -26,6 +26,11 @@ GROWTH_BOUND = {"fraction": 0.15, "plus_mib": 256}
 MODELS = ["kimi-k2.5:premium", "kimi-k2.5:standard", "kimi-k2.5:budget", "kimi-k2.5"]
 
 
+def is_error_event(line: str) -> bool:
+    payload = line.removeprefix("data: ")
+    return payload != "[DONE]" and "error" in json.loads(payload)
+
+
 def test_soak_mixed_load_no_errors_and_bounded_memory(serve_url, admin, state_dir):
     key = admin.post("/admin/keys", json={"plan": "enterprise"}).json()["key"]
     results: list[tuple[int, str]] = []
@@ -46,7 +51,8 @@ def test_soak_mixed_load_no_errors_and_bounded_memory(serve_url, admin, state_di
                         with c.stream("POST", f"{serve_url}/v1/chat/completions", json=body) as r:
                             raw = list(r.iter_lines())
                             lines = [ln for ln in raw if ln.startswith("data: ")]
-                            errors = [ln for ln in lines if '"error"' in ln]
+                            # an error event, not a chunk whose text is "error"
+                            errors = [ln for ln in lines if is_error_event(ln)]
                             ok = r.status_code == 200 and lines[-1:] == ["data: [DONE]"]
                             ok = ok and not errors
                             # a failure says what it was: the error event, or the body
