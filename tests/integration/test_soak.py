@@ -27,8 +27,16 @@ MODELS = ["kimi-k2.5:premium", "kimi-k2.5:standard", "kimi-k2.5:budget", "kimi-k
 
 
 def is_error_event(line: str) -> bool:
+    """An error event, or a data line that is no chunk at all (a failure too; raising
+    here would end the worker's thread without a record)."""
     payload = line.removeprefix("data: ")
-    return payload != "[DONE]" and "error" in json.loads(payload)
+    if payload == "[DONE]":
+        return False
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return True
+    return not isinstance(event, dict) or "error" in event
 
 
 def test_soak_mixed_load_no_errors_and_bounded_memory(serve_url, admin, state_dir):
