@@ -11,7 +11,9 @@ same tiny Kimi-architecture model with the same engine flags:
   llama-server      llama.cpp's server alone, with the standard tier's flags
 Closed-loop load at concurrency 1, 8 and 32 (streaming, fixed output length), every system
 `--repeats` times (3), interleaved; the report gives medians and each ratio's median with
-its min and max over the runs. Writes benchmarks/results/latest.{json,md} and PNG plots.
+its min and max over the runs (`--levels 8x128,32x256`: other levels, e.g. long enough
+for a steady state). Writes benchmarks/results/latest.{json,md} and PNG plots (`--out`:
+another name).
 Peak resident memory of every process is sampled while each system runs, and the CPU
 each process spends per 1,000 output tokens (`cpu_cost.py`).
 """
@@ -553,7 +555,7 @@ def holdback_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plots(report: dict[str, Any]) -> list[str]:
+def plots(report: dict[str, Any], prefix: str = "") -> list[str]:
     try:
         import matplotlib
 
@@ -576,10 +578,21 @@ def plots(report: dict[str, Any]) -> list[str]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(RESULTS / fname, dpi=110)
+        fig.savefig(RESULTS / f"{prefix}{fname}", dpi=110)
         plt.close(fig)
-        made.append(fname)
+        made.append(f"{prefix}{fname}")
     return made
+
+
+def parse_levels(text: str) -> list[tuple[int, int]]:
+    """`8x128,32x256` -> [(8, 128), (32, 256)]: concurrency and requests of each level."""
+    try:
+        levels = [tuple(int(n) for n in part.split("x")) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not CxN[,CxN...]: {text!r}") from exc
+    if not levels or any(len(lv) != 2 or min(lv) < 1 for lv in levels):
+        raise argparse.ArgumentTypeError(f"not CxN[,CxN...] with C, N >= 1: {text!r}")
+    return levels  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -603,11 +616,22 @@ def main() -> None:
         default="",
         help="comma-separated systems left out (ours, vllm-serve, llama-server), to iterate",
     )
+    parser.add_argument(
+        "--levels",
+        type=parse_levels,
+        help="concurrency x requests per level, e.g. 8x128,32x256 (default: 1x8,8x16,32x32"
+        " with --quick, twice the requests without)",
+    )
+    parser.add_argument(
+        "--out",
+        default="latest",
+        help="results/OUT.json, OUT.md and OUT_*.png (default: latest, with profiles)",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     scale = 1 if args.quick else 2
     skip = set(filter(None, args.skip.split(",")))
-    levels = [(1, 8 * scale), (8, 16 * scale), (32, 32 * scale)]
+    levels = args.levels or [(1, 8 * scale), (8, 16 * scale), (32, 32 * scale)]
     runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     memory: dict[str, Any] = {}
     started = time.monotonic()
@@ -631,7 +655,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         print(f"run {repeat + 1} of {args.repeats}; ours: starting the app", flush=True)
         if "ours" not in skip:
-            ours_both(profile=repeat == 0)
+            ours_both(profile=repeat == 0 and args.out == "latest")
         if "vllm-serve" not in skip:
             run("vllm-serve", vllm_serve, "kimi-k2.5")
         if args.with_ray_llm:
@@ -669,9 +693,9 @@ def main() -> None:
         "memory": memory,
         "duration_s": round(time.monotonic() - started),
     }
-    report["plots"] = plots(report)
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "latest.md").write_text(markdown(report))
+    report["plots"] = plots(report, "" if args.out == "latest" else f"{args.out}_")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(markdown(report))
     print(markdown(report))
 
 
