@@ -36,6 +36,7 @@ class RequestResult:
     degraded: bool = False
     cost_usd: float = 0.0  # our router's `usage.cost`; 0 from peers
     error: str | None = None
+    resent: bool = False  # sent again after a dropped kept-alive connection
 
     @property
     def tpot_s(self) -> float:
@@ -88,41 +89,63 @@ async def one_request(
     headers.update(spec.headers)
     start = time.perf_counter()
     result = RequestResult(ok=False)
-    last = None
     try:
-        async with client.stream(
-            "POST", f"{spec.base_url}/chat/completions", json=body, headers=headers
-        ) as r:
-            result.status = r.status_code
-            result.tier = r.headers.get("x-kimi-tier")
-            result.degraded = "x-kimi-degraded" in r.headers
-            if r.status_code != 200:
-                result.error = (await r.aread()).decode(errors="replace")[:200]
-                return result
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    result.error = str(event["error"])[:200]
-                    return result
-                if event.get("usage"):
-                    result.output_tokens = event["usage"].get("completion_tokens", 0)
-                    result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
-                    result.cost_usd = float(event["usage"].get("cost") or 0.0)
-                delta = (event.get("choices") or [{}])[0].get("delta") or {}
-                if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
-                    now = time.perf_counter()
-                    if last is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
-        result.e2e_s = time.perf_counter() - start
-        result.ok = result.output_tokens > 0
+        for attempt in (1, 2):
+            try:
+                await stream_answer(client, spec, body, headers, result, start)
+                break
+            except httpx.RemoteProtocolError:
+                # a kept-alive connection the server closed as it was reused (llama-server
+                # closes one after a few requests): sent again once, as the official SDKs
+                # do; the time it cost stays in this request's latency
+                if result.status or attempt == 2:
+                    raise
+                result.resent = True
     except httpx.HTTPError as exc:
         result.error = repr(exc)[:200]
     return result
+
+
+async def stream_answer(
+    client: httpx.AsyncClient,
+    spec: LoadSpec,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    result: RequestResult,
+    start: float,
+) -> None:
+    """One streamed answer into `result` (times from `start`)."""
+    last = None
+    async with client.stream(
+        "POST", f"{spec.base_url}/chat/completions", json=body, headers=headers
+    ) as r:
+        result.status = r.status_code
+        result.tier = r.headers.get("x-kimi-tier")
+        result.degraded = "x-kimi-degraded" in r.headers
+        if r.status_code != 200:
+            result.error = (await r.aread()).decode(errors="replace")[:200]
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                result.error = str(event["error"])[:200]
+                return
+            if event.get("usage"):
+                result.output_tokens = event["usage"].get("completion_tokens", 0)
+                result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
+                result.cost_usd = float(event["usage"].get("cost") or 0.0)
+            delta = (event.get("choices") or [{}])[0].get("delta") or {}
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+    result.e2e_s = time.perf_counter() - start
+    result.ok = result.output_tokens > 0
 
 
 async def run_load(
@@ -180,5 +203,6 @@ def summarize(
         "tpot_mean_ms": round(statistics.fmean(tpot) * 1000, 3) if tpot else 0.0,
         "e2e_p50_ms": round(percentile(e2e, 50) * 1000, 2),
         "e2e_p95_ms": round(percentile(e2e, 95) * 1000, 2),
+        "resent": sum(r.resent for r in results),
         "sample_errors": [r.error for r in results if not r.ok][:3],
     }
