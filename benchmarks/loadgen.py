@@ -95,9 +95,9 @@ async def one_request(
                 await stream_answer(client, spec, body, headers, result, start)
                 break
             except httpx.RemoteProtocolError:
-                # a kept-alive connection the server closed as it was reused (llama-server
-                # closes one after a few requests): sent again once, as the official SDKs
-                # do; the time it cost stays in this request's latency
+                # a kept-alive connection the server closed without answering (llama-server
+                # does under more connections than its fixed HTTP threads): sent again
+                # once, as the official SDKs do; the time it cost stays in the latency
                 if result.status or attempt == 2:
                     raise
                 result.resent = True
