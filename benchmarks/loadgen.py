@@ -87,12 +87,15 @@ async def one_request(
     }
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     headers.update(spec.headers)
+    request = client.build_request(
+        "POST", f"{spec.base_url}/chat/completions", json=body, headers=headers
+    )
     start = time.perf_counter()
     result = RequestResult(ok=False)
     try:
         for attempt in (1, 2):
             try:
-                await stream_answer(client, spec, body, headers, result, start)
+                await stream_answer(client, request, result, start)
                 break
             except httpx.RemoteProtocolError:
                 # a kept-alive connection the server closed without answering (llama-server
@@ -107,18 +110,12 @@ async def one_request(
 
 
 async def stream_answer(
-    client: httpx.AsyncClient,
-    spec: LoadSpec,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    result: RequestResult,
-    start: float,
+    client: httpx.AsyncClient, request: httpx.Request, result: RequestResult, start: float
 ) -> None:
     """One streamed answer into `result` (times from `start`)."""
     last = None
-    async with client.stream(
-        "POST", f"{spec.base_url}/chat/completions", json=body, headers=headers
-    ) as r:
+    r = await client.send(request, stream=True)
+    try:
         result.status = r.status_code
         result.tier = r.headers.get("x-kimi-tier")
         result.degraded = "x-kimi-degraded" in r.headers
@@ -144,6 +141,8 @@ async def stream_answer(
                 else:
                     result.itl_s.append(now - last)
                 last = now
+    finally:
+        await r.aclose()
     result.e2e_s = time.perf_counter() - start
     result.ok = result.output_tokens > 0
 
