@@ -15,8 +15,14 @@ from deployments.openai_shape import thinking_on
 from serve_app.actor_calls import ActorUnavailable
 from serve_app.pipeline import Completed, Inbound, Result
 from serve_app.reasoning_memory import fingerprint, history, unreasoned_turns
+from serve_app.relay import DONE
 
 log = logging.getLogger("serve_app.api.chat_reasoning")
+
+# How long an answer's end waits for its reasoning to be kept. A client may send its next
+# turn as soon as it reads the answer, so the reasoning is kept before the answer ends; a
+# gateway that is restarting gets the call later, without holding the answer longer.
+REMEMBER_WAIT_S = 2.0
 
 
 class Memory(Protocol):
@@ -56,43 +62,53 @@ class ChatReasoning:
         """The history an answer will be remembered under, read before the pipeline runs."""
         return history(inbound.body["messages"]) if self.remembers(inbound) else []
 
-    def remembering(
+    async def remembering(
         self, inbound: Inbound, prefix: list[list[Any]], key_id: str, result: Result
     ) -> Result:
         """The answer, its reasoning remembered under `prefix` if it calls tools in
-        thinking mode."""
+        thinking mode: a plain answer's before it is returned, a stream's before its
+        `[DONE]`."""
         if not self.remembers(inbound):
             return result
         if isinstance(result, Completed):
             choices = result.body.get("choices") or [{}]
             answer = choices[0].get("message") or {}
-            return self._after(result, prefix, key_id, answer)
+            calls, reasoning = answer.get("tool_calls"), answer.get("reasoning_content")
+            await self._remember(key_id, prefix, calls, reasoning)
+            return result
         result.events = self._watched(result.events, prefix, key_id)
-        return result
-
-    def _after(
-        self, result: Completed, prefix: list[list[Any]], key_id: str, answer: dict[str, Any]
-    ) -> Completed:
-        calls, reasoning = answer.get("tool_calls"), answer.get("reasoning_content")
-        if calls and reasoning:
-            self._remember(key_id, fingerprint(prefix, calls), reasoning)
         return result
 
     async def _watched(
         self, events: AsyncIterator[str], prefix: list[list[Any]], key_id: str
     ) -> AsyncIterator[str]:
-        answer = StreamedAnswer()
+        answer, kept = StreamedAnswer(), False
         async for event in events:
             answer.add(event)
+            if answer.done and not kept:
+                kept = True
+                await self._remember(key_id, prefix, answer.tool_calls(), answer.reasoning)
             yield event
-        if answer.calls and answer.reasoning:
-            self._remember(key_id, fingerprint(prefix, answer.tool_calls()), answer.reasoning)
+        if not kept:  # a stream that ended without its `[DONE]`
+            await self._remember(key_id, prefix, answer.tool_calls(), answer.reasoning)
 
-    def _remember(self, key_id: str, turn: str, reasoning: str) -> None:
+    async def _remember(
+        self,
+        key_id: str,
+        prefix: list[list[Any]],
+        calls: list[dict[str, Any]] | None,
+        reasoning: str | None,
+    ) -> None:
+        """Keep the reasoning of a turn that called tools, waiting `REMEMBER_WAIT_S` at
+        most; a call still running then finishes (or logs its failure) on its own."""
+        if not (calls and reasoning):
+            return
+        turn = fingerprint(prefix, calls)
         task = asyncio.get_running_loop().create_task(
             self.memory.remember_reasoning(key_id, turn, reasoning)
         )
         task.add_done_callback(_logged)
+        await asyncio.wait({task}, timeout=REMEMBER_WAIT_S)
 
 
 def _logged(task: Any) -> None:
@@ -106,9 +122,11 @@ class StreamedAnswer:
     def __init__(self) -> None:
         self.reasoning = ""
         self.calls: dict[int, dict[str, Any]] = {}
+        self.done = False  # its `[DONE]` has passed
 
     def add(self, event: str) -> None:
         for line in event.splitlines():
+            self.done = self.done or line == DONE
             if not line.startswith("data: {"):
                 continue
             for choice in json.loads(line[6:]).get("choices") or ():

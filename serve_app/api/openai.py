@@ -71,7 +71,7 @@ class OpenAIAPI:
         opened = Opened(remembered=await self.reasoning.restore(inbound, caller.key_id))
         inbound = dataclasses.replace(inbound, caller=caller, opened=opened)
         result = await self.pipeline.serve(inbound)
-        return self.reasoning.remembering(inbound, prefix, caller.key_id, result)
+        return await self.reasoning.remembering(inbound, prefix, caller.key_id, result)
 
     async def _inbound(
         self, request: Request, endpoint: Endpoint, model: type[ChatRequest | CompletionRequest]

@@ -114,3 +114,85 @@ def test_a_gateway_away_leaves_the_history_as_it_came():
     inbound = Inbound(Endpoint.CHAT, ChatRequest.model_validate(body), body, 100, None, "r2")
     assert asyncio.run(ChatReasoning(Away()).restore(inbound, "k")) == 0
     assert "reasoning_content" not in inbound.body["messages"][2]
+
+
+def thinking_call(stream: bool):
+    """A thinking-mode request with tools (its answer's reasoning is kept)."""
+    from deployments.engine import Endpoint
+    from serve_app.pipeline import Inbound
+    from serve_app.schemas import ChatRequest
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    body = {"model": "kimi-k2.5", "messages": ASK, "tools": [tool], "stream": stream}
+    return Inbound(Endpoint.CHAT, ChatRequest.model_validate(body), body, 100, None, "r3")
+
+
+STREAM = [
+    f"data: {json.dumps({'choices': [{'delta': {'reasoning_content': 'check Oslo'}}]})}\n\n",
+    f"data: {json.dumps({'choices': [{'delta': {'tool_calls': [{'index': 0, **CALL}]}}]})}\n\n",
+    "data: [DONE]\n\n",
+]
+
+
+def test_a_streamed_turns_reasoning_is_kept_before_its_done_goes_out():
+    """A client sends its next turn as soon as it reads `[DONE]`: the reasoning must be
+    there by then."""
+    from serve_app.pipeline import Streamed
+
+    async def events():
+        for event in STREAM:
+            yield event
+
+    async def read() -> list[bool]:
+        backend = InMemory()
+        chat, inbound = ChatReasoning(backend), thinking_call(stream=True)
+        result = Streamed(events=events(), settlement=None, headers={})  # not read here
+        result = await chat.remembering(inbound, chat.prefix(inbound), "k", result)
+        turn = fingerprint(history(ASK), [CALL])
+        kept_as_each_came = []
+        async for _ in result.events:
+            kept_as_each_came.append(bool(backend.memory.recall("k", [turn])))
+        return kept_as_each_came
+
+    assert asyncio.run(read()) == [False, False, True]
+
+
+def test_a_plain_answers_reasoning_is_kept_before_it_is_returned():
+    from serve_app.pipeline import Completed
+
+    message = {"role": "assistant", "reasoning_content": "check Oslo", "tool_calls": [CALL]}
+
+    async def answer() -> dict[str, str]:
+        backend = InMemory()
+        chat, inbound = ChatReasoning(backend), thinking_call(stream=False)
+        result = Completed(body={"choices": [{"message": message}]}, headers={})
+        await chat.remembering(inbound, chat.prefix(inbound), "k", result)
+        return backend.memory.recall("k", [fingerprint(history(ASK), [CALL])])
+
+    assert list(asyncio.run(answer()).values()) == ["check Oslo"]
+
+
+def test_a_slow_gateway_holds_the_answer_for_the_bound_only(monkeypatch):
+    from serve_app.api import chat_reasoning
+    from serve_app.pipeline import Completed
+
+    monkeypatch.setattr(chat_reasoning, "REMEMBER_WAIT_S", 0.05)
+    message = {"role": "assistant", "reasoning_content": "check Oslo", "tool_calls": [CALL]}
+
+    class Slow(InMemory):
+        async def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None:
+            await asyncio.sleep(0.3)
+            await super().remember_reasoning(key_id, turn, reasoning)
+
+    async def answer() -> tuple[dict[str, str], dict[str, str]]:
+        backend = Slow()
+        chat, inbound = ChatReasoning(backend), thinking_call(stream=False)
+        turn = fingerprint(history(ASK), [CALL])
+        result = Completed(body={"choices": [{"message": message}]}, headers={})
+        await chat.remembering(inbound, chat.prefix(inbound), "k", result)
+        returned = backend.memory.recall("k", [turn])  # returned before the call ended
+        await asyncio.sleep(0.5)
+        return returned, backend.memory.recall("k", [turn])  # which then kept it
+
+    returned, later = asyncio.run(answer())
+    assert returned == {} and list(later.values()) == ["check Oslo"]
