@@ -286,7 +286,9 @@ def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
     Ray starts with (none: Ray Serve's defaults, as a user gets them)."""
     import ray
     from ray import serve
-    from ray.serve.llm import LLMConfig, build_openai_app
+    from ray.serve.context import _get_global_client
+    from ray.serve.llm import LLMConfig
+    from ray.serve.schema import ServeDeploySchema
 
     from deployments.artifacts.tiny_model import ensure_tiny_model
 
@@ -309,7 +311,15 @@ def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
         placement_group_config={"bundles": [{"CPU": 1}]},  # no GPU: the CPU build of vLLM
         runtime_env={"env_vars": spec.env},
     )
-    serve.run(build_openai_app({"llm_configs": [config]}), name="peer", route_prefix="/")
+    # Built on the cluster, as `serve deploy` builds it: a handle made in this process
+    # would keep the transport of this process's Ray environment, not the cluster's.
+    app = {
+        "name": "peer",
+        "route_prefix": "/",
+        "import_path": "ray.serve.llm:build_openai_app",
+        "args": {"llm_configs": [config.model_dump(mode="json", exclude_unset=True)]},
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
     url = f"http://127.0.0.1:{port}/v1"
     try:
         # the first request waits for the engine; send one before measuring

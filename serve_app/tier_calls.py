@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from grpc.aio import AioRpcError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
@@ -53,7 +54,7 @@ class RayTierCall:
     async def __anext__(self) -> Any:
         try:
             return await self._gen.__anext__()
-        except RayActorError as exc:
+        except (RayActorError, AioRpcError) as exc:  # gRPC: the transport to it broke
             raise ReplicaLost(repr(exc)) from exc
         except RayTaskError as exc:
             raise TierFault(repr(exc)) from exc
@@ -62,11 +63,20 @@ class RayTierCall:
         self._gen.cancel()
 
 
+def made_here(handle: DeploymentHandle) -> DeploymentHandle:
+    """The same deployment's handle, made in this process. Serve fixes a handle's
+    transport where the handle is made: one made by a driver that lacks the cluster's Ray
+    environment (`serve.run` from a script or a test) keeps Ray's object-ref streaming
+    where the cluster runs `RAY_SERVE_THROUGHPUT_OPTIMIZED` (gRPC between replicas, as
+    `serve deploy`'s handles, made on the cluster, have)."""
+    return DeploymentHandle(handle.deployment_name, handle.app_name)
+
+
 class RayTiers:
-    """The tiers' Ray Serve handles, streaming."""
+    """The tiers' Ray Serve handles, streaming, on the transport of this replica's Ray."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self._handles = {name: h.options(stream=True) for name, h in handles.items()}
+        self._handles = {name: made_here(h).options(stream=True) for name, h in handles.items()}
 
     def call(self, req: TierRequest) -> TierCall:
         gen = self._handles[req.tier].generate.remote(
