@@ -87,3 +87,32 @@ def test_board_leaves_out_tiers_nobody_reports_for():
     assert board.snapshot()["budget"].replicas == 1
     board.forget("budget", "a")
     assert "budget" not in board.snapshot()  # scaled to zero: absent, not unhealthy
+
+
+def test_the_premium_tiers_load_is_read_from_vllms_own_metrics_of_its_model_only():
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+    from deployments.vllm_engine import vllm_load_from_registry
+
+    labels = ["model_name"]
+    made = [
+        Gauge("vllm:num_requests_running", "running", labels),
+        Gauge("vllm:num_requests_waiting", "waiting", labels),
+        Gauge("vllm:kv_cache_usage_perc", "kv", labels),
+        Counter("vllm:generation_tokens", "generated", labels),
+        Histogram("vllm:time_to_first_token_seconds", "not read", labels),
+    ]
+    try:
+        running, waiting, kv, generated, ttft = made
+        running.labels("kimi").set(3)
+        running.labels("another-model").set(50)
+        waiting.labels("kimi").set(2)
+        kv.labels("kimi").set(0.25)
+        generated.labels("kimi").inc(1234)
+        ttft.labels("kimi").observe(0.1)
+        load = vllm_load_from_registry("kimi", capacity=8)
+    finally:
+        for metric in made:
+            REGISTRY.unregister(metric)
+    assert (load.running, load.waiting, load.kv_cache_usage) == (3, 2, 0.25)
+    assert (load.capacity, load.generated_tokens_total) == (8, 1234)
