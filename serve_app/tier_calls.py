@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from grpc.aio import AioRpcError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
@@ -54,7 +53,7 @@ class RayTierCall:
     async def __anext__(self) -> Any:
         try:
             return await self._gen.__anext__()
-        except (RayActorError, AioRpcError) as exc:  # gRPC: the transport to it broke
+        except RayActorError as exc:
             raise ReplicaLost(repr(exc)) from exc
         except RayTaskError as exc:
             raise TierFault(repr(exc)) from exc
@@ -63,20 +62,21 @@ class RayTierCall:
         self._gen.cancel()
 
 
-def made_here(handle: DeploymentHandle) -> DeploymentHandle:
-    """The same deployment's handle, made in this process. Serve fixes a handle's
-    transport where the handle is made: one made by a driver that lacks the cluster's Ray
-    environment (`serve.run` from a script or a test) keeps Ray's object-ref streaming
-    where the cluster runs `RAY_SERVE_THROUGHPUT_OPTIMIZED` (gRPC between replicas, as
-    `serve deploy`'s handles, made on the cluster, have)."""
-    return DeploymentHandle(handle.deployment_name, handle.app_name)
-
-
 class RayTiers:
-    """The tiers' Ray Serve handles, streaming, on the transport of this replica's Ray."""
+    """The tiers' Ray Serve handles, streaming over Ray actor calls in every deployment.
+
+    Not over Serve's gRPC transport, which `RAY_SERVE_THROUGHPUT_OPTIMIZED` makes the
+    default for handles made on such a cluster (`serve deploy`'s): measured cheaper per
+    message, but in Ray Serve 2.60 a replica that died is only "temporarily unavailable"
+    to a gRPC caller and stays in the routing set, so the retry of a lost request goes to
+    it again (benchmarks/README.md). An actor call sees the death at once and Serve drops
+    the replica. `_by_reference` also keeps an app built by a driver without the cluster's
+    Ray environment (the tests, the benchmark) on the same transport as a deployment."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self._handles = {name: made_here(h).options(stream=True) for name, h in handles.items()}
+        self._handles = {
+            name: h.options(stream=True, _by_reference=True) for name, h in handles.items()
+        }
 
     def call(self, req: TierRequest) -> TierCall:
         gen = self._handles[req.tier].generate.remote(

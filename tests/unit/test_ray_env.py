@@ -1,7 +1,6 @@
 """The Ray environment the app's processes start with (cluster/ray.env), and the HAProxy
 processes Ray leaves behind."""
 
-import os
 import shutil
 import subprocess
 import time
@@ -57,35 +56,3 @@ def test_an_orphaned_haproxy_is_stopped_and_its_ports_can_be_moved(tmp_path):
     ports = on_free_ports()
     assert set(ports) == {"RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"}
     assert len(set(ports.values())) == 2 and "8404" not in ports.values()
-
-
-def test_a_tier_handle_made_by_a_driver_without_the_ray_env_is_remade_on_the_replicas_transport():
-    """A driver without cluster/ray.env (serve.run from a script or a test) makes handles
-    that stream through Ray object refs; the router's handles, made again in its replica
-    (which runs with the env), use gRPC like `serve deploy`'s."""
-    import pickle
-    import sys
-
-    from ray.serve.handle import DeploymentHandle
-
-    driver_made = DeploymentHandle("tier-premium", "kimi")
-    assert driver_made.handle_options._by_reference  # this test process lacks the env
-    code = (
-        "import pickle, sys\n"
-        "from serve_app.tier_calls import made_here\n"
-        "h = pickle.loads(sys.stdin.buffer.read())\n"
-        "here = made_here(h)\n"
-        "print(h.handle_options._by_reference, here.handle_options._by_reference,"
-        " here.deployment_name, here.app_name)\n"
-    )
-    replica_env = {**os.environ, **ray_env()}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        input=pickle.dumps(driver_made),
-        capture_output=True,
-        env=replica_env,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert done.stdout.decode().split() == ["True", "False", "tier-premium", "kimi"]
