@@ -56,3 +56,19 @@ def test_an_orphaned_haproxy_is_stopped_and_its_ports_can_be_moved(tmp_path):
     ports = on_free_ports()
     assert set(ports) == {"RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"}
     assert len(set(ports.values())) == 2 and "8404" not in ports.values()
+
+
+def test_tier_calls_stay_on_ray_actor_calls_whatever_transport_the_ray_env_makes_default():
+    """`RAY_SERVE_THROUGHPUT_OPTIMIZED` makes gRPC the default for handles made on the
+    cluster (`serve deploy`'s); over gRPC Ray Serve 2.60 keeps routing to a replica that
+    died, so the router's tier calls are pinned to actor calls in every deployment."""
+    from serve_app.tier_calls import RayTiers
+
+    class Handle:
+        def options(self, **kwargs: object) -> "Handle":
+            self.kwargs = kwargs
+            return self
+
+    premium = Handle()
+    RayTiers({"premium": premium})  # type: ignore[dict-item]
+    assert premium.kwargs == {"stream": True, "_by_reference": True}
