@@ -1,8 +1,10 @@
 """The Ray environment the app's processes start with (cluster/ray.env), and the HAProxy
 processes Ray leaves behind."""
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,11 @@ def test_every_way_of_starting_ray_carries_the_apps_ray_env(tmp_path):
     """Ray reads cluster/ray.env's settings when each of its processes starts: a node
     started without them serves through the slower Python proxy path."""
     env = ray_env()
-    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert env == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "GRPC_ENABLE_FORK_SUPPORT": "0",
+    }
     cluster = ROOT / "cluster"
     kuberay = yaml.safe_load((cluster / "kuberay-rayservice.yaml").read_text())
     groups = kuberay["spec"]["rayClusterConfig"]
@@ -58,17 +64,11 @@ def test_an_orphaned_haproxy_is_stopped_and_its_ports_can_be_moved(tmp_path):
     assert len(set(ports.values())) == 2 and "8404" not in ports.values()
 
 
-def test_tier_calls_stay_on_ray_actor_calls_whatever_transport_the_ray_env_makes_default():
-    """`RAY_SERVE_THROUGHPUT_OPTIMIZED` makes gRPC the default for handles made on the
-    cluster (`serve deploy`'s); over gRPC Ray Serve 2.60 keeps routing to a replica that
-    died, so the router's tier calls are pinned to actor calls in every deployment."""
-    from serve_app.tier_calls import RayTiers
-
-    class Handle:
-        def options(self, **kwargs: object) -> "Handle":
-            self.kwargs = kwargs
-            return self
-
-    premium = Handle()
-    RayTiers({"premium": premium})  # type: ignore[dict-item]
-    assert premium.kwargs == {"stream": True, "_by_reference": True}
+def test_children_forked_beside_grpc_streams_survive_in_the_apps_ray_env():
+    """A tier replica serving gRPC streams starts llama-server and the schema converter:
+    with grpcio's fork handlers on, some of such children died of SIGSEGV before exec."""
+    probe = [sys.executable, str(Path(__file__).with_name("grpc_fork_probe.py")), "300"]
+    env = {**os.environ, **ray_env()}
+    out = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == 0
