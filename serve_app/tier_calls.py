@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ray.exceptions import RayActorError, RayTaskError
+from grpc.aio import AioRpcError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine import Endpoint
@@ -53,9 +55,13 @@ class RayTierCall:
     async def __anext__(self) -> Any:
         try:
             return await self._gen.__anext__()
-        except RayActorError as exc:
+        except StopAsyncIteration:
+            raise
+        except (RayActorError, AioRpcError) as exc:  # the replica, or the stream to it, broke
             raise ReplicaLost(repr(exc)) from exc
-        except RayTaskError as exc:
+        except RayServeException:  # Serve's own refusals (back-pressure, no deployment)
+            raise
+        except Exception as exc:  # over gRPC the tier's exception itself, not a RayTaskError
             raise TierFault(repr(exc)) from exc
 
     def cancel(self) -> None:
@@ -63,19 +69,16 @@ class RayTierCall:
 
 
 class RayTiers:
-    """The tiers' Ray Serve handles, streaming over Ray actor calls in every deployment.
-
-    Not over Serve's gRPC transport, which `RAY_SERVE_THROUGHPUT_OPTIMIZED` makes the
-    default for handles made on such a cluster (`serve deploy`'s): measured cheaper per
-    message, but in Ray Serve 2.60 a replica that died is only "temporarily unavailable"
-    to a gRPC caller and stays in the routing set, so the retry of a lost request goes to
-    it again (benchmarks/README.md). An actor call sees the death at once and Serve drops
-    the replica. `_by_reference` also keeps an app built by a driver without the cluster's
-    Ray environment (the tests, the benchmark) on the same transport as a deployment."""
+    """The tiers' Ray Serve handles, streaming over Serve's gRPC transport between
+    replicas in every deployment: a message costs the router and the tier replica less
+    than an actor call's object-ref stream (benchmarks/README.md). Pinned here, not left
+    to `RAY_SERVE_THROUGHPUT_OPTIMIZED`, because Serve fixes a handle's transport where
+    the handle is made: an app built by a driver without the cluster's Ray environment
+    (`serve.run` from a script, the tests, the benchmark) would stream over actor calls."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self._handles = {
-            name: h.options(stream=True, _by_reference=True) for name, h in handles.items()
+            name: h.options(stream=True, _by_reference=False) for name, h in handles.items()
         }
 
     def call(self, req: TierRequest) -> TierCall:
