@@ -7,15 +7,18 @@ their resources joins again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 
 import httpx
+import psutil
 import pyarrow.compute as pc
 import pytest
 import ray
+from ray._private import ray_constants
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serve_app.config import load_config
@@ -36,6 +39,18 @@ def ram_node(cluster):
     ids = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "host_ram_gb" in n["Resources"]}
     [node] = [n for n in cluster.worker_nodes if n.node_id in ids]
     return node
+
+
+def lose(cluster, node) -> None:
+    """The node gone as a machine goes: its Ray processes and every process they started.
+    Ray's `remove_node` kills only the former; its workers (replicas, engines) run on until
+    they notice, and a replica reached over Serve's gRPC transport would answer meanwhile."""
+    [raylet] = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    started = psutil.Process(raylet.process.pid).children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    for proc in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def router_nodes() -> list[str]:
@@ -150,7 +165,7 @@ def test_a_lost_node_takes_its_tiers_and_the_gateway_and_all_come_back(
 
     routers = router_nodes()  # one a node (router.max_replicas_per_node): one survives
     assert len(routers) == 2 and len(set(routers)) == 2, routers
-    cluster.remove_node(node, allow_graceful=False)
+    lose(cluster, node)
     lost_at = time.monotonic()
     try:
         for s in streams:
