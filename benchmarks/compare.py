@@ -7,6 +7,7 @@ same tiny Kimi-architecture model with the same engine flags:
   ours-premium      our app (Ray Serve router + gateway) -> premium tier (vLLM)
   vllm-serve        vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)
   ray-serve-llm     Ray Serve LLM's `build_openai_app` (optional: --with-ray-llm)
+  ray-serve-llm-4ms the same, joining a stream's tokens for 4 ms, not 50 (--with-ray-llm-streaming)
   ours-standard     our app -> standard tier (llama.cpp, GGUF Q4_K_M)
   llama-server      llama.cpp's server alone, with the standard tier's flags
 Closed-loop load at concurrency 1, 8 and 32 (streaming, fixed output length), every system
@@ -46,7 +47,7 @@ from benchmarks.cpu_cost import CpuMeter, Profiles, pids_of, summary
 from benchmarks.loadgen import LoadSpec, run_load, summarize
 from benchmarks.repeats import median_levels, ratio_spread
 from deployments.ports import free_port
-from deployments.spec import TierSpec, flags_to_argv
+from deployments.spec import HoldBack, TierSpec, flags_to_argv
 from serve_app.ray_env import on_free_ports, ray_env, ray_started_with, stop_orphaned_haproxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Ray's metrics exported every second (default 10 s), so that a level's hold-back histogram
 # can be read soon after it; Ray Serve LLM runs with the same setting
 METRICS_EVERY_S = {"metrics_report_interval_ms": 1000}
+# Ray Serve LLM's token batching at the granularity ours streams with one stream
+# (`HoldBack.min_ms`): the two compared at the same promise of latency per token
+STREAMING_BATCH_MS = HoldBack().min_ms
 
 
 # ---- memory sampling ---------------------------------------------------------------------
@@ -281,9 +285,12 @@ def litellm_proxy() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
+def ray_serve_llm(
+    env: dict[str, str] | None = None, batch_ms: float | None = None
+) -> Iterator[str]:
     """Ray Serve LLM's OpenAI app on the premium tier's engine flags; `env`: what its
-    Ray starts with (none: Ray Serve's defaults, as a user gets them)."""
+    Ray starts with (none: Ray Serve's defaults, as a user gets them); `batch_ms`: how long
+    it joins a stream's tokens (none: its default, 50 ms)."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -310,6 +317,7 @@ def ray_serve_llm(env: dict[str, str] | None = None) -> Iterator[str]:
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         placement_group_config={"bundles": [{"CPU": 1}]},  # no GPU: the CPU build of vLLM
         runtime_env={"env_vars": spec.env},
+        experimental_configs={} if batch_ms is None else {"stream_batching_interval_ms": batch_ms},
     )
     # Built on the cluster, as `serve deploy` builds it: a handle made in this process
     # would keep the transport of this process's Ray environment, not the cluster's.
@@ -615,6 +623,12 @@ def main() -> None:
         help="Ray Serve LLM again, on the Ray environment ours runs on (cluster/ray.env)",
     )
     parser.add_argument(
+        "--with-ray-llm-streaming",
+        action="store_true",
+        help=f"Ray Serve LLM again, joining a stream's tokens for {STREAMING_BATCH_MS:g} ms"
+        " (ours with one stream) instead of its default 50",
+    )
+    parser.add_argument(
         "--with-litellm", action="store_true", help="LiteLLM's proxy before vllm serve"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -672,6 +686,9 @@ def main() -> None:
             run("ray-serve-llm", ray_serve_llm, "kimi-k2.5")
         if args.with_ray_llm_optimized:
             run("ray-serve-llm-opt", functools.partial(ray_serve_llm, ray_env()), "kimi-k2.5")
+        if args.with_ray_llm_streaming:
+            streaming = functools.partial(ray_serve_llm, batch_ms=STREAMING_BATCH_MS)
+            run(f"ray-serve-llm-{STREAMING_BATCH_MS:g}ms", streaming, "kimi-k2.5")
         if args.with_litellm:
             run("litellm-proxy", litellm_proxy, "kimi-k2.5")
         if "llama-server" not in skip:
@@ -682,6 +699,7 @@ def main() -> None:
         ("ours-premium", "vllm-serve"),
         ("ours-premium", "ray-serve-llm"),
         ("ours-premium", "ray-serve-llm-opt"),
+        ("ours-premium", f"ray-serve-llm-{STREAMING_BATCH_MS:g}ms"),
         ("ours-premium", "litellm-proxy"),
         ("ours-standard", "llama-server"),
     ]
