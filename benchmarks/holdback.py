@@ -68,8 +68,10 @@ def summary(before: dict[float, float], after: dict[float, float]) -> dict[str, 
         b = next(b for b, c in counts if c >= share * total - 1e-9)
         return None if math.isinf(b) else round(b * 1000, 2)
 
+    finite = [b for b, _ in counts if not math.isinf(b)]
     return {
         "messages": int(total),
+        "top_bucket_ms": round(finite[-1] * 1000, 2) if finite else None,  # None above it
         "p50_ms_at_most": bound(0.5),
         "p99_ms_at_most": bound(0.99),
         "max_ms_at_most": bound(1.0),
