@@ -58,6 +58,7 @@ METRICS_EVERY_S = {"metrics_report_interval_ms": 1000}
 # Ray Serve LLM's token batching at the granularity ours streams with one stream
 # (`HoldBack.min_ms`): the two compared at the same promise of latency per token
 STREAMING_BATCH_MS = HoldBack().min_ms
+STREAMING_PEER = f"ray-serve-llm-{STREAMING_BATCH_MS:g}ms"
 
 
 # ---- memory sampling ---------------------------------------------------------------------
@@ -693,7 +694,7 @@ def main() -> None:
             run("ray-serve-llm-opt", functools.partial(ray_serve_llm, ray_env()), "kimi-k2.5")
         if args.with_ray_llm_streaming:
             streaming = functools.partial(ray_serve_llm, batch_ms=STREAMING_BATCH_MS)
-            run(f"ray-serve-llm-{STREAMING_BATCH_MS:g}ms", streaming, "kimi-k2.5")
+            run(STREAMING_PEER, streaming, "kimi-k2.5")
         if args.with_litellm:
             run("litellm-proxy", litellm_proxy, "kimi-k2.5")
         if "llama-server" not in skip:
@@ -704,7 +705,7 @@ def main() -> None:
         ("ours-premium", "vllm-serve"),
         ("ours-premium", "ray-serve-llm"),
         ("ours-premium", "ray-serve-llm-opt"),
-        ("ours-premium", f"ray-serve-llm-{STREAMING_BATCH_MS:g}ms"),
+        ("ours-premium", STREAMING_PEER),
         ("ours-premium", "litellm-proxy"),
         ("ours-standard", "llama-server"),
     ]

@@ -71,7 +71,7 @@ def summary(before: dict[float, float], after: dict[float, float]) -> dict[str, 
     finite = [b for b, _ in counts if not math.isinf(b)]
     return {
         "messages": int(total),
-        "top_bucket_ms": round(finite[-1] * 1000, 2) if finite else None,  # None above it
+        "top_bucket_ms": round(finite[-1] * 1000, 2) if finite else None,  # a bound past it: None
         "p50_ms_at_most": bound(0.5),
         "p99_ms_at_most": bound(0.99),
         "max_ms_at_most": bound(1.0),
