@@ -564,19 +564,14 @@ def holdback_lines(report: dict[str, Any]) -> list[str]:
         for c in runs[0]:
             held = [run[c].get("holdback") for run in runs if c in run]
             cells = [
-                " / ".join(bucket_ms(h, k) for k in ("p50", "p99", "max")) + f" ({h['messages']})"
+                " / ".join(holdback.bucket_ms(h, k) for k in ("p50", "p99", "max"))
+                + f" ({h['messages']})"
                 for h in held
                 if h and h.get("messages")
             ]
             if cells:
                 lines.append(f"| {system} | {c} | {'; '.join(cells)} |")
     return lines
-
-
-def bucket_ms(held: dict[str, Any], key: str) -> str:
-    """A hold-back bound as printed; past the histogram's top bucket, "> top"."""
-    ms = held[f"{key}_ms_at_most"]
-    return f"> {held.get('top_bucket_ms')}" if ms is None else str(ms)
 
 
 def plots(report: dict[str, Any], prefix: str = "") -> list[str]:

@@ -71,8 +71,14 @@ def summary(before: dict[float, float], after: dict[float, float]) -> dict[str, 
     finite = [b for b, _ in counts if not math.isinf(b)]
     return {
         "messages": int(total),
-        "top_bucket_ms": round(finite[-1] * 1000, 2) if finite else None,  # a bound past it: None
+        "top_bucket_ms": round(finite[-1] * 1000, 2) if finite else None,
         "p50_ms_at_most": bound(0.5),
         "p99_ms_at_most": bound(0.99),
         "max_ms_at_most": bound(1.0),
     }
+
+
+def bucket_ms(held: dict[str, Any], key: str) -> str:
+    """A bound of `summary` as printed: past the histogram's top bucket (None), "> top"."""
+    ms = held[f"{key}_ms_at_most"]
+    return f"> {held.get('top_bucket_ms')}" if ms is None else str(ms)

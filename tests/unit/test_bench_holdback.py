@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.compare import bucket_ms
-from benchmarks.holdback import summary
+from benchmarks.holdback import bucket_ms, summary
 
 
 def test_bounds_of_the_level_and_past_the_top_bucket():
