@@ -211,7 +211,7 @@ def process(
 
 
 def vllm_flags(spec: TierSpec) -> dict[str, Any]:
-    from deployments.vllm_engine import KIMI_DEFAULT_FLAGS
+    from deployments.engines.vllm.engine import KIMI_DEFAULT_FLAGS
 
     flags = {**KIMI_DEFAULT_FLAGS, **spec.engine_args, "max-model-len": spec.max_context}
     flags["tool-call-parser"] = "kimi_k2"  # vLLM's own parser; ours is a plugin of the app
@@ -356,7 +356,7 @@ def ray_serve_llm(
 
 @contextlib.contextmanager
 def llama_server_alone() -> Iterator[str]:
-    from deployments.llama_cpp_engine import LlamaCppEngine
+    from deployments.engines.llama_cpp.engine import LlamaCppEngine
 
     engine = LlamaCppEngine(tier_spec("standard"))
     loop = asyncio.new_event_loop()
@@ -425,10 +425,16 @@ def measure(
 
 def router_cost(iterations: int = 2000) -> dict[str, float]:
     """CPU time of the router's per-request decision path, in-process (no network)."""
+    from serve_app.canonical import ChatRequest
     from serve_app.config import load_config
-    from serve_app.limits import KeyState, Limits
-    from serve_app.schemas import ChatRequest
-    from serve_app.tier_choice import Live, candidate_tiers, choose_tier, estimate_tokens, needs_of
+    from serve_app.gateway.limits import KeyState, Limits
+    from serve_app.routing.tier_choice import (
+        Live,
+        candidate_tiers,
+        choose_tier,
+        estimate_tokens,
+        needs_of,
+    )
 
     cfg = load_config(serve_args())
     body = {

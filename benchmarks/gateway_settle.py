@@ -17,9 +17,8 @@ import uuid
 from pathlib import Path
 
 from serve_app.config import Plan
-from serve_app.gateway import Caller, GatewayState
-from serve_app.keys import KeyOverrides
-from serve_app.metering import UsageRecord
+from serve_app.gateway.actor import GatewayState
+from serve_app.gateway.protocol import Caller, KeyOverrides, UsageRecord
 
 CALLER = Caller("abcdefabcdef", "pro", KeyOverrides())
 

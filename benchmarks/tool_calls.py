@@ -26,7 +26,8 @@ from typing import Any
 import jsonschema
 
 from benchmarks.compare import tier_spec
-from deployments.engine import Engine, EngineError
+from deployments.engines.base import Engine
+from deployments.protocol import EngineError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -188,11 +189,11 @@ def cut_off(out: dict[str, Any]) -> bool:
 async def run_tier(name: str, repeats: int) -> dict[str, Any]:
     spec = tier_spec(name)
     if spec.engine == "vllm":
-        from deployments.vllm_engine import VLLMEngine
+        from deployments.engines.vllm.engine import VLLMEngine
 
         engine: Engine = VLLMEngine(spec)
     else:
-        from deployments.llama_cpp_engine import LlamaCppEngine
+        from deployments.engines.llama_cpp.engine import LlamaCppEngine
 
         engine = LlamaCppEngine(spec)
     await engine.start()

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from deployments.engine import EngineOutput
+from deployments.protocol import EngineOutput
 
 
 @dataclass(frozen=True)

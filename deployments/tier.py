@@ -18,9 +18,10 @@ from ray.serve.deployment import Application
 from ray.util import metrics
 
 from deployments import tracing
-from deployments.engine import Endpoint, Engine, EngineLoad
-from deployments.image_tokens import with_image_tokens
-from deployments.loadboard import ReplicaLoad, board
+from deployments.engines.base import Engine
+from deployments.engines.image_tokens import with_image_tokens
+from deployments.protocol import Endpoint, EngineLoad
+from deployments.scheduling.loadboard import ReplicaLoad, board
 from deployments.spec import TierSpec
 from deployments.streaming import Pacing, TierOutput, coalesce
 
@@ -32,10 +33,10 @@ HOLD_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
 
 def make_engine(spec: TierSpec) -> Engine:
     if spec.engine == "vllm":
-        from deployments.vllm_engine import VLLMEngine
+        from deployments.engines.vllm.engine import VLLMEngine
 
         return VLLMEngine(spec)
-    from deployments.llama_cpp_engine import LlamaCppEngine
+    from deployments.engines.llama_cpp.engine import LlamaCppEngine
 
     return LlamaCppEngine(spec)
 
@@ -155,11 +156,11 @@ def deployment_options(spec: TierSpec) -> dict[str, Any]:
         "autoscaling_config": {
             **auto.model_dump(),
             # Sized on the engines' queue, not Ray's request count (autoscaling.py).
-            "policy": {"policy_function": "deployments.autoscaling:engine_queue_policy"},
+            "policy": {"policy_function": "deployments.scheduling.autoscaling:engine_queue_policy"},
         },
         # Replica choice on engine load with conversation affinity (replica_router.py).
         "request_router_config": {
-            "request_router_class": "deployments.replica_router:EngineAffinityRouter",
+            "request_router_class": "deployments.scheduling.replica_router:EngineAffinityRouter",
             "request_routing_stats_period_s": 1.0,
             "request_routing_stats_timeout_s": 5.0,
         },

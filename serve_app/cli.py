@@ -112,7 +112,7 @@ def webhooks_command(args: argparse.Namespace) -> None:
 
 def usage_report(root: Path, by: list[str]) -> str:
     """Requests, tokens and cost grouped by the given columns (key_id/plan/tier/day/...)."""
-    from serve_app.metering import usage_summary
+    from serve_app.gateway.usage_query import usage_summary
 
     try:
         summary = usage_summary(root, by)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "plan":
         plan_command(args)
     elif args.cmd == "usage":
-        from serve_app.gateway import state_dir
+        from serve_app.config import state_dir
 
         print(usage_report(args.dir or state_dir(None) / "usage", args.by.split(",")))
 

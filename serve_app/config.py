@@ -7,6 +7,7 @@ a bad config fails `serve run`/`serve deploy` with the offending field named.
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -313,3 +314,9 @@ def load_config(args: dict[str, Any]) -> AppConfig:
             loc = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {loc or '(root)'}: {err['msg']}")
         raise ConfigError("invalid application config:\n" + "\n".join(lines)) from None
+
+
+def state_dir(configured: str | None) -> Path:
+    """Where the gateway and the store keep their files (`gateway.state_dir`)."""
+    raw = configured or os.environ.get("KIMI_SERVE_STATE") or "~/.local/share/kimi-serve"
+    return Path(raw).expanduser()

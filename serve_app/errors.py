@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from deployments.engine import EngineError
+from deployments.protocol import EngineError
 
 TYPES = {
     400: "invalid_request_error",

@@ -11,13 +11,19 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serve_app.api.http import bearer, read_json, validated
-from serve_app.api.responses import guarded
+from serve_app.api.common.http import bearer, read_json, validated
+from serve_app.api.common.routes import ApiFamily, delete, get, post
+from serve_app.api.common.stored import guarded
 from serve_app.errors import APIError, storage_error
-from serve_app.gateway import GatewayClient, GatewayUnavailable, StorageFault
-from serve_app.keys import NewKey, hash_key
-from serve_app.pipeline import gateway_error
-from serve_app.sessions import SessionClient
+from serve_app.gateway.protocol import (
+    GatewayAdmin,
+    GatewayUnavailable,
+    NewKey,
+    StorageFault,
+    hash_key,
+)
+from serve_app.pipeline.pipeline import gateway_error
+from serve_app.store.protocol import Store
 
 T = TypeVar("T")
 
@@ -34,7 +40,7 @@ async def answered(call: Awaitable[T]) -> T:
 
 class AdminAPI:
     def __init__(
-        self, gateway: GatewayClient, store: SessionClient, token_env: str, max_body_bytes: int
+        self, gateway: GatewayAdmin, store: Store, token_env: str, max_body_bytes: int
     ) -> None:
         self.gateway = gateway
         self.store = store
@@ -80,3 +86,14 @@ class AdminAPI:
         if fault := await answered(self.gateway.flush()):
             raise storage_error(StorageFault(fault))
         return {"flushed": True}
+
+
+ADMIN = ApiFamily(
+    AdminAPI,
+    (
+        post("/admin/keys", AdminAPI.create_key, body=NewKey, status_code=201),
+        get("/admin/keys", AdminAPI.list_keys),
+        delete("/admin/keys/{key_id}", AdminAPI.revoke_key),
+        post("/admin/usage/flush", AdminAPI.flush_usage),
+    ),
+)

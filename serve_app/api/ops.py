@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from deployments.loadboard import TierLoad
-from serve_app.api.http import bearer
+from deployments.scheduling.loadboard import TierLoad
+from serve_app.api.common.http import bearer
+from serve_app.api.common.routes import ApiFamily, get
 from serve_app.config import AppConfig
 
 Snapshot = Callable[[], Awaitable[dict[str, TierLoad]]]
@@ -74,3 +75,13 @@ class OpsAPI:
             else:
                 tiers[t.name] = {"can_serve": load is not None and load.healthy}
         return {"tiers": tiers, "storage": await self._storage()}
+
+
+OPS = ApiFamily(
+    OpsAPI,
+    (
+        get("/health", lambda api, _: api.health()),
+        get("/ready", lambda api, _: api.ready()),
+        get("/status", OpsAPI.status),
+    ),
+)

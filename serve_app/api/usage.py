@@ -7,16 +7,17 @@ from typing import Any
 
 from fastapi import Request
 
-from serve_app.api.http import bearer
+from serve_app.api.common.http import bearer
+from serve_app.api.common.routes import ApiFamily, get
 from serve_app.errors import APIError
-from serve_app.gateway import ANONYMOUS, GatewayClient, GatewayUnavailable
-from serve_app.pipeline import Pipeline, gateway_error
+from serve_app.gateway.protocol import ANONYMOUS, GatewayAdmin, GatewayUnavailable
+from serve_app.pipeline.pipeline import Pipeline, gateway_error
 
 GROUPINGS = ("day", "tier", "model", "session", "api", "plan")
 
 
 class UsageAPI:
-    def __init__(self, pipeline: Pipeline, gateway: GatewayClient) -> None:
+    def __init__(self, pipeline: Pipeline, gateway: GatewayAdmin) -> None:
         self.pipeline = pipeline
         self.gateway = gateway
 
@@ -38,3 +39,6 @@ class UsageAPI:
         if isinstance(rows, str):
             raise APIError(400, rows, param="group_by")
         return {"object": "list", "group_by": by, "data": rows}
+
+
+USAGE = ApiFamily(UsageAPI, (get("/v1/usage", UsageAPI.usage),))

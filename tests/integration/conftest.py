@@ -176,7 +176,7 @@ def new_key(admin: httpx.Client, plan: str, **overrides: object) -> tuple[str, s
 
 def flushed_usage(admin: httpx.Client, state_dir: Path) -> Any:
     """Every usage record so far (the gateway's batch flushed first), as an Arrow table."""
-    from serve_app.metering import read_usage
+    from serve_app.gateway.usage_log import read_usage
 
     assert admin.post("/admin/usage/flush").status_code == 200
     return read_usage(state_dir / "usage")

@@ -33,7 +33,7 @@ import pytest
 
 from benchmarks.holdback import metrics_ports
 from deployments.artifacts.instruction import PROMPT, REPLY
-from serve_app.sealing import Sealer
+from serve_app.reasoning.sealing import Sealer
 from tests.integration.conftest import ROOT, flushed_usage, new_key
 
 CLIS = ROOT / "scripts" / "agent_clis" / "node_modules" / ".bin"

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from serve_app.schemas import INT32
+from serve_app.canonical import INT32
 from tests.integration.conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration

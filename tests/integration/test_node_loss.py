@@ -21,8 +21,9 @@ import ray
 from ray._private import ray_constants
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from serve_app.actors import NAMESPACE
 from serve_app.config import load_config
-from serve_app.gateway import ACTOR_NAME, NAMESPACE, GatewayState
+from serve_app.gateway.actor import ACTOR_NAME, GatewayState
 from tests.integration.conftest import (
     NODES,
     flushed_usage,

@@ -14,7 +14,7 @@ import pytest
 
 from deployments.artifacts.gguf import read_gguf_header
 from deployments.artifacts.resolve import resolve_artifact
-from deployments.llama_cpp_engine import LlamaCppEngine
+from deployments.engines.llama_cpp.engine import LlamaCppEngine
 from deployments.ports import free_port
 from serve_app.cli import app_args
 from serve_app.config import load_config

@@ -10,7 +10,7 @@ import json
 import jsonschema
 import pytest
 
-from serve_app.measured import RESULTS
+from serve_app.api.openai.measured import RESULTS
 from tests.integration.tiny_vocab import half_character_token
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.config import Plan
-from serve_app.gateway import Caller, GatewayState
-from serve_app.keys import KeyOverrides
-from serve_app.metering import UsageRecord
+from serve_app.gateway.actor import GatewayState
+from serve_app.gateway.protocol import Caller, KeyOverrides, UsageRecord
 
 Gateway = GatewayState.__ray_actor_class__  # the class itself, without Ray
 CALLER = Caller("abcdefabcdef", "pro", KeyOverrides())

@@ -7,19 +7,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from serve_app.api.anthropic_convert import (
-    Answering,
-    EventWriter,
-    call_id,
-    chat_body,
-    error_status,
-    error_type,
-    message,
-    tool_use_id,
-)
-from serve_app.api.anthropic_models import MessagesRequest
-from serve_app.schemas import ChatRequest
-from serve_app.sealing import Sealer
+from serve_app.api.anthropic.events import Answering, EventWriter, error_status, error_type, message
+from serve_app.api.anthropic.protocol import MessagesRequest
+from serve_app.api.anthropic.to_chat import call_id, chat_body, tool_use_id
+from serve_app.canonical import ChatRequest
+from serve_app.reasoning.sealing import Sealer
 
 SEALER = Sealer([b"k" * 32])
 
@@ -376,7 +368,7 @@ def test_omitted_thinking_streams_only_its_signature():
 
 
 def test_how_reasoning_came_back_is_counted_per_request():
-    from serve_app.telemetry import reasoning_back
+    from serve_app.pipeline.telemetry import reasoning_back
 
     sealer = SEALER.counting()
     call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 from starlette.requests import Request
 
-from deployments.loadboard import ReplicaLoad, aggregate
-from serve_app.api.console import csrf_for, expiry_of, overrides_of
+from deployments.scheduling.loadboard import ReplicaLoad, aggregate
+from serve_app.api.console.charts import bar_chart
+from serve_app.api.console.pages import csrf_for, expiry_of, overrides_of
 from serve_app.api.ops import OpsAPI
 from serve_app.cli import app_args
 from serve_app.config import load_config
-from serve_app.console.charts import bar_chart
-from serve_app.console_sessions import OPERATOR, ConsoleSessions
+from serve_app.gateway.console_signins import OPERATOR, SignIns
 
 CFG = load_config(app_args(Path(__file__).resolve().parents[2] / "serve_config.yaml"))
 
 
 def test_sessions_expire_end_at_sign_out_and_with_their_key():
-    sessions = ConsoleSessions()
+    sessions = SignIns()
     a = sessions.open("key-a", ttl_s=60, now=0)
     b = sessions.open("key-a", ttl_s=60, now=0)
     op = sessions.open(OPERATOR, ttl_s=60, now=0)
@@ -36,7 +36,7 @@ def test_sessions_expire_end_at_sign_out_and_with_their_key():
 
 
 def test_sessions_are_bounded_and_keep_no_token():
-    sessions = ConsoleSessions(max_sessions=3)
+    sessions = SignIns(max_signins=3)
     tokens = [sessions.open(f"k{i}", ttl_s=100, now=i) for i in range(5)]
     assert [sessions.subject(t, now=10) for t in tokens] == [None, None, "k2", "k3", "k4"]
     assert not any(t in repr(sessions.__dict__) for t in tokens)
@@ -102,12 +102,12 @@ def test_status_keeps_replica_detail_for_operators_where_keys_are_required():
 
 
 def test_the_console_is_off_unless_the_config_turns_it_on():
-    from serve_app.api.console import ConsoleAPI
+    from serve_app.api.console.pages import ConsoleAPI
     from serve_app.config import ConsoleSettings
     from serve_app.errors import APIError
 
     off = CFG.model_copy(update={"console": ConsoleSettings()})
-    console = ConsoleAPI(off, None, None, None, None, None)  # type: ignore[arg-type]
+    console = ConsoleAPI(off, None, None, None, None, None, None)  # type: ignore[arg-type]
     for call in (console.home(request()), console.sign_in(request())):
         with pytest.raises(APIError) as refused:
             asyncio.run(call)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_app.detached import DetachedCalls
+from serve_app.actors import DetachedCalls
 
 
 async def test_result_reaches_the_caller():

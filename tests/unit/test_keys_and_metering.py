@@ -6,8 +6,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from serve_app.keys import KeyOverrides, KeyStore, split_key
-from serve_app.metering import MeterWriter, UsageRecord, read_usage
+from serve_app.gateway.keys import KeyStore
+from serve_app.gateway.protocol import KeyOverrides, UsageRecord, split_key
+from serve_app.gateway.usage_log import MeterWriter, read_usage
 
 
 def test_keys_are_stored_as_hashes_only(tmp_path):
@@ -165,7 +166,7 @@ def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
 def test_the_usage_root_is_one_dataset_and_compaction_keeps_each_record_once(tmp_path):
     import pyarrow.dataset as ds
 
-    from serve_app.metering import COMPACT_AT
+    from serve_app.gateway.usage_log import COMPACT_AT
 
     writer = MeterWriter(tmp_path, batch_size=2)
     records = [rec(n) for n in range(2 * COMPACT_AT)]

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.kimi_format import (
-    CallRules,
-    KimiTurnParser,
-    Marker,
-    ReasoningBound,
-    call_name,
-    turn_grammar,
-)
-from deployments.llama_cpp_constrained import (
+from deployments.engines.llama_cpp.constrained import (
     MAX_PARALLEL_CALLS,
     TurnWriter,
     constraint_for,
@@ -21,6 +13,14 @@ from deployments.llama_cpp_constrained import (
     finish_reason,
     pieces,
     turn_outputs,
+)
+from deployments.engines.llama_cpp.kimi_format import (
+    CallRules,
+    KimiTurnParser,
+    Marker,
+    ReasoningBound,
+    call_name,
+    turn_grammar,
 )
 from deployments.spec import TierSpec
 
@@ -246,7 +246,7 @@ def test_thinking_budget_fits_inside_max_tokens(configured, max_tokens, budget):
 async def test_an_engine_error_mid_answer_is_the_answers_error_not_a_quiet_stop():
     """llama-server's grammar may refuse a token it sampled (a 500 event mid-stream):
     that reaches the client as an error, never as `stop` with whatever came before."""
-    from deployments.engine import EngineError
+    from deployments.protocol import EngineError
 
     async def events():
         yield {"content": "some reasoning", "tokens": [5], "stop": False}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.limits import Bucket, KeyState, Limits
+from serve_app.gateway.limits import Bucket, KeyState, Limits
 
 
 def test_bucket_refills_per_minute():
@@ -93,7 +93,7 @@ def test_changed_limits_rebuild_buckets_unchanged_keep_levels():
 
 
 def test_a_session_is_refused_once_its_cap_is_used():
-    from serve_app.limits import session_denial
+    from serve_app.gateway.limits import session_denial
 
     tokens = Limits(max_session_tokens=100)
     assert session_denial(tokens, 99, 0.0) is None

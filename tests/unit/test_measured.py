@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from serve_app.api.openai.measured import measured_accuracy
 from serve_app.config import TierEntry
-from serve_app.measured import measured_accuracy
 
 
 def tier(quant: str) -> TierEntry:

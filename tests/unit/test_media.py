@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.engine import EngineOutput, token_count
-from deployments.image_tokens import with_image_tokens, without_images
-from deployments.llama_cpp_constrained import completion_body
+from deployments.engines.image_tokens import with_image_tokens, without_images
+from deployments.engines.llama_cpp.constrained import completion_body
+from deployments.protocol import EngineOutput, token_count
 from serve_app.config import ImageTokens, MediaSettings, RemoteImages
 from serve_app.errors import APIError
-from serve_app.media import image_tokens, prepare_images
+from serve_app.pipeline.media import image_tokens, prepare_images
 
 SETTINGS = MediaSettings(tokens=ImageTokens(max_patches=1024, max_patches_per_side=128))
 

@@ -1,7 +1,7 @@
 """The request pipeline with in-process engines: failover, time limits, clients leaving,
 lost replicas and budgets, settled exactly once, in seconds and without Ray or a model.
 
-The engines implement `deployments/engine.py`; their calls go through the tier's own
+The engines implement `deployments/protocol.py`; their calls go through the tier's own
 `coalesce` (coalescing, the first message naming the replica), so the pipeline sees what a
 tier replica sends. The gateway keeps each key's state with the real `limits.KeyState`.
 """
@@ -14,201 +14,20 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from deployments.engine import (
-    Endpoint,
-    Engine,
-    EngineLoad,
-    EngineOutput,
-    engine_down,
-    token_count,
-)
-from deployments.streaming import coalesce
-from serve_app.cli import app_args
-from serve_app.config import load_config
+from deployments.protocol import Endpoint
+from serve_app.canonical import ChatRequest, canonical_body
 from serve_app.errors import APIError
-from serve_app.gateway import Admission, Caller, GatewayUnavailable, plan_limits
-from serve_app.keys import KeyOverrides
-from serve_app.limits import Denial, KeyState
-from serve_app.metering import UsageRecord
-from serve_app.pipeline import Completed, Inbound, Pipeline, Streamed
-from serve_app.schemas import ChatRequest, canonical_body
-from serve_app.telemetry import IngressMetrics
-from serve_app.tier_calls import ReplicaLost, TierRequest
-
-CFG = load_config(app_args(Path(__file__).resolve().parents[2] / "serve_config.yaml"))
-KEY = "sk-kimi-abcdefghijkl-" + "s" * 24
-
-
-class FakeEngine(Engine):
-    """Answers `tokens` tokens, one every `delay_s`; or fails before any (`down`); or
-    never answers (`hang`). Records what it was asked and whether it was stopped."""
-
-    def __init__(self, tokens: int = 4, delay_s: float = 0.0) -> None:
-        self.tokens = tokens
-        self.delay_s = delay_s
-        self.down = False
-        self.hang = False
-        self.requests: list[str] = []
-        self.stopped: list[str] = []  # requests ended before they finished
-
-    async def _answer(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        self.requests.append(request_id)
-        finished = False
-        try:
-            if self.down:
-                yield engine_down()
-                finished = True
-                return
-            if self.hang:
-                await asyncio.Event().wait()
-            usage = {"prompt_tokens": 5, "completion_tokens": self.tokens, "total_tokens": 5}
-            if not body.get("stream"):
-                await asyncio.sleep(self.delay_s * self.tokens)
-                message = {"role": "assistant", "content": "x" * self.tokens}
-                yield {
-                    "object": "chat.completion",
-                    "choices": [{"message": message}],
-                    "usage": usage,
-                }
-            else:
-                for _ in range(self.tokens):
-                    await asyncio.sleep(self.delay_s)
-                    chunk = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-                yield "data: [DONE]\n\n"
-            finished = True
-        finally:
-            if not finished:
-                self.stopped.append(request_id)
-
-    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        return self._answer(body, request_id)
-
-    def completions(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        return self._answer(body, request_id)
-
-    async def tokenize(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        self.requests.append(request_id)
-        yield token_count(len(json.dumps(body["messages"])) // 4)
-
-    async def start(self) -> None:
-        pass
-
-    async def load(self) -> EngineLoad:
-        return EngineLoad()
-
-    async def check_health(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
-
-
-class InProcessCall:
-    """A tier call as Ray's streaming handle gives it: the engine runs on its own (here a
-    task, there the replica) and its outputs queue up for `__anext__`; only `cancel`
-    stops it, not a reader that stops waiting."""
-
-    END = object()
-
-    def __init__(self, source: AsyncIterator[Any]) -> None:
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._run(source))
-
-    async def _run(self, source: AsyncIterator[Any]) -> None:
-        try:
-            async for item in source:
-                self._queue.put_nowait(item)
-        except Exception as exc:
-            self._queue.put_nowait(exc)
-        finally:
-            self._queue.put_nowait(self.END)
-
-    async def __anext__(self) -> Any:
-        item = await self._queue.get()
-        if item is self.END:
-            raise StopAsyncIteration
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-
-class LostCall:
-    async def __anext__(self) -> Any:
-        raise ReplicaLost("the replica's actor died")
-
-    def cancel(self) -> None:
-        pass
-
-
-class InProcessTiers:
-    def __init__(self, **engines: FakeEngine) -> None:
-        self.engines = engines
-        self.lose_next: dict[str, int] = {}  # tier -> calls whose replica dies first
-
-    def call(self, req: TierRequest) -> InProcessCall | LostCall:
-        if self.lose_next.get(req.tier):
-            self.lose_next[req.tier] -= 1
-            return LostCall()
-        engine = self.engines[req.tier]
-        source = getattr(engine, req.endpoint.value)(req.body, req.request_id)
-        return InProcessCall(coalesce(source, f"{req.tier}-0"))
-
-
-class FakeGateway:
-    """The gateway's request path over the real per-key limits."""
-
-    def __init__(self, plan: str = "enterprise", **overrides: Any) -> None:
-        self.caller = Caller("abcdefghijkl", plan, KeyOverrides(**overrides))
-        self.state = KeyState(plan_limits(CFG.plans[plan], self.caller.overrides))
-        self.tickets: dict[str, int] = {}
-        self.records: list[UsageRecord] = []
-        self.down: set[str] = set()  # calls that find the gateway away (restarting)
-        self.sessions: list[str | None] = []  # the session each admission named
-
-    def _away(self, call: str) -> None:
-        if call in self.down:
-            raise GatewayUnavailable("the gateway did not answer")
-
-    async def authenticate(self, key: str) -> Caller | Denial:
-        self._away("authenticate")
-        return self.caller if key == KEY else Denial(401, "invalid_api_key", "no such key")
-
-    async def admit(
-        self,
-        caller: Caller,
-        est_tokens: int,
-        est_cost: float,
-        ticket: str,
-        session: str | None = None,
-    ) -> Admission | Denial:
-        self._away("admit")
-        self.sessions.append(session)
-        denial = self.state.check(est_tokens, est_cost, time.time())
-        if denial is not None:
-            return denial
-        self.state.admit(est_tokens, time.time())
-        self.tickets[ticket] = est_tokens
-        return Admission(ticket, {})
-
-    async def settle(self, ticket: str, record: UsageRecord | None) -> None:
-        self._away("settle")
-        est = self.tickets.pop(ticket)
-        tokens = record.prompt_tokens + record.completion_tokens if record else 0
-        self.state.settle(est, tokens, record.cost_usd if record else 0.0, time.time())
-        if record is not None:
-            self.records.append(record)
+from serve_app.pipeline.pipeline import Pipeline
+from serve_app.pipeline.request import Completed, Inbound, Streamed
+from serve_app.pipeline.telemetry import IngressMetrics
+from tests.fakes.engine import FakeEngine
+from tests.fakes.gateway import CFG, KEY, FakeGateway
+from tests.fakes.tiers import InProcessTiers
 
 
 def pipeline(tiers: InProcessTiers, gateway: FakeGateway) -> Pipeline:
@@ -464,18 +283,6 @@ async def test_a_record_the_gateway_could_not_take_is_settled_when_it_is_back():
     assert record.status == 200 and not p.unsettled and gateway.state.in_flight == 0
 
 
-class RecordingEngine(FakeEngine):
-    """Keeps the bodies it was sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bodies: list[dict[str, Any]] = []
-
-    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
-        self.bodies.append(body)
-        return super().chat(body, request_id)
-
-
 def with_vision(**vision: bool) -> Any:
     """The embedded config with some tiers' vision turned off."""
     config = CFG.model_copy(deep=True)
@@ -499,7 +306,7 @@ def image_inbound(model: str = "kimi-k2.5") -> Inbound:
 
 
 async def test_the_model_cards_sampling_fills_what_the_client_left_out():
-    eng = {"premium": RecordingEngine(), "standard": FakeEngine(), "budget": FakeEngine()}
+    eng = {"premium": FakeEngine(), "standard": FakeEngine(), "budget": FakeEngine()}
     serve = pipeline(InProcessTiers(**eng), FakeGateway()).serve
     await serve(inbound())
     await serve(inbound(chat_template_kwargs={"thinking": False}, top_p=0.5))
@@ -559,8 +366,8 @@ async def test_with_clamping_off_messages_refuses_in_anthropics_own_words():
 
     from starlette.requests import Request
 
-    from serve_app.api.anthropic import AnthropicAPI
-    from serve_app.sealing import Sealer
+    from serve_app.api.anthropic.routes import AnthropicAPI
+    from serve_app.reasoning.sealing import Sealer
 
     config = CFG.model_copy(deep=True)
     config.router.clamp_messages_max_tokens = False

@@ -8,13 +8,13 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.autoscaling import Demand, desired_replicas
-from deployments.engine import EngineLoad
-from deployments.replica_router import ReplicaView, rank_replicas
+from deployments.protocol import EngineLoad
+from deployments.scheduling.autoscaling import Demand, desired_replicas
+from deployments.scheduling.replica_router import ReplicaView, rank_replicas
 from serve_app.cli import app_args
 from serve_app.config import load_config
-from serve_app.limits import Bucket, KeyState, Limits
-from serve_app.tier_choice import (
+from serve_app.gateway.limits import Bucket, KeyState, Limits
+from serve_app.routing.tier_choice import (
     Live,
     LoadPolicy,
     Needs,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from serve_app.api.chat_reasoning import ChatReasoning, StreamedAnswer
-from serve_app.reasoning_memory import ReasoningMemory, fingerprint, history, unreasoned_turns
+from serve_app.api.openai.chat_reasoning import ChatReasoning, StreamedAnswer
+from serve_app.reasoning.memory import ReasoningMemory, fingerprint, history, unreasoned_turns
+from tests.fakes.gateway import InMemoryReasoning
 
 CALL = {
     "id": "functions.get_weather:0",
@@ -67,23 +68,12 @@ def test_a_streamed_answer_gives_its_reasoning_and_calls():
     assert fingerprint(history(ASK), answer.tool_calls()) == fingerprint(history(ASK), [CALL])
 
 
-class InMemory:
-    def __init__(self) -> None:
-        self.memory = ReasoningMemory()
-
-    async def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None:
-        self.memory.remember(key_id, turn, reasoning)
-
-    async def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
-        return self.memory.recall(key_id, turns)
-
-
 def test_restore_fills_the_turn_in_thinking_mode_only():
-    from deployments.engine import Endpoint
-    from serve_app.pipeline import Inbound
-    from serve_app.schemas import ChatRequest
+    from deployments.protocol import Endpoint
+    from serve_app.canonical import ChatRequest
+    from serve_app.pipeline.request import Inbound
 
-    backend = InMemory()
+    backend = InMemoryReasoning()
     backend.memory.remember("k", fingerprint(history(ASK), [CALL]), "check Oslo first")
     chat = ChatReasoning(backend)
 
@@ -101,13 +91,13 @@ def test_restore_fills_the_turn_in_thinking_mode_only():
 
 
 def test_a_gateway_away_leaves_the_history_as_it_came():
-    from deployments.engine import Endpoint
-    from serve_app.actor_calls import ActorUnavailable
-    from serve_app.pipeline import Inbound
-    from serve_app.schemas import ChatRequest
+    from deployments.protocol import Endpoint
+    from serve_app.actors import ActorUnavailable
+    from serve_app.canonical import ChatRequest
+    from serve_app.pipeline.request import Inbound
 
-    class Away(InMemory):
-        async def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
+    class Away(InMemoryReasoning):
+        async def recall(self, key_id: str, turns: list[str]) -> dict[str, str]:
             raise ActorUnavailable("the gateway did not answer in 10 s")
 
     body = {"model": "kimi-k2.5", "messages": next_request(ASK)}
@@ -118,9 +108,9 @@ def test_a_gateway_away_leaves_the_history_as_it_came():
 
 def thinking_call(stream: bool):
     """A thinking-mode request with tools (its answer's reasoning is kept)."""
-    from deployments.engine import Endpoint
-    from serve_app.pipeline import Inbound
-    from serve_app.schemas import ChatRequest
+    from deployments.protocol import Endpoint
+    from serve_app.canonical import ChatRequest
+    from serve_app.pipeline.request import Inbound
 
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
     body = {"model": "kimi-k2.5", "messages": ASK, "tools": [tool], "stream": stream}
@@ -137,14 +127,14 @@ STREAM = [
 def test_a_streamed_turns_reasoning_is_kept_before_its_done_goes_out():
     """A client sends its next turn as soon as it reads `[DONE]`: the reasoning must be
     there by then."""
-    from serve_app.pipeline import Streamed
+    from serve_app.pipeline.request import Streamed
 
     async def events():
         for event in STREAM:
             yield event
 
     async def read() -> list[bool]:
-        backend = InMemory()
+        backend = InMemoryReasoning()
         chat, inbound = ChatReasoning(backend), thinking_call(stream=True)
         result = Streamed(events=events(), settlement=None, headers={})  # not read here
         result = await chat.remembering(inbound, chat.prefix(inbound), "k", result)
@@ -158,12 +148,12 @@ def test_a_streamed_turns_reasoning_is_kept_before_its_done_goes_out():
 
 
 def test_a_plain_answers_reasoning_is_kept_before_it_is_returned():
-    from serve_app.pipeline import Completed
+    from serve_app.pipeline.request import Completed
 
     message = {"role": "assistant", "reasoning_content": "check Oslo", "tool_calls": [CALL]}
 
     async def answer() -> dict[str, str]:
-        backend = InMemory()
+        backend = InMemoryReasoning()
         chat, inbound = ChatReasoning(backend), thinking_call(stream=False)
         result = Completed(body={"choices": [{"message": message}]}, headers={})
         await chat.remembering(inbound, chat.prefix(inbound), "k", result)
@@ -173,16 +163,16 @@ def test_a_plain_answers_reasoning_is_kept_before_it_is_returned():
 
 
 def test_a_slow_gateway_holds_the_answer_for_the_bound_only(monkeypatch):
-    from serve_app.api import chat_reasoning
-    from serve_app.pipeline import Completed
+    from serve_app.api.openai import chat_reasoning
+    from serve_app.pipeline.request import Completed
 
     monkeypatch.setattr(chat_reasoning, "REMEMBER_WAIT_S", 0.05)
     message = {"role": "assistant", "reasoning_content": "check Oslo", "tool_calls": [CALL]}
 
-    class Slow(InMemory):
-        async def remember_reasoning(self, key_id: str, turn: str, reasoning: str) -> None:
+    class Slow(InMemoryReasoning):
+        async def remember(self, key_id: str, turn: str, reasoning: str) -> None:
             await asyncio.sleep(0.3)
-            await super().remember_reasoning(key_id, turn, reasoning)
+            await super().remember(key_id, turn, reasoning)
 
     async def answer() -> tuple[dict[str, str], dict[str, str]]:
         backend = Slow()

@@ -9,17 +9,12 @@ from openai.types.conversations import ConversationItem
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
-from serve_app.api.responses_convert import (
-    ResponseWriter,
-    chat_body,
-    chat_messages,
-    input_items,
-    response_doc,
-)
-from serve_app.api.responses_models import ResponsesRequest
+from serve_app.api.responses.protocol import ResponsesRequest
+from serve_app.api.responses.to_chat import chat_body, chat_messages, input_items
+from serve_app.api.responses.writer import ResponseWriter, response_doc
+from serve_app.canonical import ChatRequest
 from serve_app.errors import APIError
-from serve_app.schemas import ChatRequest
-from serve_app.sealing import Sealer
+from serve_app.reasoning.sealing import Sealer
 
 SEALER = Sealer([b"k" * 32])
 EVENTS = TypeAdapter(ResponseStreamEvent)
@@ -216,7 +211,7 @@ def test_a_background_response_is_streamed_from_its_engine_with_usage():
 
 
 def test_a_conversations_new_items_are_stored_like_a_responses_input():
-    from serve_app.api.responses_models import ConversationCreate
+    from serve_app.api.responses.protocol import ConversationCreate
 
     spec = ConversationCreate.model_validate(
         {

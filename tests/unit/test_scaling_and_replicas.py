@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from deployments.autoscaling import Demand, desired_replicas
-from deployments.loadboard import ReplicaLoad, aggregate
-from deployments.replica_router import ReplicaView, rank_replicas
+from deployments.scheduling.autoscaling import Demand, desired_replicas
+from deployments.scheduling.loadboard import ReplicaLoad, aggregate
+from deployments.scheduling.replica_router import ReplicaView, rank_replicas
 
 IDS = ["r-a", "r-b", "r-c"]
 
@@ -80,7 +80,7 @@ def test_aggregate_sums_healthy_replicas():
 
 
 def test_board_leaves_out_tiers_nobody_reports_for():
-    from deployments.loadboard import LoadBoard
+    from deployments.scheduling.loadboard import LoadBoard
 
     board = LoadBoard.__ray_actor_class__()  # the class itself: plain state, no Ray
     board.report("budget", ReplicaLoad(replica="a", capacity=4))
@@ -92,7 +92,7 @@ def test_board_leaves_out_tiers_nobody_reports_for():
 def test_the_premium_tiers_load_is_read_from_vllms_own_metrics_of_its_model_only():
     from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-    from deployments.vllm_engine import vllm_load_from_registry
+    from deployments.engines.vllm.engine import vllm_load_from_registry
 
     labels = ["model_name"]
     made = [

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployments.schema_grammar import (
+from deployments.engines.llama_cpp.schema_grammar import (
     SPACE_RULE,
     SchemaGrammar,
     SchemaNotSupported,

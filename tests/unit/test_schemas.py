@@ -8,8 +8,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from serve_app.api.http import MAX_JSON_DEPTH, json_depth, not_json, validation_message
-from serve_app.schemas import ChatRequest, CompletionRequest, canonical_body
+from serve_app.api.common.http import MAX_JSON_DEPTH, json_depth, not_json, validation_message
+from serve_app.canonical import ChatRequest, CompletionRequest, canonical_body
 
 CHAT = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "hi"}]}
 TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_app.limits import Denial
-from serve_app.metering import UsageRecord
+from serve_app.gateway.protocol import Denial, UsageRecord
 from tests.unit.gateway_in_process import CALLER, Gateway, plans, record
 
 PLANS = plans(max_session_tokens=100)

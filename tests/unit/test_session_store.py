@@ -6,13 +6,8 @@ import time
 
 import pytest
 
-from serve_app.session_store import (
-    ItemIdTaken,
-    QuotaExceeded,
-    SessionStore,
-    StoredResponse,
-    StoreLimits,
-)
+from serve_app.store.protocol import StoredResponse
+from serve_app.store.responses_db import ItemIdTaken, QuotaExceeded, ResponsesDB, StoreLimits
 
 
 def response(rid: str, text: str = "x", session: str | None = None) -> StoredResponse:
@@ -22,7 +17,7 @@ def response(rid: str, text: str = "x", session: str | None = None) -> StoredRes
 
 @pytest.fixture
 def store(tmp_path):
-    s = SessionStore(tmp_path / "sessions.db", StoreLimits(ttl_s=3600, quota_bytes=100_000))
+    s = ResponsesDB(tmp_path / "sessions.db", StoreLimits(ttl_s=3600, quota_bytes=100_000))
     yield s
     s.close()
 
@@ -38,7 +33,7 @@ def test_a_chain_is_rebuilt_oldest_first_and_only_for_its_owner(store, tmp_path)
     assert store.get_response("bob", "r1") is None
     assert not store.delete_response("bob", "r1")
     # another process opening the same file (a restarted actor) sees it all
-    again = SessionStore(tmp_path / "sessions.db", store.limits)
+    again = ResponsesDB(tmp_path / "sessions.db", store.limits)
     assert [r.id for r in again.chain("alice", "r2")] == ["r1", "r2"]
     assert store.delete_response("alice", "r2")
     assert [r.id for r in store.chain("alice", "r3")] == ["r3"]  # a broken chain starts later

@@ -10,9 +10,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_app.gateway import month_of
-from serve_app.keys import KeyStore
-from serve_app.metering import read_usage
+from serve_app.gateway.actor import month_of
+from serve_app.gateway.keys import KeyStore
+from serve_app.gateway.usage_log import read_usage
 from tests.unit.gateway_in_process import CALLER, T0, Gateway, plans, record
 
 PLANS = plans()

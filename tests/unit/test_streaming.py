@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from deployments.engine import EngineError, EngineOutput
+from deployments.protocol import EngineError, EngineOutput
 from deployments.spec import HoldBack
 from deployments.streaming import Pacing, Served, coalesce
 

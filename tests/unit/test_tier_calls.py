@@ -12,7 +12,7 @@ from grpc.aio import AioRpcError, Metadata
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.tier_calls import RayTierCall, RayTiers, ReplicaLost, TierFault
+from serve_app.routing.tier_calls import RayTierCall, RayTiers, ReplicaLost, TierFault
 
 
 class Handle:

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engine import EngineLoad
+from deployments.protocol import EngineLoad
 from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.errors import APIError
-from serve_app.tier_choice import (
+from serve_app.routing.tier_choice import (
     LatencyWindow,
     Live,
     LoadPolicy,

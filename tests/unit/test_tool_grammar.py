@@ -8,7 +8,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from xgrammar.structural_tag import JSONSchemaFormat, RegexFormat, TokenFormat  # noqa: E402
 
 from deployments.artifacts.tiny_model import ensure_tiny_model  # noqa: E402
-from deployments.vllm_tool_parser import (  # noqa: E402
+from deployments.engines.vllm.tool_parser import (  # noqa: E402
     CONTROL_CHARS,
     BoundedKimiK2ToolParser,
 )
@@ -144,7 +144,7 @@ def test_json_answers_neither_open_a_call_section_nor_end_early(tok):
     """Kimi's reasoning parser ends the reasoning at a tool-call section, which a JSON
     answer's grammar refuses (vLLM then fails the request); an end-of-turn token in the
     reasoning would end the turn with no JSON."""
-    from deployments.vllm_tool_parser import json_answer_bias
+    from deployments.engines.vllm.tool_parser import json_answer_bias
 
     bias = {int(i) for i, v in json_answer_bias(tok.get_vocab()).items() if v == -100.0}
     ids = tok.convert_tokens_to_ids

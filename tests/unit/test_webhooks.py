@@ -11,8 +11,8 @@ import pytest
 
 from serve_app.config import OutboundPolicy
 from serve_app.outbound import Refused, public, resolve
-from serve_app.session_store import SessionStore, StoreLimits
-from serve_app.webhooks import backoff_s, event_body, new_secret, signature
+from serve_app.store.responses_db import ResponsesDB, StoreLimits
+from serve_app.store.webhook_delivery import backoff_s, event_body, new_secret, signature
 
 
 def test_an_event_we_sign_is_unwrapped_by_the_openai_sdk():
@@ -62,7 +62,7 @@ async def test_an_allow_list_admits_its_hosts_only():
 
 
 def test_deliveries_are_kept_until_taken_retried_and_isolated(tmp_path):
-    store = SessionStore(tmp_path / "s.db", StoreLimits(ttl_s=60, quota_bytes=10**6))
+    store = ResponsesDB(tmp_path / "s.db", StoreLimits(ttl_s=60, quota_bytes=10**6))
     hooks = store.webhooks
     made = hooks.add(
         "alice", "we_1", "n", "https://a.example/h", new_secret(), ["response.completed"]

@@ -1,0 +1,86 @@
+"""The cluster's view of every tier's load: replicas push their engine figures here, routers
+read one aggregated snapshot.
+
+Why not ask a tier through its Serve handle: such a poll is itself a request to the tier,
+so it is counted by Ray's autoscaler and would wake a tier that has scaled to zero (and
+it reaches only one replica). The board is one small actor that replicas report to every
+half second; entries of replicas that stop reporting age out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import ray
+from pydantic import Field
+
+from deployments.protocol import EngineLoad
+
+BOARD_NAME = "kimi-loadboard"
+BOARD_NAMESPACE = "serve"
+STALE_AFTER_S = 3.0  # a replica silent this long is gone (or hung); its figures are dropped
+
+
+class ReplicaLoad(EngineLoad):
+    replica: str
+    node_id: str = ""
+    age_s: float = 0.0
+
+
+class TierLoad(EngineLoad):
+    """The sum of a tier's live replicas; `replicas` 0 means scaled to zero (or down)."""
+
+    replicas: int = 0
+    members: list[ReplicaLoad] = Field(default_factory=list)
+
+
+def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
+    healthy = [m for m in members if m.healthy]
+    counted = healthy or list(members)
+    return TierLoad(
+        running=sum(m.running for m in counted),
+        waiting=sum(m.waiting for m in counted),
+        capacity=max(1, sum(m.capacity for m in counted)),
+        kv_cache_usage=max((m.kv_cache_usage for m in counted), default=0.0),
+        healthy=bool(healthy),
+        aborted_total=sum(m.aborted_total for m in members),
+        generated_tokens_total=sum(m.generated_tokens_total for m in members),
+        restarts=sum(m.restarts for m in members),
+        replicas=len(healthy),
+        members=list(members),
+    )
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class LoadBoard:
+    def __init__(self) -> None:
+        self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
+
+    def report(self, tier: str, load: ReplicaLoad) -> None:
+        self._reports.setdefault(tier, {})[load.replica] = (time.monotonic(), load)
+
+    def forget(self, tier: str, replica: str) -> None:
+        self._reports.get(tier, {}).pop(replica, None)
+
+    def snapshot(self) -> dict[str, TierLoad]:
+        now = time.monotonic()
+        out: dict[str, TierLoad] = {}
+        for tier, reports in self._reports.items():
+            for replica, (at, _) in list(reports.items()):
+                if now - at > STALE_AFTER_S:
+                    del reports[replica]
+            members = [ld.model_copy(update={"age_s": now - at}) for at, ld in reports.values()]
+            # A tier nobody reports for is absent, not unhealthy: scaled to zero, it is
+            # still a candidate, and a request wakes it.
+            if members:
+                out[tier] = aggregate(members)
+        return out
+
+
+def board() -> ray.actor.ActorHandle:
+    """The one board of the cluster, created by whoever asks first. Detached: it must
+    outlive the replica that happened to create it."""
+    return LoadBoard.options(
+        name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()

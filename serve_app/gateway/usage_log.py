@@ -1,0 +1,309 @@
+"""Usage metering: one record per request, durable before the client sees the end of its
+answer, batched into day-partitioned Parquet files.
+
+Records go first to a write-ahead segment (`_wal/segment-N.jsonl`, flushed and fsynced per
+record). A flush turns the whole segment into `day=YYYY-MM-DD/part-N.parquet` files
+(written to a temporary name, then renamed) and deletes the segment. File names derive
+from the segment number, so replaying a segment left by a crash rewrites the same files:
+no record is lost and none is counted twice. Small parts of a day are compacted into one
+`part-LO-HI.parquet` (segments LO to HI), dropping any record present twice.
+
+The root is one hive-partitioned Parquet dataset for analysts' tools (pyarrow, DuckDB,
+Spark): the write-ahead folder and temporary files start with `_` or `.`, which those
+readers skip.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO, get_args
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from serve_app.gateway.usage_records import UsageRecord
+
+log = logging.getLogger("serve_app.gateway.usage_log")
+COMPACT_AT = 8  # parts in a day folder that make it worth compacting
+
+
+# The Parquet columns are the record's fields (one definition: a field added to the model
+# is a column); these two keep a type of their own: `time` is Unix seconds in the record
+# and a UTC timestamp for analysts, `status` an HTTP status.
+ARROW_TYPES: dict[type, pa.DataType] = {
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    str: pa.string(),
+}
+COLUMN_TYPES = {"time": pa.timestamp("ms", tz="UTC"), "status": pa.int32()}
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    """`time` first, then the fields in the model's order."""
+    columns = []
+    for name, info in model.model_fields.items():
+        base = next(a for a in (*get_args(info.annotation), info.annotation) if a in ARROW_TYPES)
+        columns.append(pa.field(name, COLUMN_TYPES.get(name, ARROW_TYPES[base])))
+    columns.sort(key=lambda f: f.name != "time")
+    return pa.schema(columns)
+
+
+SCHEMA = arrow_schema(UsageRecord)
+
+
+class MeterWriter:
+    def __init__(self, root: Path, batch_size: int = 200) -> None:
+        self.root = root
+        self.wal_dir = root / "_wal"
+        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt_legacy_wal()
+        self.quarantined = 0  # bad records and files moved aside at start
+        for folder in self.root.glob("day=*"):
+            finish_compaction(folder)
+            self._check_parts(folder)
+        self.batch_size = batch_size
+        self._pending: list[UsageRecord] = []
+        # records the disk would not take (full, read-only, failing), oldest first: kept
+        # here until it does, while `fault` says why (the gateway admits nothing new)
+        self.backlog: collections.deque[UsageRecord] = collections.deque()
+        self.fault: str | None = None
+        # what the previous process had written before it ended: a settlement it took but
+        # could not acknowledge comes again, and is recognised here
+        self.recovered: set[tuple[str, float]] = set()
+        self.recover()
+        self.segment = self._next_segment()
+        self._wal: TextIO | None = None  # opened by the first write
+
+    def _adopt_legacy_wal(self) -> None:
+        """Segments of a version that kept them in `wal/` (which broke dataset readers)."""
+        legacy = self.root / "wal"
+        if legacy.is_dir():
+            for seg in legacy.glob("segment-*.jsonl"):
+                os.replace(seg, self.wal_dir / seg.name)
+            legacy.rmdir()
+
+    def _quarantine(self, name: str, data: bytes) -> None:
+        """Keep what could not be read apart (`_quarantine/`, which readers skip)."""
+        folder = self.root / "_quarantine"
+        folder.mkdir(exist_ok=True)
+        with open(folder / name, "ab") as f:
+            f.write(data)
+
+    def _check_parts(self, folder: Path) -> None:
+        """Parts that do not read as Parquet (a damaged file) are moved aside, so every
+        reader of the dataset keeps working; temporary files of a write that never
+        finished are dropped (their records are still in the write-ahead log)."""
+        for tmp in folder.glob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for part in folder.glob("part-*.parquet"):
+            try:
+                pq.read_metadata(part)
+            except Exception as exc:
+                log.error("usage part %s is damaged (%s): quarantined", part, exc)
+                self._quarantine(f"{folder.name}-{part.name}", part.read_bytes())
+                part.unlink()
+                self.quarantined += 1
+
+    def _segment_path(self, n: int) -> Path:
+        return self.wal_dir / f"segment-{n:012d}.jsonl"
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.wal_dir.glob("segment-*.jsonl"))
+
+    def _next_segment(self) -> int:
+        done = [segments(p)[1] for p in self.root.glob("day=*/part-*.parquet")]
+        return max([*self._segments(), *done, -1]) + 1
+
+    def recover(self) -> int:
+        """Turn segments left by a previous process into Parquet. Returns records moved."""
+        moved = 0
+        for n in self._segments():
+            path = self._segment_path(n)
+            records = []
+            for line in path.read_bytes().splitlines():
+                try:
+                    records.append(UsageRecord.model_validate_json(line))
+                except ValueError:  # a torn line from a crash mid-write (never acked)
+                    self._quarantine(f"{path.stem}.rejected", line + b"\n")
+                    self.quarantined += 1
+            self.recovered.update((r.request_id, r.time) for r in records)
+            try:
+                self._write_parquet(n, records)
+            except OSError as exc:  # stays a segment (readers see it), moved next start
+                log.error("segment %d not moved to Parquet: %s", n, exc)
+                continue
+            path.unlink()
+            moved += len(records)
+        return moved
+
+    def append(self, record: UsageRecord) -> None:
+        """Durable on return, or (the disk failing) held in the backlog, `fault` set."""
+        self.add(record)
+        self.heal()
+
+    def add(self, record: UsageRecord) -> None:
+        """Held for the next `heal`, which writes every record held at once."""
+        self.backlog.append(record)
+
+    def heal(self) -> bool:
+        """Write what the backlog holds (one write and one fsync for all of it: several
+        settlements' records at once); whether it is empty (and the fault cleared)."""
+        if self.backlog:
+            batch = list(self.backlog)
+            try:
+                self._write(batch)
+            except OSError as exc:
+                if self.fault is None:
+                    log.error("the usage log cannot be written: %s", exc)
+                self.fault = f"{exc.strerror or exc}"
+                return False
+            self.backlog.clear()
+            self._pending.extend(batch)
+        if self.fault is not None:
+            log.warning("the usage log is writable again")
+        self.fault = None
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+        return True
+
+    def _write(self, records: list[UsageRecord]) -> None:
+        """A line each in the write-ahead segment, fsynced; a failed write is cut back
+        off, so no torn line stays in front of the next."""
+        if self._wal is None:
+            self._wal = open(self._segment_path(self.segment), "a")  # noqa: SIM115
+        start = self._wal.tell()
+        try:
+            self._wal.write("".join(r.model_dump_json() + "\n" for r in records))
+            self._wal.flush()
+            os.fsync(self._wal.fileno())
+        except OSError:
+            self._reopen(start)
+            raise
+
+    def _reopen(self, length: int) -> None:
+        """The segment cut to `length` bytes, and a fresh handle on it (the old one may
+        hold unwritable buffered bytes)."""
+        wal, self._wal = self._wal, None
+        with contextlib.suppress(OSError, ValueError):
+            wal.close()  # type: ignore[union-attr]
+        with contextlib.suppress(OSError):
+            os.truncate(self._segment_path(self.segment), length)
+
+    def flush(self) -> str | None:
+        """The segment's records into Parquet; a disk that fails leaves them in the
+        segment (durable) for the next flush, and why is returned."""
+        if not self._pending:
+            return None
+        try:
+            self._write_parquet(self.segment, self._pending)
+        except OSError as exc:
+            log.error("usage Parquet not written (kept in the log): %s", exc)
+            return f"the usage Parquet files cannot be written ({exc.strerror or exc})"
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
+        self._segment_path(self.segment).unlink()
+        self._pending = []
+        self.segment += 1
+        return None
+
+    def compact(self) -> int:
+        """Compact the day folders with many parts; how many duplicate records went."""
+        dropped = 0
+        for folder in sorted(self.root.glob("day=*")):
+            if len(list(folder.glob("part-*.parquet"))) >= COMPACT_AT:
+                dropped += compact_day(folder)
+        return dropped
+
+    def close(self) -> None:
+        self.heal()
+        self.flush()
+        if self._wal is not None:
+            self._wal.close()
+        with_empty = self._segment_path(self.segment)
+        if with_empty.exists() and with_empty.stat().st_size == 0:
+            with_empty.unlink()
+
+    def _write_parquet(self, segment: int, records: list[UsageRecord]) -> None:
+        by_day: dict[str, list[dict]] = {}
+        for r in records:
+            row = r.model_dump()
+            row["time"] = datetime.fromtimestamp(r.time, UTC)
+            by_day.setdefault(r.day, []).append(row)
+        for day, rows in by_day.items():
+            folder = self.root / f"day={day}"
+            folder.mkdir(exist_ok=True)
+            final = folder / f"part-{segment:012d}.parquet"
+            tmp = folder / f".part-{segment:012d}.parquet.tmp"
+            try:
+                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, final)
+
+
+def segments(part: Path) -> tuple[int, int]:
+    """The segments a part file holds: `part-N` one, `part-LO-HI` a compacted range."""
+    numbers = [int(n) for n in part.name.removesuffix(".parquet").split("-")[1:]]
+    return numbers[0], numbers[-1]
+
+
+def compact_day(folder: Path) -> int:
+    """One file for a day's parts; records present twice (same request id and time: a
+    settlement repeated by a crash) kept once. The compacted file is in place before the
+    parts go, so a crash between leaves a duplicate range that the next start removes
+    (`finish_compaction`)."""
+    parts = sorted(folder.glob("part-*.parquet"), key=segments)
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
+    seen: set[tuple[str, object]] = set()
+    keep = []
+    for rid, ts in zip(table["request_id"].to_pylist(), table["time"].to_pylist(), strict=True):
+        keep.append((rid, ts) not in seen)
+        seen.add((rid, ts))
+    lo, hi = segments(parts[0])[0], max(segments(p)[1] for p in parts)
+    tmp = folder / f".part-{lo:012d}-{hi:012d}.parquet.tmp"
+    pq.write_table(table.filter(pa.array(keep)), tmp)
+    os.replace(tmp, folder / f"part-{lo:012d}-{hi:012d}.parquet")
+    finish_compaction(folder)
+    dropped = keep.count(False)
+    if dropped:
+        log.warning("compaction of %s dropped %d duplicate records", folder.name, dropped)
+    return dropped
+
+
+def finish_compaction(folder: Path) -> None:
+    """Delete the parts a compacted file of the folder already holds."""
+    parts = list(folder.glob("part-*.parquet"))
+    ranges = [segments(p) for p in parts if p.name.count("-") == 2]
+    for part in parts:
+        lo, hi = segments(part)
+        if any(a <= lo and hi <= b and (lo, hi) != (a, b) for a, b in ranges):
+            part.unlink()
+
+
+def read_usage(root: Path) -> pa.Table:
+    """All flushed records (Parquet) plus those still in write-ahead segments."""
+    parts = sorted(root.glob("day=*/part-*.parquet"))
+    tables = [pq.read_table(p, schema=SCHEMA) for p in parts]
+    pending = []
+    wal = root / "_wal"
+    for seg in sorted(wal.glob("segment-*.jsonl")) if wal.exists() else []:
+        for line in seg.read_bytes().splitlines():
+            try:
+                rec = UsageRecord.model_validate_json(line)
+            except ValueError:
+                continue
+            row = rec.model_dump()
+            row["time"] = datetime.fromtimestamp(rec.time, UTC)
+            pending.append(row)
+    if pending:
+        tables.append(pa.Table.from_pylist(pending, schema=SCHEMA))
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

@@ -1,0 +1,44 @@
+"""The Anthropic and chat-completions adapters on fakes (conftest.py)."""
+
+from __future__ import annotations
+
+import anthropic
+import pytest
+
+from tests.unit.adapters.conftest import Served
+
+
+async def test_a_streamed_message_is_anthropics_event_stream_and_one_record(served: Served):
+    async with served.claude.messages.stream(
+        model="kimi-k2.5",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-claude-code-session-id": "sess-1"},
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert {"content_block_start", "content_block_delta", "content_block_stop"} <= set(kinds)
+    assert final.content[0].text == "x" * 6 and final.usage.output_tokens == 6
+    [record] = served.gateway.records
+    assert (record.api, record.status, record.completion_tokens) == ("anthropic", 200, 6)
+    assert served.engine.bodies[0]["max_tokens"] == 64
+
+
+async def test_an_anthropic_refusal_is_in_anthropics_error_shape(served: Served):
+    with pytest.raises(anthropic.BadRequestError) as err:
+        await served.claude.messages.create(model="kimi-k2.5", max_tokens=0, messages=[])
+    assert err.value.body["type"] == "error"
+    assert err.value.body["error"]["type"] == "invalid_request_error"
+    assert served.engine.requests == [] and served.gateway.records == []
+
+
+async def test_a_chat_completion_through_the_route_table(served: Served):
+    answer = await served.oai.chat.completions.create(
+        model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
+    assert answer.choices[0].message.content == "x" * 6
+    [record] = served.gateway.records
+    assert (record.api, record.endpoint, record.status) == ("openai", "chat", 200)
+    models = await served.oai.models.list()
+    assert "kimi-k2.5" in [m.id for m in models.data]
