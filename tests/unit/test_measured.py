@@ -41,3 +41,9 @@ def test_figures_only_for_the_measured_artifact(tmp_path):
     assert shown["measured_by"] == "python -m benchmarks.tool_calls"
     assert measured_accuracy([tier("Q2_K")], results) == {}
     assert measured_accuracy([tier("Q4_K_M")], tmp_path / "missing.json") == {}
+
+
+def test_the_committed_results_are_where_models_reads_them():
+    from serve_app.api.openai.measured import RESULTS
+
+    assert RESULTS.is_file(), RESULTS

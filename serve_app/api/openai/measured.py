@@ -11,7 +11,7 @@ from typing import Any
 
 from serve_app.config import TierEntry
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tool_calls.json"
+RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "tool_calls.json"
 SHOWN = ("forced_call_schema_valid", "json_schema_valid")
 
 
