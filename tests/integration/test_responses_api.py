@@ -304,10 +304,10 @@ def test_revoking_a_key_deletes_what_it_stored(serve_url, admin):
         model="kimi-k2.5:standard", input="x", max_output_tokens=4, reasoning=INSTANT
     )
     store = ray.get_actor("kimi-sessions", namespace="kimi-serve")
-    assert ray.get(store.call.remote("get_response", key_id, r.id)) is not None
+    assert ray.get(store.get_response.remote(key_id, r.id)) is not None
     body = admin.delete(f"/admin/keys/{key_id}").json()
     assert body["revoked"] and body["stored_items_deleted"] >= 1
-    assert ray.get(store.call.remote("get_response", key_id, r.id)) is None
+    assert ray.get(store.get_response.remote(key_id, r.id)) is None
 
 
 def test_an_agents_sdk_agent_runs_a_tool_through_the_responses_api(serve_url, keyed):
