@@ -1,0 +1,270 @@
+"""Weighted fair share in front of one tier: requests wait in the ingress replica, not in
+the engine's first-come queue, whenever the tier already has `bound` of them in flight;
+the next to go is the one whose owner has been served least.
+
+Order is the Virtual Token Counter's (Sheng et al., OSDI 2024), made hierarchical: every
+key has a counter of the tokens it was served divided by its plan's weight (prompt tokens
+when a request goes, twice its output tokens when it ends); within a key every session
+(a swarm's sub-agents share one) has its own. The next request is the oldest of the
+least-served session of the least-served key that is waiting. A key or session that
+comes back after being idle is lifted to the least counter among those active, so idle
+time is not banked as credit. A lone key is never held while the tier has room
+(work-conserving). The bound is the tier's whole capacity while only one key is active;
+while several are, a request goes only while fewer than `shared_bound` are in flight,
+unless its key has fewer in flight than its share of that (`shared_bound` / active
+keys): so a newcomer goes at once, and a swarm's batch shrinks to the shared bound as its
+requests end, which is what another key's time to first token follows.
+
+Pure asyncio, one instance per tier per ingress replica (docs/routing.md argues the
+bound this gives across replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from dataclasses import dataclass, field
+
+ACTIVE_S = 3.0  # a key that asked this recently is active (see `FairQueue.active`)
+
+
+class QueueTimeout(Exception):
+    """A request waited as long as it may (its plan's time limit, or the queue's)."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(f"waited {waited_s:.1f} s for the tier")
+        self.waited_s = waited_s
+
+
+@dataclass
+class Waiter:
+    key: str
+    session: str
+    tokens: int  # the prompt's estimate, charged when it goes
+    weight: float
+    enqueued: float
+    done: asyncio.Future[None]
+
+
+@dataclass
+class Slot:
+    """A request in flight through the gate; `close(output_tokens)` once it ends."""
+
+    gate: FairQueue
+    key: str
+    session: str
+    weight: float
+    waited_s: float
+    closed: bool = False
+
+    def close(self, output_tokens: int = 0) -> None:
+        if not self.closed:
+            self.closed = True
+            self.gate.release(self, output_tokens)
+
+
+@dataclass
+class Counters:
+    """Service per owner, and who is active (waiting or in flight)."""
+
+    served: dict[str, float] = field(default_factory=dict)
+    active: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def arrive(self, owner: str) -> None:
+        """An owner's request arrives; an owner idle until now is lifted to the least
+        counter among the active ones (or kept where it was, if that is more)."""
+        if self.active[owner] == 0:
+            floor = min((self.served[o] for o in self.active if self.active[o]), default=0.0)
+            self.served[owner] = max(self.served.get(owner, 0.0), floor)
+        self.active[owner] += 1
+
+    def leave(self, owner: str) -> None:
+        self.active[owner] -= 1
+        if self.active[owner] <= 0:
+            del self.active[owner]
+            # an owner at or below the active floor would be lifted to it on return: its
+            # counter says nothing more, and the table stays as small as the active set
+            floor = min((self.served[o] for o in self.active), default=None)
+            if floor is None or self.served.get(owner, 0.0) <= floor:
+                self.served.pop(owner, None)
+
+    def charge(self, owner: str, tokens: float) -> None:
+        self.served[owner] = self.served.get(owner, 0.0) + tokens
+
+
+class FairQueue:
+    def __init__(
+        self, bound: int, shared_bound: int, fair: bool = True, active_s: float = ACTIVE_S
+    ) -> None:
+        self.bound = bound  # in flight while one key is active
+        self.shared_bound = min(shared_bound, bound)  # while several are
+        self.active_s = active_s
+        self.seen: dict[str, float] = {}  # when each key last asked
+        self.fair = fair  # False: first come, first served (the baseline it is measured by)
+        self.in_flight = 0
+        self.running: collections.Counter[str] = collections.Counter()  # in flight, per key
+        self.keys = Counters()
+        self.sessions: dict[str, Counters] = collections.defaultdict(Counters)
+        # waiting requests, per key and session, oldest first
+        self.waiting: dict[str, dict[str, collections.deque[Waiter]]] = {}
+        self._order = itertools.count()  # first-come order, for `fair=False`
+        self._arrivals: dict[int, int] = {}
+
+    # ---- what the pipeline calls ------------------------------------------------------
+
+    async def enter(
+        self, key: str, session: str | None, tokens: int, weight: float, timeout_s: float | None
+    ) -> Slot:
+        """Wait for the tier (at once where it has room and nobody waits); the slot to
+        close when the request ends. `QueueTimeout` past `timeout_s`."""
+        session = session or ""
+        self.seen[key] = time.monotonic()
+        self.keys.arrive(key)
+        self.sessions[key].arrive(session)
+        started = time.monotonic()
+        if not self.waiting and self._may_go(key):
+            self._go(key, session, tokens, weight)
+            return Slot(self, key, session, weight, 0.0)
+        waiter = Waiter(
+            key, session, tokens, weight, started, asyncio.get_running_loop().create_future()
+        )
+        self.waiting.setdefault(key, {}).setdefault(session, collections.deque()).append(waiter)
+        self._arrivals[id(waiter)] = next(self._order)
+        self._dispatch()  # a key under its share goes past the others' backlog
+        if waiter.done.done():
+            return Slot(self, key, session, weight, 0.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.done), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if not waiter.done.done():  # still waiting: it leaves the queue
+                self._forget(waiter)
+                self.keys.leave(key)
+                self.sessions[key].leave(session)
+                self._dispatch()
+                if isinstance(exc, TimeoutError):
+                    raise QueueTimeout(time.monotonic() - started) from None
+                raise
+            # it was let through just as it gave up: the slot is its own to close
+            if isinstance(exc, asyncio.CancelledError):
+                Slot(self, key, session, weight, 0.0).close()
+                raise
+        return Slot(self, key, session, weight, time.monotonic() - started)
+
+    def release(self, slot: Slot, output_tokens: int) -> None:
+        self.in_flight -= 1
+        self.running[slot.key] -= 1
+        if self.running[slot.key] <= 0:
+            del self.running[slot.key]
+        self.keys.charge(slot.key, 2 * output_tokens / slot.weight)
+        self.sessions[slot.key].charge(slot.session, 2 * output_tokens)
+        self.keys.leave(slot.key)
+        self.sessions[slot.key].leave(slot.session)
+        if not self.sessions[slot.key].active:
+            del self.sessions[slot.key]
+        self._dispatch()
+
+    # ---- figures ----------------------------------------------------------------------
+
+    def active(self) -> int:
+        """Keys with a request here now or in the last `active_s`: an interactive key
+        between its requests still counts, so a swarm's batch stays small meanwhile."""
+        horizon = time.monotonic() - self.active_s
+        for key in [k for k, at in self.seen.items() if at < horizon and k not in self.keys.active]:
+            del self.seen[key]
+        return len(self.seen.keys() | self.keys.active.keys())
+
+    def limit(self) -> int:
+        """The bound now: the tier's capacity while one key is active, the shared bound
+        while several are."""
+        return self.bound if self.active() <= 1 else self.shared_bound
+
+    def share(self) -> int:
+        """What one key may have in flight past the shared bound: its part of it."""
+        return max(1, self.shared_bound // max(self.active(), 1))
+
+    def _may_go(self, key: str) -> bool:
+        if self.in_flight >= self.bound:
+            return False
+        return self.in_flight < self.limit() or self.running[key] < self.share()
+
+    def wake(self) -> None:
+        """Let waiters through after the bound grew."""
+        self._dispatch()
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for sessions in self.waiting.values() for q in sessions.values())
+
+    # ---- order --------------------------------------------------------------------------
+
+    def _go(self, key: str, session: str, tokens: int, weight: float) -> None:
+        self.in_flight += 1
+        self.running[key] += 1
+        self.keys.charge(key, tokens / weight)
+        self.sessions[key].charge(session, tokens)
+
+    def _dispatch(self) -> None:
+        while self.waiting and (waiter := self._next()) is not None:
+            self._forget(waiter)
+            self._go(waiter.key, waiter.session, waiter.tokens, waiter.weight)
+            waiter.done.set_result(None)
+
+    def _next(self) -> Waiter | None:
+        """The next to go, or None while none may."""
+        ready = [k for k in self.waiting if self._may_go(k)]
+        if not ready:
+            return None
+        if not self.fair:
+            waiting = (w for k in ready for q in self.waiting[k].values() for w in q)
+            return min(waiting, key=lambda w: self._arrivals[id(w)])
+        served = self.keys.served
+        # a newcomer lifted to the least counter ties with it: fewer in flight goes first
+        key = min(ready, key=lambda k: (served[k], self.running[k], self._oldest(k)))
+        by_session = self.sessions[key].served
+        sessions = self.waiting[key]
+        session = min(sessions, key=lambda s: (by_session[s], self._arrivals[id(sessions[s][0])]))
+        return sessions[session][0]
+
+    def _oldest(self, key: str) -> int:
+        return min(self._arrivals[id(q[0])] for q in self.waiting[key].values())
+
+    def _forget(self, waiter: Waiter) -> None:
+        sessions = self.waiting[waiter.key]
+        queue = sessions[waiter.session]
+        queue.remove(waiter)
+        if not queue:
+            del sessions[waiter.session]
+        if not sessions:
+            del self.waiting[waiter.key]
+        self._arrivals.pop(id(waiter), None)
+
+
+class TierGates:
+    """One `FairQueue` per tier in this ingress replica, sized from the tiers' live
+    figures: the engines' capacity (and `shared_in_flight` per replica of the tier)
+    split evenly over the ingress replicas, which Serve balances evenly."""
+
+    def __init__(self, order: str, routers: int) -> None:
+        self.fair = order == "fair"
+        self.routers = routers
+        self.gates: dict[str, FairQueue] = {}
+
+    def gate(self, tier: str) -> FairQueue:
+        if tier not in self.gates:  # no figures yet: no bound until they come
+            self.gates[tier] = FairQueue(UNBOUNDED, UNBOUNDED, self.fair)
+        return self.gates[tier]
+
+    def resize(self, tier: str, capacity: int, replicas: int, shared_per_replica: int) -> None:
+        gate = self.gate(tier)
+        share = lambda n: max(1, -(-n // self.routers))  # noqa: E731  (ceil, at least 1)
+        gate.bound = share(max(capacity, 1))
+        gate.shared_bound = min(gate.bound, share(shared_per_replica * max(replicas, 1)))
+        gate.wake()
+
+    def queued(self) -> dict[str, int]:
+        return {tier: gate.queued for tier, gate in self.gates.items() if gate.queued}
+
+
+UNBOUNDED = 1 << 30

@@ -1,0 +1,178 @@
+"""The fair queue's order (routing/fair_queue.py): who goes next, a lone key never held,
+a newcomer not behind a backlog, the service gap between backlogged keys bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve_app.routing.fair_queue import FairQueue, QueueTimeout
+
+
+async def turn() -> None:
+    """Let every waiter the gate just let through resume."""
+    for _ in range(6):
+        await asyncio.sleep(0)
+
+
+async def test_a_lone_key_is_never_held_while_the_tier_has_room():
+    gate = FairQueue(bound=4, shared_bound=2)
+    slots = [await gate.enter("swarm", f"s{n}", 10, 1.0, None) for n in range(4)]
+    assert gate.in_flight == 4 and gate.queued == 0
+    assert all(s.waited_s == 0.0 for s in slots)
+
+
+async def test_another_key_goes_before_a_backlogged_key():
+    gate = FairQueue(bound=2, shared_bound=2)
+    running = [await gate.enter("swarm", "a", 100, 1.0, None) for _ in range(2)]
+    backlog = [asyncio.ensure_future(gate.enter("swarm", "a", 100, 1.0, None)) for _ in range(5)]
+    await turn()
+    victim = asyncio.ensure_future(gate.enter("victim", "v", 10, 1.0, None))
+    await turn()
+    assert gate.queued == 6
+    running[0].close(output_tokens=50)
+    await turn()
+    assert victim.done() and not any(b.done() for b in backlog)
+    for slot in [running[1], victim.result()]:
+        slot.close(10)
+    for b in backlog:  # the swarm's backlog drains afterwards
+        (await b).close(10)
+    assert gate.in_flight == 0 and gate.queued == 0
+
+
+async def test_first_come_order_when_fairness_is_off():
+    gate = FairQueue(bound=1, shared_bound=1, fair=False)
+    first = await gate.enter("swarm", "a", 100, 1.0, None)
+    backlog = [asyncio.ensure_future(gate.enter("swarm", "a", 100, 1.0, None)) for _ in range(3)]
+    await turn()
+    victim = asyncio.ensure_future(gate.enter("victim", "v", 10, 1.0, None))
+    await turn()
+    first.close(10)
+    await turn()
+    assert backlog[0].done() and not victim.done()
+
+
+async def test_within_a_key_an_interactive_session_goes_before_the_swarm_session():
+    gate = FairQueue(bound=1, shared_bound=1)
+    first = await gate.enter("key", "swarm", 100, 1.0, None)
+    swarm = [asyncio.ensure_future(gate.enter("key", "swarm", 100, 1.0, None)) for _ in range(3)]
+    await turn()
+    chat = asyncio.ensure_future(gate.enter("key", "chat", 10, 1.0, None))
+    await turn()
+    first.close(10)
+    await turn()
+    assert chat.done() and not any(s.done() for s in swarm)
+
+
+async def test_a_newcomer_goes_at_once_and_the_swarm_shrinks_to_the_shared_bound():
+    gate = FairQueue(bound=8, shared_bound=2)
+    swarm = [await gate.enter("swarm", None, 10, 1.0, None) for _ in range(6)]
+    assert gate.limit() == 8  # alone, the whole capacity
+    victim = await gate.enter("victim", None, 10, 1.0, None)
+    assert victim.waited_s == 0.0 and gate.in_flight == 7  # under its share: at once
+    more = asyncio.ensure_future(gate.enter("swarm", None, 10, 1.0, None))
+    await turn()
+    assert not more.done()  # over its share and the shared bound: it waits
+    for slot in swarm[:5]:  # the swarm's batch drains to the shared bound
+        slot.close(5)
+        await turn()
+        assert not more.done()
+    swarm[5].close(5)  # in flight now: the victim alone
+    await turn()
+    assert more.done() and gate.in_flight == 2
+
+
+async def test_a_wait_past_its_limit_leaves_the_queue():
+    gate = FairQueue(bound=1, shared_bound=1)
+    held = await gate.enter("a", None, 10, 1.0, None)
+    with pytest.raises(QueueTimeout):
+        await gate.enter("b", None, 10, 1.0, 0.01)
+    assert gate.queued == 0 and gate.limit() == 1
+    held.close(1)
+    assert gate.in_flight == 0
+
+
+async def test_a_cancelled_waiter_gives_its_place_back():
+    gate = FairQueue(bound=1, shared_bound=1)
+    held = await gate.enter("a", None, 10, 1.0, None)
+    waiter = asyncio.ensure_future(gate.enter("b", None, 10, 1.0, None))
+    await turn()
+    waiter.cancel()
+    await turn()
+    assert gate.queued == 0
+    held.close(1)
+    assert gate.in_flight == 0
+
+
+async def service_gaps(weight_b: float, costs: dict[str, list[int]]) -> list[float]:
+    """Keys a (weight 1) and b keep requests waiting for a tier of one slot; each slot's
+    request outputs its cost. The weighted service gap after every completion while
+    both are still backlogged."""
+    gate = FairQueue(bound=1, shared_bound=1)
+    weights = {"a": 1.0, "b": weight_b}
+    waiting = {k: [asyncio.ensure_future(gate.enter(k, None, 0, weights[k], None)) for _ in v]
+               for k, v in costs.items()}  # fmt: skip
+    served = {"a": 0.0, "b": 0.0}
+    gaps = []
+    for _ in range(len(costs["a"]) + len(costs["b"])):
+        await turn()
+        [(key, slot)] = [(k, f) for k, fs in waiting.items() for f in fs if f.done()]
+        waiting[key].remove(slot)
+        cost = costs[key][len(costs[key]) - len(waiting[key]) - 1]
+        served[key] += 2 * cost / weights[key]
+        slot.result().close(cost)
+        if waiting["a"] and waiting["b"]:
+            gaps.append(abs(served["a"] - served["b"]))
+    return gaps
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    costs=st.lists(st.integers(1, 64), min_size=20, max_size=20),
+    other=st.lists(st.integers(1, 64), min_size=20, max_size=20),
+    weight=st.sampled_from([1.0, 2.0, 3.0]),
+)
+def test_the_service_gap_between_backlogged_keys_stays_bounded(costs, other, weight):
+    """VTC's bound: while both wait, their weighted service differs by at most about
+    one request's worth (2 x the largest output / the smaller weight) per slot."""
+    gaps = asyncio.run(service_gaps(weight, {"a": costs, "b": other}))
+    bound = 2 * (2 * 64)  # two requests' worth of the largest output, at weight 1
+    assert gaps and all(gap <= bound for gap in gaps)
+
+
+async def test_a_key_between_its_requests_still_keeps_the_swarms_batch_small():
+    gate = FairQueue(bound=8, shared_bound=2, active_s=60)
+    (await gate.enter("victim", None, 10, 1.0, None)).close(4)  # asked, answered, idle now
+    swarm = [asyncio.ensure_future(gate.enter("swarm", None, 10, 1.0, None)) for _ in range(4)]
+    await turn()
+    assert [s.done() for s in swarm] == [True, True, False, False]
+    later = FairQueue(bound=8, shared_bound=2, active_s=0.0)  # the victim long gone
+    (await later.enter("victim", None, 10, 1.0, None)).close(4)
+    await asyncio.sleep(0.001)
+    assert all([(await later.enter("swarm", None, 10, 1.0, None)).waited_s == 0 for _ in range(4)])
+    for s in swarm[:2]:
+        s.result().close(1)
+    await turn()
+    assert all(s.done() for s in swarm)
+    for s in swarm[2:]:
+        s.result().close(1)
+
+
+async def test_a_newcomer_tied_with_the_least_served_goes_before_its_backlog():
+    gate = FairQueue(bound=2, shared_bound=2)
+    running = [await gate.enter("swarm", None, 0, 1.0, None) for _ in range(2)]
+    backlog = asyncio.ensure_future(gate.enter("swarm", None, 0, 1.0, None))
+    await turn()
+    victim = asyncio.ensure_future(gate.enter("victim", None, 0, 1.0, None))
+    await turn()
+    assert gate.keys.served["victim"] == gate.keys.served["swarm"]  # lifted: a tie
+    running[0].close(0)
+    await turn()
+    assert victim.done() and not backlog.done()
+    for slot in (running[1], victim.result()):
+        slot.close(0)
+    await turn()
+    (await backlog).close(0)
