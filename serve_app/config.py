@@ -46,9 +46,20 @@ class Slo(BaseModel):
     )
 
 
+class FairShare(BaseModel):
+    """The queue in front of a tier (`routing/fair_queue.py`): how many requests it
+    keeps in flight. Alone, a key gets the engines' whole capacity (what they report
+    running at once); while several keys are active, `shared_in_flight` per replica of
+    the tier, so a newcomer joins a small batch instead of a swarm's."""
+
+    model_config = ConfigDict(extra="forbid")
+    shared_in_flight: int = Field(8, ge=1, description="per tier replica, several keys active")
+
+
 class TierEntry(TierSpec):
     price: Price
     slo: Slo = Slo()
+    fair_share: FairShare = FairShare()
     node_type: str | None = Field(
         None, description="the node type it runs on (cluster/node_types.yaml), for `plan`"
     )
@@ -80,6 +91,9 @@ class Plan(LimitFields):
     allow_pin: bool = Field(True, description="may ask for kimi-k2.5:<tier> directly")
     allow_degrade: bool = Field(False, description="may be served by a later tier under load")
     priority: int = Field(0, description="higher is shed later when the cluster saturates")
+    weight: float = Field(
+        1.0, gt=0, description="share of a saturated tier against other plans' keys (fair queue)"
+    )
 
 
 class RouterSettings(BaseModel):
@@ -108,6 +122,15 @@ class RouterSettings(BaseModel):
         True,
         description="/v1/messages lowers max_tokens past the plan's or tiers' limit to it"
         " (agent CLIs ask for more); false refuses it in Anthropic's own words",
+    )
+    fair_queue: Literal["fair", "first_come", "off"] = Field(
+        "fair",
+        description="requests wait at the router while a tier is full: in fair-share order"
+        " (fair), in arrival order (first_come, the baseline), or not at all (off: the"
+        " engines' own queues)",
+    )
+    max_queue_wait_s: float = Field(
+        30.0, gt=0, description="past this (or the plan's time limit) a waiting request gets 503"
     )
     allow_strategy_header: bool = Field(
         False,

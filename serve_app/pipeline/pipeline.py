@@ -66,6 +66,7 @@ from serve_app.pipeline.request import (
     session_of,
 )
 from serve_app.pipeline.telemetry import IngressMetrics
+from serve_app.routing.fair_queue import QueueTimeout, TierGates
 from serve_app.routing.tier_calls import ReplicaLost, TierCall, TierFault, TierRequest, Tiers
 from serve_app.routing.tier_choice import (
     LatencyWindow,
@@ -144,6 +145,8 @@ class Pipeline:
         self.unsettled: collections.deque[tuple[str, UsageRecord]] = collections.deque()
         self._resettling: asyncio.Task[None] | None = None
         self.tracer = tracing.tracer("kimi-router")
+        order = config.router.fair_queue
+        self.gates = None if order == "off" else TierGates(order, r.num_replicas)
 
     async def refresh(self, loads: dict[str, TierLoad]) -> None:
         """New tier figures (the ingress reads them every `load_refresh_s`)."""
@@ -151,13 +154,25 @@ class Pipeline:
         self.sent = collections.Counter()
         self.ttft_p90 = self.ttft.p90_ms()
         self.metrics.observe_loads(loads)
+        if self.gates is not None:
+            for name, load in loads.items():
+                shared = self.config.tier(name).fair_share.shared_in_flight
+                self.gates.resize(name, load.capacity, load.replicas, shared)
+                self.metrics.queues.waiting.set(self.gates.gate(name).queued, {"tier": name})
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
         if self.unsettled and (self._resettling is None or self._resettling.done()):
             self._resettling = asyncio.create_task(self._resettle())
 
+    def queued(self) -> dict[str, int]:
+        """Requests waiting here for each tier (its fair queue)."""
+        return self.gates.queued() if self.gates is not None else {}
+
     def _live(self) -> Live:
-        return Live(self.loads, self.ttft_p90, self.sent)
+        """What tier choice sees: the engines' figures, what waits at the routers for a
+        full tier (so a degradable plan spills past it), and what this router sent since."""
+        queued = {name: load.queued for name, load in self.loads.items()}
+        return Live(self.loads, self.ttft_p90, self.sent, queued)
 
     # ---- the request -----------------------------------------------------------------
 
@@ -237,8 +252,7 @@ class Pipeline:
     async def _admit(self, inbound: Inbound, route: Route) -> Admission:
         default = self.config.gateway.default_output_estimate
         out_est = fill_output_limit(inbound, route.plan, route.caller, default)
-        # ~4 bytes a token; settled with the real count
-        prompt_est = inbound.text_bytes // 4 + inbound.media.tokens
+        prompt_est = inbound.prompt_estimate()  # settled with the real count
         if inbound.endpoint is Endpoint.TOKENIZE:  # counting a prompt spends no budget
             tokens_est, cost_est = 0, 0.0
         else:
@@ -308,12 +322,14 @@ class Pipeline:
     async def _call_tier(self, ctx: RequestContext) -> Result:
         """The tier's answer, settled (a stream settles as it ends); `NothingServed`
         where the engine failed before any output and another tier may take it."""
+        await self._wait_turn(ctx)
         first, call = await self._first_message(ctx)
         if isinstance(first, Served):
             ctx.headers["x-kimi-replica"] = first.replica
             first = first.output
         if isinstance(first, EngineError):
             if ctx.others and first.status_code == 503:
+                ctx.leave_queue()
                 raise NothingServed(first)
             await self._refuse(ctx, first)
         if isinstance(first, dict):
@@ -356,6 +372,43 @@ class Pipeline:
                 await self._unavailable(ctx, exc)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    async def _wait_turn(self, ctx: RequestContext) -> None:
+        """Wait at this router while the tier is full, in fair-share order (a 503 with
+        `Retry-After` past the wait allowed), and hold the place until settlement. A
+        token count generates nothing: it does not queue."""
+        if self.gates is None or ctx.inbound.endpoint is Endpoint.TOKENIZE:
+            return
+        wait = self.config.router.max_queue_wait_s
+        if ctx.timeout_s is not None:
+            wait = min(wait, max(ctx.meter.started + ctx.timeout_s - time.monotonic(), 0))
+        caller, inbound = ctx.route.caller, ctx.inbound
+        with self.tracer.start_as_current_span("router.queue") as span:
+            try:
+                ctx.slot = await self.gates.gate(ctx.tier.name).enter(
+                    caller.key_id,
+                    session_of(inbound),
+                    inbound.prompt_estimate(),
+                    ctx.route.plan.weight,
+                    wait,
+                )
+            except QueueTimeout as exc:
+                await self._waited_too_long(ctx, exc)
+            span.set_attribute("kimi.queue_ms", round(ctx.slot.waited_s * 1000))
+        self.metrics.queues.waited.observe(
+            ctx.slot.waited_s, {"plan": caller.plan, "tier": ctx.tier.name}
+        )
+        ctx.headers["x-kimi-queue-ms"] = str(round(ctx.slot.waited_s * 1000))
+
+    async def _waited_too_long(self, ctx: RequestContext, exc: QueueTimeout) -> NoReturn:
+        self.metrics.queues.queue_timeouts.inc(1, {"tier": ctx.tier.name})
+        await self._settle(ctx, ctx.meter.record(503, "queue timeout"))
+        raise APIError(
+            503,
+            f"the tier is saturated: this request waited {exc.waited_s:.0f} s; retry",
+            code="queue_timeout",
+            headers={**ctx.headers, "retry-after": "5"},
+        ) from None
+
     def _tier_request(self, ctx: RequestContext) -> TierRequest:
         body = ctx.inbound.body
         return TierRequest(
@@ -397,6 +450,7 @@ class Pipeline:
 
     async def _settle(self, ctx: RequestContext, record: UsageRecord) -> None:
         ctx.settled = True
+        ctx.leave_queue(record.completion_tokens)
         self.metrics.observe(record)
         if record.ttft_ms is not None:
             self.ttft.observe(record.tier, record.ttft_ms)

@@ -15,6 +15,7 @@ from serve_app.gateway.protocol import Admission, Caller
 from serve_app.pipeline.media import Media
 from serve_app.pipeline.relay import RequestMeter, StreamSettlement
 from serve_app.reasoning.sealing import Opened
+from serve_app.routing.fair_queue import Slot
 from serve_app.routing.tier_choice import LoadPolicy, estimate_tokens
 
 
@@ -42,6 +43,11 @@ class Inbound:
         """The body without its inline image data: what stands for the prompt's text
         (messages, tools and schemas all reach it)."""
         return self.body_bytes - self.media.data_chars
+
+    def prompt_estimate(self) -> int:
+        """The prompt's tokens at ~4 bytes a token, images counted apart: what admission
+        and the fair queue charge before the engine's count is known."""
+        return self.text_bytes // 4 + self.media.tokens
 
     def prompt_floor(self) -> int:
         """A low estimate of the prompt's tokens, for context fit."""
@@ -101,10 +107,17 @@ class RequestContext:
     wants_usage: bool  # as the client asked; engines are always asked for usage
     settled: bool = False
     others: list[TierEntry] = field(default_factory=list)  # where it may still move
+    slot: Slot | None = None  # its place in the tier's fair queue, held until settled
 
     @property
     def id(self) -> str:
         return self.inbound.request_id
+
+    def leave_queue(self, output_tokens: int = 0) -> None:
+        """Give the tier's place back (its output charged to the caller's share)."""
+        if self.slot is not None:
+            self.slot.close(output_tokens)
+            self.slot = None
 
     def move_to(self, tier: TierEntry) -> None:
         """Serve it on `tier` instead; it stays one request, timed from its start."""

@@ -24,6 +24,26 @@ def per_plan_and_tier(name: str, doc: str, buckets: list[float]) -> metrics.Hist
     return metrics.Histogram(name, doc, boundaries=buckets, tag_keys=("plan", "tier"))
 
 
+class QueueMetrics:
+    """The fair queue in front of each tier (`routing/fair_queue.py`)."""
+
+    def __init__(self) -> None:
+        self.waiting = metrics.Gauge(
+            "kimi_queue_waiting",
+            "requests waiting at this router for a full tier (fair queue)",
+            tag_keys=("tier",),
+        )
+        self.waited = metrics.Histogram(
+            "kimi_queue_wait_seconds",
+            "time a request waited at the router for its tier, by plan",
+            boundaries=TTFT_BUCKETS,
+            tag_keys=("plan", "tier"),
+        )
+        self.queue_timeouts = metrics.Counter(
+            "kimi_queue_timeouts", "requests that waited past their limit (503)", ("tier",)
+        )
+
+
 class IngressMetrics:
     def __init__(self) -> None:
         tags = ("plan", "tier", "status", "degraded")
@@ -60,6 +80,7 @@ class IngressMetrics:
             " turn in thinking mode with none)",
             tag_keys=("api", "how"),
         )
+        self.queues = QueueMetrics()
         self.kv = metrics.Gauge(
             "kimi_tier_kv_cache_usage", "highest KV-cache use among the tier's replicas", ("tier",)
         )

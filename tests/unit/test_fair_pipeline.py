@@ -1,0 +1,107 @@
+"""The fair queue in the pipeline, on the shared fakes: who reaches a full tier first, the
+wait's limit as a 503 settled once and unbilled, and the wait on the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from deployments.protocol import Endpoint
+from deployments.scheduling.loadboard import TierLoad
+from serve_app.canonical import ChatRequest, canonical_body
+from serve_app.errors import APIError
+from serve_app.gateway.protocol import Caller, KeyOverrides
+from serve_app.pipeline.pipeline import Pipeline
+from serve_app.pipeline.request import Completed, Inbound
+from serve_app.pipeline.telemetry import IngressMetrics
+from tests.fakes.engine import FakeEngine
+from tests.fakes.gateway import CFG, FakeGateway
+from tests.fakes.tiers import InProcessTiers
+
+
+def config(**router: Any) -> Any:
+    cfg = CFG.model_copy(deep=True)
+    cfg.router = cfg.router.model_copy(update={"num_replicas": 1, **router})
+    return cfg
+
+
+async def premium_of_capacity(capacity: int, engine: FakeEngine, **router: Any) -> tuple:
+    gateway = FakeGateway("enterprise")
+    tiers = InProcessTiers(premium=engine, standard=FakeEngine(), budget=FakeEngine())
+    p = Pipeline(config(**router), tiers, gateway, "ingress-0", IngressMetrics())
+    await p.refresh({"premium": TierLoad(capacity=capacity, replicas=1)})
+    return p, gateway
+
+
+def ask(key: str, session: str | None = None) -> Inbound:
+    body = {"model": "kimi-k2.5:premium", "messages": [{"role": "user", "content": "hi"}]}
+    request = ChatRequest.model_validate(body)
+    return Inbound(
+        endpoint=Endpoint.CHAT,
+        request=request,
+        body=canonical_body(request),
+        body_bytes=len(json.dumps(body)),
+        api_key=None,
+        request_id=f"{key}-{session}-{time.monotonic_ns()}",
+        session=session,
+        caller=Caller(key, "enterprise", KeyOverrides()),
+    )
+
+
+async def swarm_then_victim(order: str) -> list[str]:
+    """A swarm key fills premium (capacity 1) and queues 4 more; then another key asks.
+    The keys of the engine's requests, in the order the engine got them."""
+    engine = FakeEngine(tokens=3, delay_s=0.01)
+    p, _ = await premium_of_capacity(1, engine, fair_queue=order)
+    swarm = [asyncio.ensure_future(p.serve(ask("swarm", "agents"))) for _ in range(5)]
+    await asyncio.sleep(0.005)
+    victim = asyncio.ensure_future(p.serve(ask("victim")))
+    await asyncio.gather(*swarm, victim)
+    return [r.split("-")[0] for r in engine.requests]
+
+
+async def test_another_key_reaches_a_full_tier_before_the_swarms_backlog():
+    assert await swarm_then_victim("fair") == [
+        "swarm",
+        "victim",
+        "swarm",
+        "swarm",
+        "swarm",
+        "swarm",
+    ]
+
+
+async def test_first_come_order_is_the_baseline_it_is_measured_against():
+    assert await swarm_then_victim("first_come") == ["swarm"] * 5 + ["victim"]
+
+
+async def test_a_wait_past_its_limit_is_a_503_with_retry_after_settled_unbilled():
+    engine = FakeEngine(tokens=50, delay_s=0.01)
+    p, gateway = await premium_of_capacity(1, engine, max_queue_wait_s=0.05)
+    holding = asyncio.ensure_future(p.serve(ask("a")))
+    await asyncio.sleep(0.005)
+    with pytest.raises(APIError) as err:
+        await p.serve(ask("b"))
+    assert (err.value.status, err.value.code) == (503, "queue_timeout")
+    assert err.value.headers["retry-after"] == "5"
+    await holding
+    refused = [r for r in gateway.records if r.key_id == "b"]
+    assert [(r.status, r.billed, r.completion_tokens) for r in refused] == [(503, False, 0)]
+    assert len(engine.requests) == 1  # the refused one never reached the engine
+
+
+async def test_the_answer_says_how_long_it_waited():
+    p, _ = await premium_of_capacity(4, FakeEngine())
+    result = await p.serve(ask("a"))
+    assert isinstance(result, Completed) and result.headers["x-kimi-queue-ms"] == "0"
+
+
+async def test_off_leaves_the_engines_own_queue():
+    engine = FakeEngine(tokens=3, delay_s=0.01)
+    p, _ = await premium_of_capacity(1, engine, fair_queue="off")
+    results = await asyncio.gather(*(p.serve(ask("a")) for _ in range(3)))
+    assert all("x-kimi-queue-ms" not in r.headers for r in results)
