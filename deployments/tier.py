@@ -65,6 +65,7 @@ class TierServer:
         # One reader of the engine's figures for the board, the request router and the
         # autoscaler alike (each reads them on its own period; the engine is asked once).
         self.last_load: EngineLoad = await self.engine.load()
+        self.router_waiting = 0.0  # its share of the routers' queues for the tier (board)
         self._reporter = asyncio.create_task(self._report_loads())
 
     async def _report_loads(self) -> None:
@@ -72,12 +73,10 @@ class TierServer:
         while True:
             try:
                 self.last_load = await self.engine.load()
-                self.board.report.remote(
-                    self.spec.name,
-                    ReplicaLoad(
-                        **self.last_load.model_dump(), replica=self.replica, node_id=self.node_id
-                    ),
+                load = ReplicaLoad(
+                    **self.last_load.model_dump(), replica=self.replica, node_id=self.node_id
                 )
+                self.router_waiting = await self.board.report.remote(self.spec.name, load)
             except Exception:
                 log.exception("reporting load failed")
             await asyncio.sleep(LOAD_REPORT_S)
@@ -129,6 +128,8 @@ class TierServer:
             "engine_running": load.running,
             "engine_waiting": load.waiting,
             "engine_capacity": load.capacity,
+            # this replica's share of what waits at the routers' fair queues for the tier
+            "router_waiting": self.router_waiting,
         }
 
     async def __del__(self) -> None:

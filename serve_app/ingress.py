@@ -97,10 +97,15 @@ class Ingress:
         return await asyncio.wait_for(self.board.snapshot.remote(), timeout=5)
 
     async def _refresh_loads(self) -> None:
-        """Keep the tiers' engine figures fresh for tier choice, off the request path."""
+        """Keep the tiers' engine figures fresh for tier choice, off the request path,
+        and tell the board what waits here for each tier (the tiers' autoscaling)."""
+        replica = serve.get_replica_context().replica_id.unique_id
         while True:
             try:
-                loads = await self._snapshot()
+                queued = self.pipeline.queued()
+                loads = await asyncio.wait_for(
+                    self.board.snapshot.remote(replica, queued), timeout=5
+                )
                 self.scaling.observe(loads)
                 await self.pipeline.refresh(loads)
             except Exception:

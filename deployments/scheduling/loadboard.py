@@ -1,5 +1,7 @@
 """The cluster's view of every tier's load: replicas push their engine figures here, routers
-read one aggregated snapshot.
+read one aggregated snapshot, and tell it in the same call how many requests wait at
+them for each tier (their fair queues), which the tier replicas hear back when they report,
+so a tier's autoscaling counts the demand held at the routers too.
 
 Why not ask a tier through its Serve handle: such a poll is itself a request to the tier,
 so it is counted by Ray's autoscaler and would wake a tier that has scaled to zero (and
@@ -33,6 +35,7 @@ class TierLoad(EngineLoad):
 
     replicas: int = 0
     members: list[ReplicaLoad] = Field(default_factory=list)
+    queued: int = 0  # requests waiting at the routers for this tier (their fair queues)
 
 
 def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
@@ -56,15 +59,30 @@ def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
 class LoadBoard:
     def __init__(self) -> None:
         self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
+        self._queued: dict[str, tuple[float, dict[str, int]]] = {}  # per router
 
-    def report(self, tier: str, load: ReplicaLoad) -> None:
-        self._reports.setdefault(tier, {})[load.replica] = (time.monotonic(), load)
+    def report(self, tier: str, load: ReplicaLoad) -> float:
+        """Keep a replica's figures; its share of the requests waiting at the routers
+        for its tier (for its autoscaling stats)."""
+        now = time.monotonic()
+        replicas = self._reports.setdefault(tier, {})
+        replicas[load.replica] = (now, load)
+        return self.queued(tier, now) / len(replicas)
+
+    def queued(self, tier: str, now: float) -> int:
+        fresh = [q for at, q in self._queued.values() if now - at <= STALE_AFTER_S]
+        return sum(q.get(tier, 0) for q in fresh)
 
     def forget(self, tier: str, replica: str) -> None:
         self._reports.get(tier, {}).pop(replica, None)
 
-    def snapshot(self) -> dict[str, TierLoad]:
+    def snapshot(
+        self, router: str | None = None, queued: dict[str, int] | None = None
+    ) -> dict[str, TierLoad]:
+        """Every tier's figures; a router passes what waits at it for each tier."""
         now = time.monotonic()
+        if router is not None:
+            self._queued[router] = (now, queued or {})
         out: dict[str, TierLoad] = {}
         for tier, reports in self._reports.items():
             for replica, (at, _) in list(reports.items()):
@@ -74,7 +92,7 @@ class LoadBoard:
             # A tier nobody reports for is absent, not unhealthy: scaled to zero, it is
             # still a candidate, and a request wakes it.
             if members:
-                out[tier] = aggregate(members)
+                out[tier] = aggregate(members).model_copy(update={"queued": self.queued(tier, now)})
         return out
 
 

@@ -172,9 +172,12 @@ class Live:
     # requests this router sent to each tier since `loads` was read: a burst counts at
     # once instead of half a second later
     sent: Mapping[str, int] = field(default_factory=dict)
+    # requests waiting at the routers' fair queues (the board's sum over every router):
+    # demand on the tier as real as the engines' own waiting
+    queued: Mapping[str, int] = field(default_factory=dict)
 
     def pressure(self, tier: str) -> float:
-        return pressure(self.loads.get(tier), self.sent.get(tier, 0))
+        return pressure(self.loads.get(tier), self.sent.get(tier, 0) + self.queued.get(tier, 0))
 
 
 @dataclass(frozen=True)

@@ -249,8 +249,9 @@ def tier_status(url: str, tier: str) -> dict | None:
 
 
 def tier_pressure(url: str, tier: str) -> float:
+    """(running + waiting in the engines + waiting at the routers) / capacity."""
     s = tier_status(url, tier)
-    return 0.0 if not s else (s["running"] + s["waiting"]) / s["capacity"]
+    return 0.0 if not s else (s["running"] + s["waiting"] + s["queued"]) / s["capacity"]
 
 
 def wait_for(what: str, check: Callable[[], object], timeout_s: float, every_s: float = 0.5):

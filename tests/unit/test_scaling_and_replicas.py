@@ -66,6 +66,25 @@ def test_desired_replicas_follow_engine_demand():
     assert desired_replicas(Demand(0, 0, 2), 0, 4)[0] == 1
 
 
+def test_requests_waiting_at_the_routers_count_as_demand():
+    """The fair queue holds a tier's overflow at the routers, not in the engines: the
+    tier still grows for it."""
+    n, why = desired_replicas(Demand(4, 0, 4, queued=6), 1, 4)
+    assert n == 3 and "at the routers 6" in why
+
+
+def test_the_board_hands_each_replica_its_share_of_the_routers_queues():
+    from deployments.scheduling.loadboard import LoadBoard
+
+    board = LoadBoard.__ray_actor_class__()
+    board.report("standard", ReplicaLoad(replica="a", capacity=4))
+    board.snapshot("router-1", {"standard": 5, "premium": 1})
+    board.snapshot("router-2", {"standard": 3})
+    assert board.report("standard", ReplicaLoad(replica="b", capacity=4)) == 4.0  # 8 / 2
+    snap = board.snapshot()
+    assert snap["standard"].queued == 8 and "premium" not in snap  # nobody serves premium
+
+
 def test_aggregate_sums_healthy_replicas():
     members = [
         ReplicaLoad(replica="a", running=2, waiting=1, capacity=4, kv_cache_usage=0.2),
