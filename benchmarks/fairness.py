@@ -1,0 +1,246 @@
+"""Fair share under a swarm: one tenant's 100 in-flight sub-agents against another
+tenant's interactive requests, on the embedded default (two ingress replicas), with the
+router's queue in each order side by side in one run:
+
+    .venv/bin/python -m benchmarks.fairness [--quick] [--tier premium] [--orders off,fair]
+
+  off         no queue at the router: every request goes to the engines' own first-come
+              queues (the code before the fair queue)
+  first_come  the router's queue, in arrival order (the same code, fairness switched off)
+  fair        the router's queue in weighted fair-share order (router.fair_queue: fair)
+
+Per order, one fresh app: the victim alone (a premium-plan key, one small streamed chat a
+second), the swarm alone (an enterprise key keeping 100 streamed requests in flight in
+one session, every finished one replaced at once), then both together; and two equal
+swarms of different keys side by side (Jain's index of tokens served per 5 s window).
+Everything is pinned to one tier. Reported: the victim's TTFT p50/p99 alone and under the
+swarm (and their ratio), the victim's refusals, the swarm's output tokens/s alone and
+with the victim, the queue wait the answers name (`x-kimi-queue-ms`). Writes
+benchmarks/results/fairness.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from benchmarks.compare import RESULTS, ROOT, our_app, serve_args
+from benchmarks.loadgen import LoadSpec, RequestResult, one_request, percentile
+
+ADMIN = "fairness-bench-admin"
+NO_LIMITS = {
+    "requests_per_minute": 10**6,
+    "tokens_per_minute": 10**9,
+    "max_concurrent": 10**4,
+    "monthly_token_budget": 10**12,
+    "monthly_spend_usd": 10**6,
+}
+
+
+@dataclass
+class Timed:
+    result: RequestResult
+    ended: float  # monotonic time the answer ended
+    queue_ms: float | None = None
+
+
+@dataclass
+class Phase:
+    victim: list[Timed] = field(default_factory=list)
+    swarm: list[Timed] = field(default_factory=list)
+    other: list[Timed] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+async def send(client: httpx.AsyncClient, spec: LoadSpec, rng: random.Random, out: list) -> None:
+    result = await one_request(client, spec, rng)
+    out.append(Timed(result, time.monotonic()))
+
+
+async def closed_loop(spec: LoadSpec, in_flight: int, until: float, out: list) -> None:
+    """`in_flight` requests at all times until `until`, each replaced as it ends."""
+    rng = random.Random(1)
+    limits = httpx.Limits(max_connections=in_flight + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+
+        async def worker() -> None:
+            while time.monotonic() < until:
+                await send(client, spec, rng, out)
+
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+
+
+async def every(spec: LoadSpec, period_s: float, until: float, out: list) -> None:
+    """One request every `period_s` until `until`, each on its own (open loop)."""
+    rng = random.Random(2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600)) as client:
+        tasks = []
+        while time.monotonic() < until:
+            tasks.append(asyncio.create_task(send(client, spec, rng, out)))
+            await asyncio.sleep(period_s)
+        await asyncio.gather(*tasks)
+
+
+async def phase(specs: dict[str, LoadSpec], seconds: float, swarm: int) -> Phase:
+    out = Phase()
+    start = time.monotonic()
+    until = start + seconds
+    jobs = []
+    if "victim" in specs:
+        jobs.append(every(specs["victim"], 1.0, until, out.victim))
+    if "swarm" in specs:
+        jobs.append(closed_loop(specs["swarm"], swarm, until, out.swarm))
+    if "other" in specs:
+        jobs.append(closed_loop(specs["other"], swarm, until, out.other))
+    await asyncio.gather(*jobs)
+    out.wall_s = time.monotonic() - start
+    return out
+
+
+def ttft(rows: list[Timed]) -> dict[str, float]:
+    ok = [r.result.ttft_s * 1000 for r in rows if r.result.ok]
+    return {
+        "n": len(rows),
+        "ok": len(ok),
+        "p50_ms": percentile(ok, 50),
+        "p99_ms": percentile(ok, 99),
+    }
+
+
+def tokens_per_s(rows: list[Timed], wall_s: float) -> float:
+    return sum(r.result.output_tokens for r in rows) / max(wall_s, 1e-9)
+
+
+def jain(a: list[Timed], b: list[Timed], start: float, end: float, window_s: float = 5.0) -> float:
+    """Jain's index of the two keys' tokens served, averaged over full windows."""
+    indexes = []
+    t = start
+    while t + window_s <= end:
+        x = sum(r.result.output_tokens for r in a if t <= r.ended < t + window_s)
+        y = sum(r.result.output_tokens for r in b if t <= r.ended < t + window_s)
+        if x + y:
+            indexes.append((x + y) ** 2 / (2 * (x * x + y * y)))
+        t += window_s
+    return sum(indexes) / len(indexes) if indexes else 0.0
+
+
+def bench_args(order: str) -> dict[str, Any]:
+    args = copy.deepcopy(serve_args())
+    args["router"]["fair_queue"] = order
+    return args
+
+
+def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, Any]:
+    with our_app(bench_args(order)) as base:
+        url = base.removesuffix("/v1")
+        admin = httpx.Client(base_url=url, headers={"authorization": f"Bearer {ADMIN}"})
+
+        def key(plan: str) -> str:
+            made = admin.post("/admin/keys", json={"plan": plan, "overrides": NO_LIMITS})
+            return made.json()["key"]
+
+        model = f"kimi-k2.5:{tier}"
+        victim = LoadSpec(base, model, max_tokens=16, prompt_words=24, api_key=key("premium"))
+        swarm_key, other_key = key("enterprise"), key("enterprise")
+        swarm_spec = LoadSpec(
+            base, model, 64, 192, swarm_key, headers={"x-session-id": "swarm-task-1"}
+        )
+        other_spec = LoadSpec(
+            base, model, 64, 192, other_key, headers={"x-session-id": "swarm-task-2"}
+        )
+        asyncio.run(phase({"victim": victim}, 5, swarm))  # warm-up
+        alone = asyncio.run(phase({"victim": victim}, seconds, swarm))
+        swarm_alone = asyncio.run(phase({"swarm": swarm_spec}, seconds, swarm))
+        both = asyncio.run(phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm))
+        start = time.monotonic()
+        pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, seconds, swarm // 2))
+    return {
+        "victim_alone": ttft(alone.victim),
+        "victim_under_swarm": ttft(both.victim),
+        "victim_refused": sum(1 for r in both.victim if r.result.status not in (0, 200)),
+        "swarm_alone_tok_s": tokens_per_s(swarm_alone.swarm, swarm_alone.wall_s),
+        "swarm_with_victim_tok_s": tokens_per_s(both.swarm, both.wall_s),
+        "swarm_errors": sum(1 for r in both.swarm + swarm_alone.swarm if not r.result.ok),
+        "jain_two_swarms": jain(pair.swarm, pair.other, start, start + pair.wall_s),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Fair share under a swarm ({report['tier']})",
+        "",
+        f"{report['date']}, {report['machine']}, commit {report['commit']}: `{report['command']}`",
+        f"(each phase {report['seconds']:g} s; swarm {report['swarm']} in flight; two ingress"
+        " replicas)",
+        "",
+        "| order | victim TTFT p50 / p99 alone (ms) | under the swarm (ms) | p99 ratio |"
+        " victim refused | swarm tok/s alone | swarm tok/s with victim | Jain, two swarms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for order, r in report["orders"].items():
+        a, u = r["victim_alone"], r["victim_under_swarm"]
+        ratio = u["p99_ms"] / a["p99_ms"] if a["p99_ms"] else float("nan")
+        lines.append(
+            f"| {order} | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} | {u['p50_ms']:.0f} /"
+            f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x | {r['victim_refused']} |"
+            f" {r['swarm_alone_tok_s']:.0f} | {r['swarm_with_victim_tok_s']:.0f} |"
+            f" {r['jain_two_swarms']:.3f} |"
+        )
+    orders = report["orders"]
+    if "fair" in orders and "off" in orders and orders["off"]["swarm_alone_tok_s"]:
+        share = orders["fair"]["swarm_alone_tok_s"] / orders["off"]["swarm_alone_tok_s"]
+        lines += ["", f"Work conservation: the swarm alone under `fair` gets {share:.2f}x its"
+                  " tokens/s under `off`."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="20 s phases (else 40 s)")
+    parser.add_argument("--tier", default="premium")
+    parser.add_argument("--orders", default="off,first_come,fair")
+    parser.add_argument("--swarm", type=int, default=100, help="the swarm's requests in flight")
+    parser.add_argument("--out", default="fairness")
+    args = parser.parse_args()
+    seconds = 20 if args.quick else 40
+    os.environ["KIMI_SERVE_STATE"] = tempfile.mkdtemp(prefix="kimi-fairness-bench-")
+    os.environ["KIMI_SERVE_ADMIN_TOKEN"] = ADMIN
+    report: dict[str, Any] = {"orders": {}}
+    for order in args.orders.split(","):
+        print(f"{order}: starting the app", flush=True)
+        report["orders"][order] = run_order(order, args.tier, seconds, args.swarm)
+        print(json.dumps(report["orders"][order]), flush=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    report.update(
+        tier=args.tier,
+        seconds=seconds,
+        swarm=args.swarm,
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        commit=commit,
+        command="python -m benchmarks.fairness " + " ".join(sys.argv[1:]),
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
