@@ -101,7 +101,8 @@ class FairQueue:
         self.bound = bound  # in flight while one key is active
         self.shared_bound = min(shared_bound, bound)  # while several are
         self.active_s = active_s
-        self.seen: dict[str, float] = {}  # when each key last asked
+        self.seen: dict[str, float] = {}  # when each key last asked (active keys stay)
+        self._pruned_at = 0.0
         self.fair = fair  # False: first come, first served (the baseline it is measured by)
         self.in_flight = 0
         self.running: collections.Counter[str] = collections.Counter()  # in flight, per key
@@ -124,7 +125,7 @@ class FairQueue:
         self.keys.arrive(key)
         self.sessions[key].arrive(session)
         started = time.monotonic()
-        if not self.waiting and self._may_go(key):
+        if not self.waiting and self._may_go(key, self.active()):
             self._go(key, session, tokens, weight)
             return Slot(self, key, session, weight, 0.0)
         waiter = Waiter(
@@ -169,25 +170,32 @@ class FairQueue:
 
     def active(self) -> int:
         """Keys with a request here now or in the last `active_s`: an interactive key
-        between its requests still counts, so a swarm's batch stays small meanwhile."""
-        horizon = time.monotonic() - self.active_s
-        for key in [k for k, at in self.seen.items() if at < horizon and k not in self.keys.active]:
-            del self.seen[key]
-        return len(self.seen.keys() | self.keys.active.keys())
+        between its requests still counts, so a swarm's batch stays small meanwhile.
+        (Keys seen long ago are let go at most once a second.)"""
+        now = time.monotonic()
+        if now - self._pruned_at >= min(1.0, self.active_s):
+            self._pruned_at = now
+            horizon = now - self.active_s
+            for key in [k for k, at in self.seen.items() if at < horizon]:
+                if key not in self.keys.active:
+                    del self.seen[key]
+        return len(self.seen)
 
-    def limit(self) -> int:
+    def limit(self, active: int | None = None) -> int:
         """The bound now: the tier's capacity while one key is active, the shared bound
         while several are."""
-        return self.bound if self.active() <= 1 else self.shared_bound
+        active = self.active() if active is None else active
+        return self.bound if active <= 1 else self.shared_bound
 
-    def share(self) -> int:
+    def share(self, active: int | None = None) -> int:
         """What one key may have in flight past the shared bound: its part of it."""
-        return max(1, self.shared_bound // max(self.active(), 1))
+        active = self.active() if active is None else active
+        return max(1, self.shared_bound // max(active, 1))
 
-    def _may_go(self, key: str) -> bool:
+    def _may_go(self, key: str, active: int) -> bool:
         if self.in_flight >= self.bound:
             return False
-        return self.in_flight < self.limit() or self.running[key] < self.share()
+        return self.in_flight < self.limit(active) or self.running[key] < self.share(active)
 
     def wake(self) -> None:
         """Let waiters through after the bound grew."""
@@ -213,7 +221,8 @@ class FairQueue:
 
     def _next(self) -> Waiter | None:
         """The next to go, or None while none may."""
-        ready = [k for k in self.waiting if self._may_go(k)]
+        active = self.active()
+        ready = [k for k in self.waiting if self._may_go(k, active)]
         if not ready:
             return None
         if not self.fair:
@@ -258,10 +267,13 @@ class TierGates:
 
     def resize(self, tier: str, capacity: int, replicas: int, shared_per_replica: int) -> None:
         gate = self.gate(tier)
-        share = lambda n: max(1, -(-n // self.routers))  # noqa: E731  (ceil, at least 1)
-        gate.bound = share(max(capacity, 1))
-        gate.shared_bound = min(gate.bound, share(shared_per_replica * max(replicas, 1)))
+        gate.bound = self.share(max(capacity, 1))
+        gate.shared_bound = min(gate.bound, self.share(shared_per_replica * max(replicas, 1)))
         gate.wake()
+
+    def share(self, n: int) -> int:
+        """This router's even part of `n` (rounded up, at least 1)."""
+        return max(1, -(-n // self.routers))
 
     def queued(self) -> dict[str, int]:
         return {tier: gate.queued for tier, gate in self.gates.items() if gate.queued}
