@@ -130,7 +130,7 @@ class RouterSettings(BaseModel):
         " engines' own queues)",
     )
     max_queue_wait_s: float = Field(
-        30.0, gt=0, description="past this (or the plan's time limit) a waiting request gets 503"
+        120.0, gt=0, description="past this (or the plan's time limit) a waiting request gets 503"
     )
     allow_strategy_header: bool = Field(
         False,

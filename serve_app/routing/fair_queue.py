@@ -27,7 +27,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-ACTIVE_S = 3.0  # a key that asked this recently is active (see `FairQueue.active`)
+ACTIVE_S = 10.0  # a key that asked this recently is active (see `FairQueue.active`)
 
 
 class QueueTimeout(Exception):
