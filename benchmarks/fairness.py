@@ -40,15 +40,9 @@ import httpx
 
 from benchmarks.compare import RESULTS, ROOT, our_app, serve_args
 from benchmarks.loadgen import LoadSpec, RequestResult, one_request, percentile
+from benchmarks.routing_quality import NO_LIMITS
 
 ADMIN = "fairness-bench-admin"
-NO_LIMITS = {
-    "requests_per_minute": 10**6,
-    "tokens_per_minute": 10**9,
-    "max_concurrent": 10**4,
-    "monthly_token_budget": 10**12,
-    "monthly_spend_usd": 10**6,
-}
 
 
 @dataclass
