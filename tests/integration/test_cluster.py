@@ -92,7 +92,7 @@ def test_load_step_scales_tier_up_then_down_with_affinity_between(serve_url, adm
         # (No wait for the queue first: the second replica can take half the streams
         # before a reading shows the first one queueing.)
         wait_for("a second standard replica", lambda: replicas(serve_url, "standard") == 2, 120)
-    assert "autoscaling tier-standard: engine demand" in controller_log(cluster)
+    assert "autoscaling tier-standard: demand" in controller_log(cluster)
 
     # Both replicas idle now, before the downscale delay ends: one conversation stays on
     # one replica; different conversations use both.
