@@ -44,7 +44,7 @@ class Waiter:
     session: str
     tokens: int  # the prompt's estimate, charged when it goes
     weight: float
-    enqueued: float
+    order: int  # arrival order: first come first, among equals
     done: asyncio.Future[None]
 
 
@@ -110,8 +110,7 @@ class FairQueue:
         self.sessions: dict[str, Counters] = collections.defaultdict(Counters)
         # waiting requests, per key and session, oldest first
         self.waiting: dict[str, dict[str, collections.deque[Waiter]]] = {}
-        self._order = itertools.count()  # first-come order, for `fair=False`
-        self._arrivals: dict[int, int] = {}
+        self._order = itertools.count()
 
     # ---- what the pipeline calls ------------------------------------------------------
 
@@ -129,10 +128,14 @@ class FairQueue:
             self._go(key, session, tokens, weight)
             return Slot(self, key, session, weight, 0.0)
         waiter = Waiter(
-            key, session, tokens, weight, started, asyncio.get_running_loop().create_future()
+            key,
+            session,
+            tokens,
+            weight,
+            next(self._order),
+            asyncio.get_running_loop().create_future(),
         )
         self.waiting.setdefault(key, {}).setdefault(session, collections.deque()).append(waiter)
-        self._arrivals[id(waiter)] = next(self._order)
         self._dispatch()  # a key under its share goes past the others' backlog
         if waiter.done.done():
             return Slot(self, key, session, weight, 0.0)
@@ -227,17 +230,17 @@ class FairQueue:
             return None
         if not self.fair:
             waiting = (w for k in ready for q in self.waiting[k].values() for w in q)
-            return min(waiting, key=lambda w: self._arrivals[id(w)])
+            return min(waiting, key=lambda w: w.order)
         served = self.keys.served
         # a newcomer lifted to the least counter ties with it: fewer in flight goes first
         key = min(ready, key=lambda k: (served[k], self.running[k], self._oldest(k)))
         by_session = self.sessions[key].served
         sessions = self.waiting[key]
-        session = min(sessions, key=lambda s: (by_session[s], self._arrivals[id(sessions[s][0])]))
+        session = min(sessions, key=lambda s: (by_session[s], sessions[s][0].order))
         return sessions[session][0]
 
     def _oldest(self, key: str) -> int:
-        return min(self._arrivals[id(q[0])] for q in self.waiting[key].values())
+        return min(q[0].order for q in self.waiting[key].values())
 
     def _forget(self, waiter: Waiter) -> None:
         sessions = self.waiting[waiter.key]
@@ -247,7 +250,6 @@ class FairQueue:
             del sessions[waiter.session]
         if not sessions:
             del self.waiting[waiter.key]
-        self._arrivals.pop(id(waiter), None)
 
 
 class TierGates:
