@@ -98,13 +98,13 @@ class Ingress:
 
     async def _refresh_loads(self) -> None:
         """Keep the tiers' engine figures fresh for tier choice, off the request path,
-        and tell the board what waits here for each tier (the tiers' autoscaling)."""
+        and tell the board what the fair queues hold here (the tiers' autoscaling, the
+        other routers' fair queues)."""
         replica = serve.get_replica_context().replica_id.unique_id
         while True:
             try:
-                queued = self.pipeline.queued()
                 loads = await asyncio.wait_for(
-                    self.board.snapshot.remote(replica, queued), timeout=5
+                    self.board.snapshot.remote(replica, self.pipeline.queue_report()), timeout=5
                 )
                 self.scaling.observe(loads)
                 await self.pipeline.refresh(loads)

@@ -1,7 +1,9 @@
 """The cluster's view of every tier's load: replicas push their engine figures here, routers
-read one aggregated snapshot, and tell it in the same call how many requests wait at
-them for each tier (their fair queues), which the tier replicas hear back when they report,
-so a tier's autoscaling counts the demand held at the routers too.
+read one aggregated snapshot, and tell it in the same call what their fair queues hold
+for each tier: how many requests wait there, which the tier replicas hear back when they
+report (so a tier's autoscaling counts the demand held at the routers too), and which keys
+asked lately, which every router hears back (so each keeps room for a key that is active
+at another router, see `routing/fair_queue.py`).
 
 Why not ask a tier through its Serve handle: such a poll is itself a request to the tier,
 so it is counted by Ray's autoscaler and would wake a tier that has scaled to zero (and
@@ -15,13 +17,14 @@ import time
 from collections.abc import Sequence
 
 import ray
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from deployments.protocol import EngineLoad
 
 BOARD_NAME = "kimi-loadboard"
 BOARD_NAMESPACE = "serve"
 STALE_AFTER_S = 3.0  # a replica silent this long is gone (or hung); its figures are dropped
+MAX_ACTIVE_KEYS = 1000  # per tier and router: past this many, the router's own view serves
 
 
 class ReplicaLoad(EngineLoad):
@@ -36,6 +39,15 @@ class TierLoad(EngineLoad):
     replicas: int = 0
     members: list[ReplicaLoad] = Field(default_factory=list)
     queued: int = 0  # requests waiting at the routers for this tier (their fair queues)
+    # keys that asked any router for this tier lately: for the routers, not for display
+    active_keys: list[str] = Field(default_factory=list, exclude=True)
+
+
+class RouterReport(BaseModel):
+    """What one router's fair queues hold, per tier."""
+
+    queued: dict[str, int] = Field(default_factory=dict)
+    active_keys: dict[str, list[str]] = Field(default_factory=dict)
 
 
 def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
@@ -59,7 +71,7 @@ def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
 class LoadBoard:
     def __init__(self) -> None:
         self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
-        self._queued: dict[str, tuple[float, dict[str, int]]] = {}  # per router
+        self._routers: dict[str, tuple[float, RouterReport]] = {}
 
     def report(self, tier: str, load: ReplicaLoad) -> float:
         """Keep a replica's figures; its share of the requests waiting at the routers
@@ -69,20 +81,28 @@ class LoadBoard:
         replicas[load.replica] = (now, load)
         return self.queued(tier, now) / len(replicas)
 
+    def _fresh(self, now: float) -> list[RouterReport]:
+        return [r for at, r in self._routers.values() if now - at <= STALE_AFTER_S]
+
     def queued(self, tier: str, now: float) -> int:
-        fresh = [q for at, q in self._queued.values() if now - at <= STALE_AFTER_S]
-        return sum(q.get(tier, 0) for q in fresh)
+        return sum(r.queued.get(tier, 0) for r in self._fresh(now))
+
+    def active_keys(self, tier: str, now: float) -> list[str]:
+        keys: set[str] = set()
+        for r in self._fresh(now):
+            keys.update(r.active_keys.get(tier, ())[:MAX_ACTIVE_KEYS])
+        return sorted(keys)
 
     def forget(self, tier: str, replica: str) -> None:
         self._reports.get(tier, {}).pop(replica, None)
 
     def snapshot(
-        self, router: str | None = None, queued: dict[str, int] | None = None
+        self, router: str | None = None, report: RouterReport | None = None
     ) -> dict[str, TierLoad]:
-        """Every tier's figures; a router passes what waits at it for each tier."""
+        """Every tier's figures; a router passes what its fair queues hold."""
         now = time.monotonic()
         if router is not None:
-            self._queued[router] = (now, queued or {})
+            self._routers[router] = (now, report or RouterReport())
         out: dict[str, TierLoad] = {}
         for tier, reports in self._reports.items():
             for replica, (at, _) in list(reports.items()):
@@ -92,7 +112,11 @@ class LoadBoard:
             # A tier nobody reports for is absent, not unhealthy: scaled to zero, it is
             # still a candidate, and a request wakes it.
             if members:
-                out[tier] = aggregate(members).model_copy(update={"queued": self.queued(tier, now)})
+                routers = {
+                    "queued": self.queued(tier, now),
+                    "active_keys": self.active_keys(tier, now),
+                }
+                out[tier] = aggregate(members).model_copy(update=routers)
         return out
 
 

@@ -27,7 +27,7 @@ from opentelemetry.trace import Span
 from deployments import tracing
 from deployments.engines.openai_shape import output_limit
 from deployments.protocol import Endpoint, EngineError
-from deployments.scheduling.loadboard import TierLoad
+from deployments.scheduling.loadboard import RouterReport, TierLoad
 from deployments.streaming import Served
 from serve_app.actors import DetachedCalls
 from serve_app.canonical import ChatRequest
@@ -158,15 +158,18 @@ class Pipeline:
             for name, load in loads.items():
                 shared = self.config.tier(name).fair_share.shared_in_flight
                 self.gates.resize(name, load.capacity, load.replicas, shared)
+                self.gates.gate(name).elsewhere = frozenset(load.active_keys)
                 self.metrics.queues.waiting.set(self.gates.gate(name).queued, {"tier": name})
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
         if self.unsettled and (self._resettling is None or self._resettling.done()):
             self._resettling = asyncio.create_task(self._resettle())
 
-    def queued(self) -> dict[str, int]:
-        """Requests waiting here for each tier (its fair queue)."""
-        return self.gates.queued() if self.gates is not None else {}
+    def queue_report(self) -> RouterReport:
+        """What this router's fair queues hold, for the load board."""
+        if self.gates is None:
+            return RouterReport()
+        return RouterReport(queued=self.gates.queued(), active_keys=self.gates.active_keys())
 
     def _live(self) -> Live:
         """What tier choice sees: the engines' figures, what waits at the routers for a
@@ -402,11 +405,12 @@ class Pipeline:
     async def _waited_too_long(self, ctx: RequestContext, exc: QueueTimeout) -> NoReturn:
         self.metrics.queues.queue_timeouts.inc(1, {"tier": ctx.tier.name})
         await self._settle(ctx, ctx.meter.record(503, "queue timeout"))
+        waited = {"x-kimi-queue-ms": str(round(exc.waited_s * 1000)), "retry-after": "5"}
         raise APIError(
             503,
             f"the tier is saturated: this request waited {exc.waited_s:.0f} s; retry",
             code="queue_timeout",
-            headers={**ctx.headers, "retry-after": "5"},
+            headers={**ctx.headers, **waited},
         ) from None
 
     def _tier_request(self, ctx: RequestContext) -> TierRequest:

@@ -13,7 +13,11 @@ time is not banked as credit. A lone key is never held while the tier has room
 while several are, a request goes only while fewer than `shared_bound` are in flight,
 unless its key has fewer in flight than its share of that (`shared_bound` / active
 keys): so a newcomer goes at once, and a swarm's batch shrinks to the shared bound as its
-requests end, which is what another key's time to first token follows.
+requests end, which is what another key's time to first token follows. Past its share, a
+key also leaves one place free for every other active key with nothing in flight here
+(up to half the shared bound), so an interactive key's next request finds
+room at once instead of waiting for a swarm's request to end. Keys active at the other
+routers (the load board says which) count as active here too.
 
 Pure asyncio, one instance per tier per ingress replica (docs/routing.md argues the
 bound this gives across replicas).
@@ -102,6 +106,7 @@ class FairQueue:
         self.shared_bound = min(shared_bound, bound)  # while several are
         self.active_s = active_s
         self.seen: dict[str, float] = {}  # when each key last asked (active keys stay)
+        self.elsewhere: frozenset[str] = frozenset()  # keys active at the other routers
         self._pruned_at = 0.0
         self.fair = fair  # False: first come, first served (the baseline it is measured by)
         self.in_flight = 0
@@ -124,7 +129,7 @@ class FairQueue:
         self.keys.arrive(key)
         self.sessions[key].arrive(session)
         started = time.monotonic()
-        if not self.waiting and self._may_go(key, self.active()):
+        if not self.waiting and self._may_go(key, self.active_keys()):
             self._go(key, session, tokens, weight)
             return Slot(self, key, session, weight, 0.0)
         waiter = Waiter(
@@ -171,10 +176,14 @@ class FairQueue:
 
     # ---- figures ----------------------------------------------------------------------
 
-    def active(self) -> int:
-        """Keys with a request here now or in the last `active_s`: an interactive key
-        between its requests still counts, so a swarm's batch stays small meanwhile.
-        (Keys seen long ago are let go at most once a second.)"""
+    def active_keys(self) -> set[str]:
+        """Keys active here and those the other routers name: an interactive key between
+        its requests still counts, so a swarm's batch stays small meanwhile."""
+        return self.local_keys() | self.elsewhere
+
+    def local_keys(self) -> set[str]:
+        """Keys with a request here now or in the last `active_s`. (Keys seen long ago
+        are let go at most once a second.)"""
         now = time.monotonic()
         if now - self._pruned_at >= min(1.0, self.active_s):
             self._pruned_at = now
@@ -182,23 +191,30 @@ class FairQueue:
             for key in [k for k, at in self.seen.items() if at < horizon]:
                 if key not in self.keys.active:
                     del self.seen[key]
-        return len(self.seen)
+        return set(self.seen)
 
-    def limit(self, active: int | None = None) -> int:
+    def limit(self, active: int) -> int:
         """The bound now: the tier's capacity while one key is active, the shared bound
         while several are."""
-        active = self.active() if active is None else active
         return self.bound if active <= 1 else self.shared_bound
 
-    def share(self, active: int | None = None) -> int:
+    def share(self, active: int) -> int:
         """What one key may have in flight past the shared bound: its part of it."""
-        active = self.active() if active is None else active
         return max(1, self.shared_bound // max(active, 1))
 
-    def _may_go(self, key: str, active: int) -> bool:
+    def held(self, key: str, active: set[str]) -> int:
+        """Places kept free from `key` past its share: one for each other active key
+        with nothing in flight here, at most half the shared bound."""
+        idle = sum(1 for k in active if k != key and not self.running[k])
+        return min(idle, self.shared_bound // 2)
+
+    def _may_go(self, key: str, active: set[str]) -> bool:
         if self.in_flight >= self.bound:
             return False
-        return self.in_flight < self.limit(active) or self.running[key] < self.share(active)
+        n = len(active)
+        if n <= 1 or self.running[key] < self.share(n):
+            return True
+        return self.in_flight + self.held(key, active) < self.limit(n)
 
     def wake(self) -> None:
         """Let waiters through after the bound grew."""
@@ -224,7 +240,7 @@ class FairQueue:
 
     def _next(self) -> Waiter | None:
         """The next to go, or None while none may."""
-        active = self.active()
+        active = self.active_keys()
         ready = [k for k in self.waiting if self._may_go(k, active)]
         if not ready:
             return None
@@ -279,6 +295,12 @@ class TierGates:
 
     def queued(self) -> dict[str, int]:
         return {tier: gate.queued for tier, gate in self.gates.items() if gate.queued}
+
+    def active_keys(self) -> dict[str, list[str]]:
+        """The keys that asked this router lately, per tier (for the other routers)."""
+        return {
+            tier: sorted(keys) for tier, gate in self.gates.items() if (keys := gate.local_keys())
+        }
 
 
 UNBOUNDED = 1 << 30

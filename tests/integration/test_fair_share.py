@@ -10,8 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pyarrow.compute as pc
 
-from tests.integration.conftest import new_key, tier_status, wait_for
+from tests.integration.conftest import flushed_usage, new_key, saturated, tier_status, wait_for
 
 SWARM = 24  # premium runs 8 at once in the tests' overlay: most of these queue
 
@@ -67,3 +68,42 @@ def test_another_keys_requests_go_ahead_of_a_swarms_backlog(serve_url, admin):
         overtaken = [a for a in answers if a["sent"] < v["sent"] and a["first"] > v["ended"]]
         assert overtaken, (v, sorted(a["first"] for a in answers))
     assert max(v["queue_ms"] for v in victim) <= max(a["queue_ms"] for a in answers)
+
+
+def test_a_request_that_waits_past_its_time_limit_is_a_503_metered_once(
+    serve_url, admin, state_dir
+):
+    hog_key, _ = new_key(admin, "enterprise")
+    key, key_id = new_key(admin, "enterprise", request_timeout_s=1.5)
+    headers = {"authorization": f"Bearer {key}"}
+    chat = {"model": "kimi-k2.5:premium", "messages": [{"role": "user", "content": "go"}]}
+    message = {**chat, "max_tokens": 8}
+    with saturated(serve_url, hog_key, "premium", n=24, max_tokens=4000, above=2, holds=2):
+        # the hogs' key alone holds every place (no other key active keeps one free), so
+        # a newcomer waits for one of their long requests to end: past its 1.5 s limit
+        wait_for(
+            "premium full with the hogs alone",
+            lambda: (s := tier_status(serve_url, "premium"))["running"] >= s["capacity"],
+            60,
+        )
+        answers = [
+            httpx.post(f"{serve_url}/v1/chat/completions", json=chat, headers=headers, timeout=60),
+            httpx.post(
+                f"{serve_url}/v1/messages",
+                json=message,
+                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                timeout=60,
+            ),
+        ]
+    openai_style, anthropic_style = answers
+    assert openai_style.status_code == 503, openai_style.text
+    assert openai_style.json()["error"]["code"] == "queue_timeout"
+    assert anthropic_style.status_code == 529, anthropic_style.text  # Anthropic's overloaded
+    assert anthropic_style.json()["error"]["type"] == "overloaded_error"
+    for r in answers:
+        assert int(r.headers["retry-after"]) > 0 and float(r.headers["x-kimi-queue-ms"]) >= 0
+    table = flushed_usage(admin, state_dir)
+    records = table.filter(pc.equal(table["key_id"], key_id)).to_pylist()
+    ids = sorted(r.headers["x-request-id"] for r in answers)
+    assert sorted(r["request_id"] for r in records) == ids  # each metered, once
+    assert all(r["status"] == 503 and r["cost_usd"] == 0 for r in records)  # never billed

@@ -70,7 +70,7 @@ async def test_within_a_key_an_interactive_session_goes_before_the_swarm_session
 async def test_a_newcomer_goes_at_once_and_the_swarm_shrinks_to_the_shared_bound():
     gate = FairQueue(bound=8, shared_bound=2)
     swarm = [await gate.enter("swarm", None, 10, 1.0, None) for _ in range(6)]
-    assert gate.limit() == 8  # alone, the whole capacity
+    assert gate.limit(len(gate.active_keys())) == 8  # alone, the whole capacity
     victim = await gate.enter("victim", None, 10, 1.0, None)
     assert victim.waited_s == 0.0 and gate.in_flight == 7  # under its share: at once
     more = asyncio.ensure_future(gate.enter("swarm", None, 10, 1.0, None))
@@ -85,12 +85,53 @@ async def test_a_newcomer_goes_at_once_and_the_swarm_shrinks_to_the_shared_bound
     assert more.done() and gate.in_flight == 2
 
 
+async def test_a_swarm_past_its_share_leaves_room_for_an_idle_active_key():
+    gate = FairQueue(bound=4, shared_bound=4)
+    swarm = [await gate.enter("swarm", "s", 10, 1.0, None) for _ in range(4)]
+    backlog = [asyncio.ensure_future(gate.enter("swarm", "s", 10, 1.0, None)) for _ in range(6)]
+    first = asyncio.ensure_future(gate.enter("victim", None, 10, 1.0, None))
+    await turn()
+    assert not first.done()  # the tier was full before it came: it waits for one to end
+    swarm[0].close(5)
+    await turn()
+    assert first.done() and not any(b.done() for b in backlog)  # it goes ahead
+    first.result().close(2)
+    await turn()
+    # the victim, idle now but active, keeps a place: the swarm refills to 3 of 4
+    assert gate.in_flight == 3 and sum(b.done() for b in backlog) == 0
+    again = await gate.enter("victim", None, 10, 1.0, None)
+    assert again.waited_s == 0.0  # at once
+    again.close(2)
+    for slot in swarm[1:]:
+        slot.close(5)
+    await turn()
+    assert gate.in_flight == 3 and sum(b.done() for b in backlog) == 3
+
+
+async def test_a_key_active_at_another_router_is_kept_a_place_here():
+    gate = FairQueue(bound=4, shared_bound=4)
+    gate.elsewhere = frozenset({"victim"})
+    swarm = [asyncio.ensure_future(gate.enter("swarm", "s", 10, 1.0, None)) for _ in range(6)]
+    await turn()
+    assert sum(s.done() for s in swarm) == 3
+    victim = await gate.enter("victim", None, 10, 1.0, None)
+    assert victim.waited_s == 0.0
+
+
+async def test_the_places_kept_for_idle_keys_are_at_most_half_the_shared_bound():
+    gate = FairQueue(bound=8, shared_bound=8)
+    gate.elsewhere = frozenset(f"idle-{i}" for i in range(20))
+    swarm = [asyncio.ensure_future(gate.enter("swarm", "s", 10, 1.0, None)) for _ in range(8)]
+    await turn()
+    assert sum(s.done() for s in swarm) == 4
+
+
 async def test_a_wait_past_its_limit_leaves_the_queue():
     gate = FairQueue(bound=1, shared_bound=1)
     held = await gate.enter("a", None, 10, 1.0, None)
     with pytest.raises(QueueTimeout):
         await gate.enter("b", None, 10, 1.0, 0.01)
-    assert gate.queued == 0 and gate.limit() == 1
+    assert gate.queued == 0 and gate.limit(len(gate.active_keys())) == 1
     held.close(1)
     assert gate.in_flight == 0
 
@@ -148,12 +189,14 @@ async def test_a_key_between_its_requests_still_keeps_the_swarms_batch_small():
     (await gate.enter("victim", None, 10, 1.0, None)).close(4)  # asked, answered, idle now
     swarm = [asyncio.ensure_future(gate.enter("swarm", None, 10, 1.0, None)) for _ in range(4)]
     await turn()
-    assert [s.done() for s in swarm] == [True, True, False, False]
+    # its share of the shared bound (1), the other place kept for the victim's next request
+    assert [s.done() for s in swarm] == [True, False, False, False]
     later = FairQueue(bound=8, shared_bound=2, active_s=0.0)  # the victim long gone
     (await later.enter("victim", None, 10, 1.0, None)).close(4)
     await asyncio.sleep(0.001)
     assert all([(await later.enter("swarm", None, 10, 1.0, None)).waited_s == 0 for _ in range(4)])
-    for s in swarm[:2]:
+    for s in swarm[:3]:
+        await turn()
         s.result().close(1)
     await turn()
     assert all(s.done() for s in swarm)

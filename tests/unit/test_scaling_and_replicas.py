@@ -74,15 +74,26 @@ def test_requests_waiting_at_the_routers_count_as_demand():
 
 
 def test_the_board_hands_each_replica_its_share_of_the_routers_queues():
-    from deployments.scheduling.loadboard import LoadBoard
+    from deployments.scheduling.loadboard import LoadBoard, RouterReport
 
     board = LoadBoard.__ray_actor_class__()
     board.report("standard", ReplicaLoad(replica="a", capacity=4))
-    board.snapshot("router-1", {"standard": 5, "premium": 1})
-    board.snapshot("router-2", {"standard": 3})
+    board.snapshot("router-1", RouterReport(queued={"standard": 5, "premium": 1}))
+    board.snapshot("router-2", RouterReport(queued={"standard": 3}))
     assert board.report("standard", ReplicaLoad(replica="b", capacity=4)) == 4.0  # 8 / 2
     snap = board.snapshot()
     assert snap["standard"].queued == 8 and "premium" not in snap  # nobody serves premium
+
+
+def test_every_router_hears_which_keys_are_active_at_the_others():
+    from deployments.scheduling.loadboard import LoadBoard, RouterReport
+
+    board = LoadBoard.__ray_actor_class__()
+    board.report("premium", ReplicaLoad(replica="a", capacity=4))
+    board.snapshot("router-1", RouterReport(active_keys={"premium": ["swarm"]}))
+    seen = board.snapshot("router-2", RouterReport(active_keys={"premium": ["victim", "swarm"]}))
+    assert seen["premium"].active_keys == ["swarm", "victim"]
+    assert "active_keys" not in seen["premium"].model_dump()  # key ids are not for display
 
 
 def test_aggregate_sums_healthy_replicas():
