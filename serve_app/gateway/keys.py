@@ -72,6 +72,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def ours(key: str) -> bool:
+    """Whether a string claims to be one of our keys (is to be verified, never taken for
+    a placeholder), well-formed or not."""
+    return key.startswith(PREFIX)
+
+
 def split_key(key: str) -> str | None:
     """The key id of a well-formed key, else None."""
     if not key.startswith(PREFIX):

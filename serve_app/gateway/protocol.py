@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from serve_app.actors import ActorUnavailable
-from serve_app.gateway.keys import KeyInfo, KeyOverrides, NewKey, hash_key, split_key
+from serve_app.gateway.keys import KeyInfo, KeyOverrides, NewKey, hash_key, ours, split_key
 from serve_app.gateway.limits import Denial, Limits
 from serve_app.gateway.usage_records import RequestLabels, UsageRecord, billable
 
@@ -33,6 +33,7 @@ __all__ = [
     "UsageRecord",
     "billable",
     "hash_key",
+    "ours",
     "split_key",
 ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, NoReturn, get_args
 
 from opentelemetry.trace import Span
@@ -43,7 +45,7 @@ from serve_app.gateway.protocol import (
     KeyOverrides,
     RequestLabels,
     UsageRecord,
-    split_key,
+    ours,
 )
 from serve_app.pipeline.media import prepare_images
 from serve_app.pipeline.output_limits import clamp_output, fill_output_limit, refuse_past_cap
@@ -180,17 +182,19 @@ class Pipeline:
     # ---- the request -----------------------------------------------------------------
 
     async def serve(self, inbound: Inbound) -> Result:
-        with self.tracer.start_as_current_span("router.request") as span:
-            try:
-                result = await self._serve(inbound, span)
-            except APIError as exc:
-                span.set_attribute("http.status_code", exc.status)
-                exc.headers.setdefault("x-kimi-router", self.replica)
-                raise
-            span.set_attribute("http.status_code", 200)
-            return result
+        """Admit the request and serve it."""
+        with self._request_span() as span:
+            return await self._run(await self.admit(inbound), span)
 
-    async def _serve(self, inbound: Inbound, span: Span) -> Result:
+    async def serve_admitted(self, ctx: RequestContext) -> Result:
+        """Serve a request `admit` let in earlier (a background response's run)."""
+        with self._request_span() as span:
+            return await self._run(ctx, span)
+
+    async def admit(self, inbound: Inbound) -> RequestContext:
+        """The request identified, checked, routed and admitted, not sent yet: a refusal
+        (401, 429, 402...) comes from here. What `admit` returns must be served or
+        handed back (`withdraw`)."""
         caller = inbound.caller or await self.identify(inbound.api_key)
         if inbound.endpoint is Endpoint.CHAT:
             self.metrics.observe_reasoning(inbound.api, inbound.body, inbound.opened)
@@ -200,15 +204,35 @@ class Pipeline:
         else:
             refuse_past_cap(self.config, inbound, caller)
         route = self._route(inbound, caller)
+        return self._context(inbound, route, await self._admit(inbound, route))
+
+    async def withdraw(self, ctx: RequestContext, status: int, reason: str) -> None:
+        """Settle an admitted request that will not be served: its record says why,
+        nothing is billed."""
+        if not ctx.settled:
+            await self._settle(ctx, ctx.meter.record(status, reason))
+
+    @contextlib.contextmanager
+    def _request_span(self) -> Iterator[Span]:
+        with self.tracer.start_as_current_span("router.request") as span:
+            try:
+                yield span
+            except APIError as exc:
+                span.set_attribute("http.status_code", exc.status)
+                exc.headers.setdefault("x-kimi-router", self.replica)
+                raise
+            span.set_attribute("http.status_code", 200)
+
+    async def _run(self, ctx: RequestContext, span: Span) -> Result:
+        route = ctx.route
         span.set_attributes(
             {
                 "kimi.plan": route.caller.plan,
                 "kimi.tier": route.tier.name,
                 "kimi.degraded": route.degraded,
-                "kimi.request_id": inbound.request_id,
+                "kimi.request_id": ctx.id,
             }
         )
-        ctx = self._context(inbound, route, await self._admit(inbound, route))
         try:
             return await self._with_failover(ctx)
         except BaseException:
@@ -485,10 +509,10 @@ class Pipeline:
     async def identify(self, key: str | None) -> Caller:
         """The caller a key names, or a refusal; for adapters that own per-key state."""
         anon = self.config.router.anonymous_plan
-        if key is not None and anon is not None and split_key(key) is None:
-            # Where key-less use is allowed, a placeholder that is not one of our keys
-            # (SDKs insist on some api_key) is served as anonymous; a wrong sk-kimi- key
-            # is still refused.
+        if key is not None and anon is not None and not ours(key):
+            # Where key-less use is allowed, a placeholder that is not of our key format
+            # (SDKs insist on some api_key) is served as anonymous; anything in it, a
+            # truncated or mistyped key too, is verified and refused when wrong.
             key = None
         if key is None:
             if anon is None:

@@ -51,6 +51,49 @@ def test_bad_and_revoked_keys_get_401_at_once(serve_url, admin):
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
 
 
+def test_any_string_in_our_key_format_is_verified_on_every_api(serve_url, admin):
+    """With anonymous use on (the tests' app), a truncated, mistyped, revoked or expired
+    sk-kimi- key is refused in each API's own error shape, never served as anonymous."""
+    key, key_id = new_key(admin, "standard")
+    revoked, revoked_id = new_key(admin, "standard")
+    admin.delete(f"/admin/keys/{revoked_id}")
+    made = admin.post("/admin/keys", json={"plan": "standard", "expires_at": time.time() + 1})
+    expired = made.json()["key"]
+    time.sleep(1.5)
+    wrong = [
+        f"sk-kimi-{key_id}-WRONGWRONGWRONG",  # a real id, a short secret
+        "sk-kimi-bogus-0000",
+        key[:-2] + "xx",
+        key[:20],
+        "sk-kimi-",
+        revoked,
+        expired,
+    ]
+    for bad in wrong:
+        r = chat(serve_url, bad)
+        assert r.status_code == 401, (bad, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(
+            f"{serve_url}/v1/messages",
+            json={"model": "kimi-k2.5", "max_tokens": 4, "messages": MSG},
+            headers={"x-api-key": bad, "anthropic-version": "2023-06-01"},
+            timeout=60,
+        )
+        assert r.status_code == 401, (bad, r.text)
+        assert r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "authentication_error"
+        r = httpx.post(
+            f"{serve_url}/v1/responses",
+            json={"model": "kimi-k2.5", "max_output_tokens": 4, "input": "hi"},
+            headers={"authorization": f"Bearer {bad}"},
+            timeout=60,
+        )
+        assert r.status_code == 401, (bad, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    for placeholder in ("unused", "sk-placeholder", "EMPTY"):  # not our format: anonymous
+        assert chat(serve_url, placeholder).status_code == 200
+
+
 def test_plan_without_premium_cannot_pin_it(serve_url, admin):
     key, _ = new_key(admin, "standard")
     r = chat(serve_url, key, model="kimi-k2.5:premium")

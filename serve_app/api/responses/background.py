@@ -19,7 +19,7 @@ from serve_app.api.responses.turns import FAILURE_CODES, Turn, Turns
 from serve_app.api.responses.writer import ResponseWriter
 from serve_app.errors import APIError
 from serve_app.pipeline.pipeline import Pipeline
-from serve_app.pipeline.request import Inbound, Streamed
+from serve_app.pipeline.request import Inbound, RequestContext, Streamed
 from serve_app.store.protocol import Store, StoredResponse
 
 log = logging.getLogger("serve_app.api.responses.background")
@@ -35,18 +35,25 @@ class Runs:
         self.tasks: set[asyncio.Task[None]] = set()  # held, or the loop may drop them
 
     async def start(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> dict:
-        """Store the response as queued and start its run; the queued response."""
+        """Admit the request (a key over its limits is refused here, as in the
+        foreground), store the response as queued and start its run; the queued
+        response."""
+        admitted = await self.pipeline.admit(inbound)
         writer.doc["status"] = "queued"
         stored = StoredResponse(writer.doc["id"], turn.session, writer.doc, turn.items)
-        await self.store.put_response(turn.owner, stored, turn.req.previous_response_id)
+        try:
+            await self.store.put_response(turn.owner, stored, turn.req.previous_response_id)
+        except BaseException:
+            await asyncio.shield(self.pipeline.withdraw(admitted, 503, "not stored"))
+            raise
         queued = {**writer.doc, "output": []}  # before the run starts writing into it
-        task = asyncio.create_task(self._run(inbound, writer, turn))
+        task = asyncio.create_task(self._run(admitted, writer, turn))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return queued
 
-    async def _run(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> None:
-        consume = asyncio.ensure_future(self._consume(inbound, writer, turn))
+    async def _run(self, admitted: RequestContext, writer: ResponseWriter, turn: Turn) -> None:
+        consume = asyncio.ensure_future(self._consume(admitted, writer, turn))
         try:
             while not consume.done():
                 await asyncio.wait({consume}, timeout=HEARTBEAT_S)
@@ -64,6 +71,8 @@ class Runs:
             log.exception("background response %s failed", writer.doc["id"])
             writer.fail("server_error", "internal error; the response was not completed")
             await self.turns.save(turn, {})
+        # cancelled before its run began, the request was never served: its record says so
+        await self.pipeline.withdraw(admitted, 499, "cancelled before it ran")
         await self._announce(turn)
 
     async def _announce(self, turn: Turn) -> None:
@@ -84,9 +93,9 @@ class Runs:
             return False  # the store is restarting: the run goes on
         return status in ("cancelled", None)  # None: deleted meanwhile
 
-    async def _consume(self, inbound: Inbound, writer: ResponseWriter, turn: Turn) -> None:
+    async def _consume(self, admitted: RequestContext, writer: ResponseWriter, turn: Turn) -> None:
         try:
-            result = await self.pipeline.serve(inbound)
+            result = await self.pipeline.serve_admitted(admitted)
         except APIError as exc:
             writer.fail(FAILURE_CODES.get(exc.status, "server_error"), exc.message)
             await self.turns.save(turn, {})

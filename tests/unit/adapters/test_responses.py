@@ -10,7 +10,11 @@ import openai
 import pytest
 
 from serve_app.api.responses import background
+from serve_app.gateway.actor import plan_limits
+from serve_app.gateway.limits import KeyState
+from serve_app.gateway.protocol import KeyOverrides
 from serve_app.store.responses_db import RUN_LOST_S
+from tests.fakes.gateway import CFG
 from tests.unit.adapters.conftest import Served
 
 
@@ -107,6 +111,46 @@ async def test_a_background_run_completes_and_announces_its_end(served: Served, 
     assert [d[0] for d in deliveries] == ["we_1"] and queued.id in deliveries[0][1]
     [record] = served.gateway.records
     assert record.status == 200 and record.completion_tokens == 6
+
+
+async def test_a_background_response_over_its_keys_limit_is_refused_at_creation(
+    served: Served,
+):
+    limits = plan_limits(CFG.plans["enterprise"], KeyOverrides(requests_per_minute=1))
+    served.gateway.state = KeyState(limits)
+    await served.oai.responses.create(model="kimi-k2.5", input="hi")  # the minute's one
+    with pytest.raises(openai.RateLimitError) as refused:
+        await served.oai.with_options(max_retries=0).responses.create(
+            model="kimi-k2.5", input="hi", background=True
+        )
+    assert refused.value.response.headers["retry-after"]
+    stored = served.store._calls.actor.instance.db.db.execute("SELECT COUNT(*) FROM responses")
+    assert stored.fetchone()[0] == 1  # the foreground one; nothing queued to fail later
+    assert len(served.gateway.records) == 1
+
+
+async def test_a_background_run_cancelled_before_it_began_is_metered_once(
+    served: Served, monkeypatch
+):
+    monkeypatch.setattr(background, "HEARTBEAT_S", 0.02)
+    admitted: list = []
+    serve_admitted = served.responses.runs.pipeline.serve_admitted
+
+    async def late(ctx):  # the run is slow to begin: the cancellation comes first
+        admitted.append(ctx)
+        await asyncio.sleep(3600)
+        return await serve_admitted(ctx)
+
+    monkeypatch.setattr(served.responses.runs.pipeline, "serve_admitted", late)
+    queued = await served.oai.responses.create(model="kimi-k2.5", input="hi", background=True)
+    await served.oai.responses.cancel(queued.id)
+    for _ in range(100):
+        if served.gateway.records:
+            break
+        await asyncio.sleep(0.02)
+    [record] = served.gateway.records
+    assert record.status == 499 and record.cost_usd == 0 and served.engine.requests == []
+    assert served.gateway.tickets == {}  # its admission handed back
 
 
 async def test_cancelling_a_background_run_stops_its_engine_and_meters_it(
