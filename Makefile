@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/build_llama_cpp.sh scripts/llama_cpp/*.cpp scripts/llama_cpp/patches/*.patch scripts/agent_clis/package-lock.json | sha1sum | cut -c1-12)
 RAY_CPUS ?= 8
 export RAY_USAGE_STATS_ENABLED := 0
+# Ray's token authentication, chosen rather than inherited from a token file another local
+# Ray left in ~/.ray (serve_app/ray_env.py: LOCAL_AUTH); `RAY_AUTH_MODE=token make ...` to
+# turn it on here too.
+export RAY_AUTH_MODE ?= disabled
 # what every Ray process of the app starts with (Ray Serve's throughput-optimized path)
 RAY_ENV := $(shell grep -v '^\#' cluster/ray.env | xargs)
 

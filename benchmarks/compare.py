@@ -48,7 +48,13 @@ from benchmarks.loadgen import LoadSpec, run_load, summarize
 from benchmarks.repeats import median_levels, ratio_spread
 from deployments.ports import free_port
 from deployments.spec import HoldBack, TierSpec, flags_to_argv
-from serve_app.ray_env import on_free_ports, ray_env, ray_started_with, stop_orphaned_haproxy
+from serve_app.ray_env import (
+    LOCAL_AUTH,
+    on_free_ports,
+    ray_env,
+    ray_started_with,
+    stop_orphaned_haproxy,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -165,7 +171,7 @@ def our_app(args: dict[str, Any] | None = None, env: dict[str, str] | None = Non
 
     from serve_app.app import build_app
 
-    with ray_started_with({**(ray_env() if env is None else env), **on_free_ports()}):
+    with ray_started_with({**(ray_env() if env is None else env), **on_free_ports(), **LOCAL_AUTH}):
         ray.init(
             num_cpus=8,
             include_dashboard=False,
@@ -302,7 +308,7 @@ def ray_serve_llm(
 
     spec = tier_spec("premium")
     kwargs = {k.replace("-", "_"): v for k, v in vllm_flags(spec).items()}
-    with ray_started_with({**(env or {}), **on_free_ports()}):
+    with ray_started_with({**(env or {}), **on_free_ports(), **LOCAL_AUTH}):
         ray.init(
             num_cpus=8,
             include_dashboard=False,

@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ENV_FILE = Path(__file__).resolve().parent.parent / "cluster" / "ray.env"
+# A Ray this project starts on one machine (`make serve`, `deploy`, `stop`, the tests' and
+# the benchmarks' clusters) has token authentication off by choice: left unset, Ray 2.60
+# turns it on for any `ray start` that finds a token file an earlier local Ray left in
+# ~/.ray, and then `serve deploy` (which does not look) is refused. Its dashboard listens
+# on localhost only; the multi-node configs (cluster/) turn tokens on.
+LOCAL_AUTH = {"RAY_AUTH_MODE": "disabled"}
 
 
 def ray_env(path: Path = ENV_FILE) -> dict[str, str]:

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from deployments.ports import free_port
-from serve_app.ray_env import on_free_ports, ray_env, stop_orphaned_haproxy
+from serve_app.ray_env import LOCAL_AUTH, on_free_ports, ray_env, stop_orphaned_haproxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +125,7 @@ def cluster(state_dir: Path) -> Iterator[object]:
     # node would send every request to one of them, and the tests want both to serve.
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     # as `ray start` gets them (cluster/ray.env), HAProxy's own ports where nothing else is
-    os.environ.update({**ray_env(), **on_free_ports()})
+    os.environ.update({**ray_env(), **on_free_ports(), **LOCAL_AUTH})
     # A 2-core machine needs more logical CPUs than it reports (README, `make serve`).
     c = Cluster(initialize_head=True, head_node_args={**NODES["head"], "include_dashboard": False})
     c.add_node(**NODES["h200"])
