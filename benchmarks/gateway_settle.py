@@ -18,7 +18,7 @@ from pathlib import Path
 
 from serve_app.config import Plan
 from serve_app.gateway.actor import GatewayState
-from serve_app.gateway.protocol import Caller, KeyOverrides, UsageRecord
+from serve_app.gateway.protocol import Ask, Caller, KeyOverrides, UsageRecord
 
 CALLER = Caller("abcdefabcdef", "pro", KeyOverrides())
 
@@ -50,7 +50,7 @@ async def rate(concurrency: int, requests: int) -> str:
             nonlocal sent
             sent += 1
             ticket = uuid.uuid4().hex
-            await gateway.admit(CALLER, 164, 0.0001, ticket)
+            await gateway.admit(CALLER, Ask(164, 0.0001), ticket)
             await gateway.settle(ticket, record(sent))
 
         wall, cpu = time.perf_counter(), time.process_time()

@@ -80,6 +80,9 @@ class LimitFields(BaseModel):
     max_session_spend_usd: float | None = Field(
         None, gt=0, description="spend one agent session may run up; past it 402"
     )
+    max_concurrent_per_session: int | None = Field(
+        None, gt=0, description="requests of one agent session in flight at once; past it 429"
+    )
     max_output_tokens: int | None = Field(None, gt=0)
     request_timeout_s: float | None = Field(
         None, gt=0, description="whole-request time limit; past it 504 (or an error event)"

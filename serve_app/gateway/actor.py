@@ -15,6 +15,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,14 @@ from deployments.protocol import Endpoint
 from serve_app.config import Plan
 from serve_app.gateway.console_signins import SignIns
 from serve_app.gateway.keys import KeyStore, UsageRow
-from serve_app.gateway.limits import KeyState, Limits, session_denial
+from serve_app.gateway.limits import (
+    Ask,
+    KeyState,
+    Limits,
+    SessionHold,
+    session_denial,
+    session_grant,
+)
 from serve_app.gateway.protocol import (
     Admission,
     Caller,
@@ -65,7 +73,19 @@ def plan_limits(plan: Plan, overrides: KeyOverrides) -> Limits:
         monthly_spend_usd=pick("monthly_spend_usd"),
         max_session_tokens=pick("max_session_tokens"),
         max_session_spend_usd=pick("max_session_spend_usd"),
+        max_concurrent_per_session=pick("max_concurrent_per_session"),
     )
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An admission not yet settled: what it charged and what its session holds."""
+
+    key_id: str
+    est_tokens: int
+    max_output: int | None
+    session: tuple[str, str] | None
+    hold: SessionHold | None
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -81,7 +101,9 @@ class GatewayState:
         self.states: dict[str, KeyState] = {}
         self.signins = SignIns()
         self.reasoning = ReasoningMemory()
-        self.tickets: dict[str, tuple[str, int]] = {}
+        self.tickets: dict[str, Admitted] = {}
+        # per (key id, session): what its requests in flight may still cost at most
+        self.holds: dict[tuple[str, str], SessionHold] = {}
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.duplicates = metrics.Counter(
             "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
@@ -153,21 +175,14 @@ class GatewayState:
             state.month_tokens, state.month_spend = self.keys.month_usage(caller.key_id, month)
         return state
 
-    async def admit(
-        self,
-        caller: Caller,
-        est_tokens: int,
-        est_cost: float,
-        ticket: str,
-        session: str | None = None,
-    ) -> Admission | Denial:
+    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial:
         """Admit one request under `ticket` (the caller's; asked again, the same
         admission, so a retried call admits once)."""
         self._start_flusher()
         now = time.time()
         state = self._state(caller, now)
-        if ticket in self.tickets:
-            return Admission(ticket, state.headers(now))
+        if (admitted := self.tickets.get(ticket)) is not None:
+            return Admission(ticket, state.headers(now), admitted.max_output)
         if self.fault is not None:
             return Denial(
                 503,
@@ -175,16 +190,30 @@ class GatewayState:
                 f"{self.fault}; retry shortly",
                 retry_after_s=5,
             )
-        denial = None
-        if session is not None and state.limits.caps_sessions:
-            used = self.keys.session_usage(caller.key_id, session)
-            denial = session_denial(state.limits, *used)
-        denial = denial or state.check(est_tokens, est_cost, now)
-        if denial is not None:
+        granted = self._session_grant(caller, state.limits, ask)
+        if isinstance(granted, Denial):
+            return granted
+        if (denial := state.check(ask.tokens, ask.cost, now)) is not None:
             return denial
-        state.admit(est_tokens, now)
-        self.tickets[ticket] = (caller.key_id, est_tokens)
-        return Admission(ticket, state.headers(now))
+        state.admit(ask.tokens, now)
+        max_output, hold = granted
+        session = (caller.key_id, ask.session) if hold is not None and ask.session else None
+        if session is not None and hold is not None:
+            self.holds.setdefault(session, SessionHold()).add(hold)
+        self.tickets[ticket] = Admitted(caller.key_id, ask.tokens, max_output, session, hold)
+        return Admission(ticket, state.headers(now), max_output)
+
+    def _session_grant(
+        self, caller: Caller, limits: Limits, ask: Ask
+    ) -> Denial | tuple[int | None, SessionHold | None]:
+        """For a capped session: the output limit it is lowered to and what it holds."""
+        if ask.session is None or not limits.caps_sessions:
+            return None, None
+        used = self.keys.session_usage(caller.key_id, ask.session)
+        if (denial := session_denial(limits, *used)) is not None:
+            return denial
+        held = self.holds.get((caller.key_id, ask.session), SessionHold())
+        return session_grant(limits, *used, held, ask)
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         """Close an admission: real tokens replace the estimate; the record is metered
@@ -197,21 +226,35 @@ class GatewayState:
         self.settled[ticket] = None
         if len(self.settled) > SETTLED_KEPT:
             self.settled.popitem(last=False)
-        key_id, est = self.tickets.pop(ticket, (None, 0))
+        admitted = self.tickets.pop(ticket, None)
         now = time.time()
         # a prompt counted (count_tokens) is no use of the model, and a request whose
         # client got an error is not charged: no budget spent
         used = record is not None and record.endpoint != Endpoint.TOKENIZE and record.billed
         tokens = record.prompt_tokens + record.completion_tokens if used else 0
         cost = record.cost_usd if record else 0.0
-        if key_id is not None and key_id in self.states:
-            self.states[key_id].settle(est, tokens, cost, now)
-        if record is not None:
-            self.meter.add(record)  # written below; held in memory while the disk fails
-            if tokens or cost:
-                month = month_of(record.time)
-                self.totals.append((record.key_id, month, tokens, cost, record.session_id))
-            await self._persisted()
+        if admitted is not None and admitted.key_id in self.states:
+            self.states[admitted.key_id].settle(admitted.est_tokens, tokens, cost, now)
+        try:
+            if record is not None:
+                self.meter.add(record)  # written below; held in memory while the disk fails
+                if tokens or cost:
+                    month = month_of(record.time)
+                    self.totals.append((record.key_id, month, tokens, cost, record.session_id))
+                await self._persisted()
+        finally:
+            # held until what it used is in the session's total, never neither
+            if admitted is not None:
+                self._release(admitted)
+
+    def _release(self, admitted: Admitted) -> None:
+        if admitted.session is None or admitted.hold is None:
+            return
+        held = self.holds.get(admitted.session)
+        if held is not None:
+            held.add(admitted.hold, -1)
+            if held.empty:
+                del self.holds[admitted.session]
 
     async def _persisted(self) -> None:
         """Return once what is queued now is on disk (or held, the disk failing): one

@@ -13,6 +13,7 @@ from serve_app.actors import ActorCalls, detached_actor
 from serve_app.gateway.actor import ACTOR_NAME, GatewayState
 from serve_app.gateway.protocol import (
     Admission,
+    Ask,
     Caller,
     Denial,
     KeyAccount,
@@ -53,17 +54,8 @@ class GatewayClient:
     async def authenticate(self, key: str) -> Caller | Denial:
         return await self._call(lambda a: a.authenticate.remote(key))
 
-    async def admit(
-        self,
-        caller: Caller,
-        est_tokens: int,
-        est_cost: float,
-        ticket: str,
-        session: str | None = None,
-    ) -> Admission | Denial:
-        return await self._call(
-            lambda a: a.admit.remote(caller, est_tokens, est_cost, ticket, session)
-        )
+    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial:
+        return await self._call(lambda a: a.admit.remote(caller, ask, ticket))
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         await self._call(lambda a: a.settle.remote(ticket, record))

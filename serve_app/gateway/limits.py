@@ -2,13 +2,17 @@
 
 Per key: a token bucket for requests per minute, one for tokens per minute (charged with
 an estimate on admission and settled with the real count on completion), a concurrency
-counter, and monthly token / spend totals checked against the plan's budget.
+counter, and monthly token / spend totals checked against the plan's budget. Per agent
+session: its requests in flight, and what they may cost at most held against its caps
+(`session_grant`), so a swarm admitted all at once cannot pass them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from serve_app.config import Price
 
 
 @dataclass
@@ -64,10 +68,48 @@ class Limits:
     monthly_spend_usd: float | None = None
     max_session_tokens: int | None = None
     max_session_spend_usd: float | None = None
+    max_concurrent_per_session: int | None = None
 
     @property
     def caps_sessions(self) -> bool:
-        return self.max_session_tokens is not None or self.max_session_spend_usd is not None
+        return (
+            self.max_session_tokens is not None
+            or self.max_session_spend_usd is not None
+            or self.max_concurrent_per_session is not None
+        )
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What admitting one request takes: the estimates its key's rate limits and budgets
+    are charged with, and, for its session's caps, the most it can cost: at most
+    `prompt_bound` prompt tokens and `output_bound` output tokens (None: no limit set) at
+    the tier's `price`."""
+
+    tokens: int
+    cost: float
+    session: str | None = None
+    prompt_bound: int = 0
+    output_bound: int | None = None
+    price: Price | None = None
+
+
+@dataclass
+class SessionHold:
+    """A session's requests in flight, and what they may still cost at most."""
+
+    requests: int = 0
+    tokens: int = 0
+    spend: float = 0.0
+
+    def add(self, other: SessionHold, sign: int = 1) -> None:
+        self.requests += sign * other.requests
+        self.tokens += sign * other.tokens
+        self.spend += sign * other.spend
+
+    @property
+    def empty(self) -> bool:
+        return self.requests <= 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +136,48 @@ def session_denial(limits: Limits, tokens: int, spend: float) -> Denial | None:
             f"this session spent ${spend:.4f}, its cap is ${limits.max_session_spend_usd:.2f}",
         )
     return None
+
+
+def session_grant(
+    limits: Limits, used_tokens: int, used_spend: float, held: SessionHold, ask: Ask
+) -> Denial | tuple[int | None, SessionHold]:
+    """Admit a request of a capped session only with the most it can cost held against
+    what the caps leave after what the session used and what its requests in flight
+    hold: its output limit lowered to fit (None: left as it is), and what it holds; or a
+    refusal where not even its prompt fits."""
+    if (cap := limits.max_concurrent_per_session) is not None and held.requests >= cap:
+        return Denial(
+            429, "session_concurrency_exceeded", f"at most {cap} requests of a session at once", 1.0
+        )
+    granted = ask.output_bound
+    if (cap := limits.max_session_tokens) is not None:
+        left = cap - used_tokens - held.tokens - ask.prompt_bound
+        if left < 1:
+            return _session_full(f"{used_tokens} tokens used and {held.tokens} held", cap)
+        granted = left if granted is None else min(granted, left)
+    price = ask.price
+    if (cap_usd := limits.max_session_spend_usd) is not None and price is not None:
+        left_usd = cap_usd - used_spend - held.spend - price.cost(ask.prompt_bound, 0)
+        per_token = price.output_per_mtok / 1e6
+        if left_usd <= 0 or left_usd < per_token:
+            return _session_full(f"${used_spend:.4f} spent and ${held.spend:.4f} held", cap_usd)
+        if per_token > 0:
+            fits = int(left_usd / per_token)
+            granted = fits if granted is None else min(granted, fits)
+    output = granted or 0
+    spend = price.cost(ask.prompt_bound, output) if price is not None else 0.0
+    hold = SessionHold(1, ask.prompt_bound + output, spend)
+    lowered = granted if granted is not None and granted != ask.output_bound else None
+    return lowered, hold
+
+
+def _session_full(what: str, cap: float) -> Denial:
+    return Denial(
+        402,
+        "session_budget_exceeded",
+        f"this session has {what} for its requests in flight; the most this request"
+        f" can cost does not fit under its cap of {cap:g}",
+    )
 
 
 @dataclass

@@ -10,13 +10,14 @@ from typing import Protocol
 
 from serve_app.actors import ActorUnavailable
 from serve_app.gateway.keys import KeyInfo, KeyOverrides, NewKey, hash_key, ours, split_key
-from serve_app.gateway.limits import Denial, Limits
+from serve_app.gateway.limits import Ask, Denial, Limits
 from serve_app.gateway.usage_records import RequestLabels, UsageRecord, billable
 
 __all__ = [
     "ANONYMOUS",
     "OPERATOR",
     "Admission",
+    "Ask",
     "Caller",
     "Denial",
     "Gateway",
@@ -57,6 +58,7 @@ class Caller:
 class Admission:
     ticket: str
     headers: dict[str, str]
+    max_output: int | None = None  # the output limit lowered to fit a session's caps
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,7 @@ class Gateway(Protocol):
 
     async def authenticate(self, key: str) -> Caller | Denial: ...
 
-    async def admit(
-        self,
-        caller: Caller,
-        est_tokens: int,
-        est_cost: float,
-        ticket: str,
-        session: str | None = None,
-    ) -> Admission | Denial: ...
+    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial: ...
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None: ...
 

@@ -24,14 +24,20 @@ def clamp_output(config: AppConfig, inbound: Inbound, caller: Caller) -> None:
     longest = max(config.tier(t).max_context for t in plan.tiers)
     room = max(longest - inbound.prompt_floor(), 1)
     limit = min(cap or room, room)
-    asked = output_limit(inbound.body)
-    if asked is None or asked <= limit:
+    lower_output_limit(inbound.body, limit)
+
+
+def lower_output_limit(body: dict, limit: int) -> None:
+    """`max_tokens` at most `limit` (set where none was): a thinking budget keeps room
+    for the answer."""
+    asked = output_limit(body)
+    if asked is not None and asked <= limit:
         return
-    inbound.body["max_tokens"] = limit
-    inbound.body.pop("max_completion_tokens", None)
-    budget = inbound.body.get("thinking_token_budget")
+    body["max_tokens"] = limit
+    body.pop("max_completion_tokens", None)
+    budget = body.get("thinking_token_budget")
     if budget is not None and budget >= limit:
-        inbound.body["thinking_token_budget"] = max(1, limit // 2)
+        body["thinking_token_budget"] = max(1, limit // 2)
 
 
 def refuse_past_cap(config: AppConfig, inbound: Inbound, caller: Caller) -> None:

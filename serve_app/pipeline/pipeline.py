@@ -38,6 +38,7 @@ from serve_app.errors import APIError
 from serve_app.gateway.protocol import (
     ANONYMOUS,
     Admission,
+    Ask,
     Caller,
     Denial,
     Gateway,
@@ -48,7 +49,12 @@ from serve_app.gateway.protocol import (
     ours,
 )
 from serve_app.pipeline.media import prepare_images
-from serve_app.pipeline.output_limits import clamp_output, fill_output_limit, refuse_past_cap
+from serve_app.pipeline.output_limits import (
+    clamp_output,
+    fill_output_limit,
+    lower_output_limit,
+    refuse_past_cap,
+)
 from serve_app.pipeline.relay import (
     RequestMeter,
     StreamRelay,
@@ -280,22 +286,32 @@ class Pipeline:
         default = self.config.gateway.default_output_estimate
         out_est = fill_output_limit(inbound, route.plan, route.caller, default)
         prompt_est = inbound.prompt_estimate()  # settled with the real count
-        if inbound.endpoint is Endpoint.TOKENIZE:  # counting a prompt spends no budget
-            tokens_est, cost_est = 0, 0.0
-        else:
-            tokens_est, cost_est = prompt_est + out_est, route.tier.price.cost(prompt_est, out_est)
         ticket = uuid.uuid4().hex  # admission and settlement are idempotent by it
+        if inbound.endpoint is Endpoint.TOKENIZE:  # counting a prompt spends no budget
+            ask = Ask(0, 0.0)
+        else:
+            price = route.tier.price
+            ask = Ask(
+                tokens=prompt_est + out_est,
+                cost=price.cost(prompt_est, out_est),
+                session=session_of(inbound),
+                # the most it can cost, for its session's caps: a token is at least a
+                # byte of the body's text
+                prompt_bound=inbound.text_bytes + inbound.media.tokens,
+                output_bound=output_limit(inbound.body),
+                price=price,
+            )
         try:
             admission = await self.calls.call(
-                lambda: self.gateway.admit(
-                    route.caller, tokens_est, cost_est, ticket, session_of(inbound)
-                ),
+                lambda: self.gateway.admit(route.caller, ask, ticket),
                 on_abandon=self._give_back,
             )
         except GatewayUnavailable:
             raise gateway_error() from None
         if isinstance(admission, Denial):
             raise denial_error(admission)
+        if admission.max_output is not None:  # lowered to fit its session's caps
+            lower_output_limit(inbound.body, admission.max_output)
         return admission
 
     def _context(self, inbound: Inbound, route: Route, admission: Admission) -> RequestContext:

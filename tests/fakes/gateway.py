@@ -14,6 +14,7 @@ from serve_app.gateway.console_signins import SignIns
 from serve_app.gateway.limits import KeyState
 from serve_app.gateway.protocol import (
     Admission,
+    Ask,
     Caller,
     Denial,
     GatewayUnavailable,
@@ -36,6 +37,8 @@ class FakeGateway:
         self.records: list[UsageRecord] = []
         self.down: set[str] = set()  # calls that find the gateway away (restarting)
         self.sessions: list[str | None] = []  # the session each admission named
+        self.asks: list[Ask] = []
+        self.max_output: int | None = None  # what admissions lower the output limit to
 
     def _away(self, call: str) -> None:
         if call in self.down:
@@ -45,22 +48,16 @@ class FakeGateway:
         self._away("authenticate")
         return self.caller if key == KEY else Denial(401, "invalid_api_key", "no such key")
 
-    async def admit(
-        self,
-        caller: Caller,
-        est_tokens: int,
-        est_cost: float,
-        ticket: str,
-        session: str | None = None,
-    ) -> Admission | Denial:
+    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial:
         self._away("admit")
-        self.sessions.append(session)
-        denial = self.state.check(est_tokens, est_cost, time.time())
+        self.sessions.append(ask.session)
+        self.asks.append(ask)
+        denial = self.state.check(ask.tokens, ask.cost, time.time())
         if denial is not None:
             return denial
-        self.state.admit(est_tokens, time.time())
-        self.tickets[ticket] = est_tokens
-        return Admission(ticket, {})
+        self.state.admit(ask.tokens, time.time())
+        self.tickets[ticket] = ask.tokens
+        return Admission(ticket, {}, self.max_output)
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         self._away("settle")

@@ -254,3 +254,67 @@ def test_killing_a_router_replica_loses_no_completed_record(serve_url, admin, st
     metered = set(table.filter(pc.equal(table["key_id"], key_id))["request_id"].to_pylist())
     assert len(completed) > 10
     assert set(completed) <= metered
+
+
+def test_a_swarm_of_100_in_one_session_never_passes_its_token_cap(serve_url, admin, state_dir):
+    """100 requests of one session sent at once against a 3,000-token session cap: each
+    is admitted only with its most possible cost held (its output limit lowered to what
+    is left), so what the session used, by its usage records, is within the cap."""
+    key, key_id = new_key(admin, "enterprise", max_session_tokens=3000)
+    headers = {"authorization": f"Bearer {key}", "x-session-id": "swarm-capped"}
+    body = {"model": "kimi-k2.5:standard", "messages": MSG, "max_tokens": 48, "ignore_eos": True}
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(
+            f"{serve_url}/v1/chat/completions", json=body, headers=headers, timeout=300
+        )
+
+    with ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(one, range(100)))
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 402} and codes.count(200) >= 1 and codes.count(402) >= 1
+    refused = [r.json()["error"] for r in answers if r.status_code == 402]
+    assert {e["code"] for e in refused} == {"session_budget_exceeded"}
+    table = flushed_usage(admin, state_dir)
+    rows = table.filter(pc.equal(table["key_id"], key_id)).to_pylist()
+    assert len(rows) == codes.count(200)  # each served request metered once
+    used = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows if r["status"] == 200)
+    assert 0 < used <= 3000, used
+
+
+def test_a_sessions_concurrency_cap_refuses_the_requests_past_it(serve_url, admin):
+    key, _ = new_key(admin, "enterprise", max_concurrent_per_session=2)
+    headers = {"authorization": f"Bearer {key}", "x-session-id": "narrow"}
+    body = {"model": "kimi-k2.5:premium", "messages": MSG, "max_tokens": 400, "ignore_eos": True}
+    started, ended = threading.Barrier(3), threading.Event()
+
+    def hold() -> int:
+        with httpx.stream(
+            "POST",
+            f"{serve_url}/v1/chat/completions",
+            json={**body, "stream": True},
+            headers=headers,
+            timeout=300,
+        ) as r:
+            started.wait()
+            ended.wait(120)
+            return r.status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(hold) for _ in range(2)]
+        started.wait()  # both streams answered: two of the session's requests in flight
+        third = httpx.post(
+            f"{serve_url}/v1/chat/completions", json=body, headers=headers, timeout=120
+        )
+        other = httpx.post(
+            f"{serve_url}/v1/chat/completions",
+            json={**body, "max_tokens": 2},
+            headers={**headers, "x-session-id": "another"},
+            timeout=120,
+        )
+        ended.set()
+        assert [f.result() for f in held] == [200, 200]
+    assert third.status_code == 429, third.text
+    assert third.json()["error"]["code"] == "session_concurrency_exceeded"
+    assert int(third.headers["retry-after"]) >= 1
+    assert other.status_code == 200  # another session of the key is not held back

@@ -458,6 +458,24 @@ def test_a_background_response_runs_without_its_client_and_is_polled(oai):
         )
 
 
+def test_a_background_response_over_its_keys_limits_is_refused_at_creation(
+    serve_url, admin, state_dir
+):
+    key, key_id = new_key(admin, "enterprise", requests_per_minute=1)
+    limited = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=key, max_retries=0, timeout=300)
+    first = limited.responses.create(
+        model="kimi-k2.5:standard", input="x", max_output_tokens=2, reasoning=INSTANT
+    )
+    with pytest.raises(openai.RateLimitError) as refused:
+        limited.responses.create(
+            model="kimi-k2.5:standard", input="x", max_output_tokens=2, background=True
+        )
+    assert int(refused.value.response.headers["retry-after"]) > 0
+    # nothing was queued to fail later: the key's one record is the first response's
+    assert [r["status"] for r in records(admin, state_dir, key_id)] == [200]
+    assert limited.responses.retrieve(first.id).status in ("completed", "incomplete")
+
+
 def test_a_cancelled_background_response_stops_and_is_metered(oai, admin, state_dir, keyed):
     queued = oai.responses.create(
         model="kimi-k2.5:premium",

@@ -393,3 +393,20 @@ async def test_with_clamping_off_messages_refuses_in_anthropics_own_words():
         "max_tokens: 32000 > 1024, which is the maximum allowed number of output tokens"
         " for claude-sonnet-4-5"
     )
+
+
+async def test_an_output_limit_lowered_to_fit_a_session_cap_is_what_the_engine_gets():
+    """The gateway's admission names the most output the session's cap leaves; the
+    engine is asked for no more (set where the client set none), and the answer says so."""
+    eng = engines()
+    gateway = FakeGateway("enterprise")
+    gateway.max_output = 3
+    asked = inbound("kimi-k2.5:premium", max_tokens=50)
+    asked = dataclasses.replace(asked, session="task-1")
+    result = await pipeline(InProcessTiers(**eng), gateway).serve(asked)
+    assert isinstance(result, Completed)
+    assert eng["premium"].bodies[-1]["max_tokens"] == 3
+    assert result.headers["x-kimi-max-tokens-clamped"] == "50->3"
+    [ask] = gateway.asks
+    assert ask.session == "task-1" and ask.output_bound == 50
+    assert ask.prompt_bound >= asked.prompt_estimate()  # a bound, not the estimate

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from serve_app.gateway.actor import month_of
 from serve_app.gateway.keys import KeyStore
+from serve_app.gateway.protocol import Ask
 from serve_app.gateway.usage_log import read_usage
 from tests.unit.gateway_in_process import CALLER, T0, Gateway, plans, record
 
@@ -35,8 +36,8 @@ def test_each_request_is_metered_once_however_its_settlement_is_repeated(
         gateway = Gateway(str(root), PLANS, 1000, 3600)
         tickets = [f"t{n}" for n in range(len(requests))]
         for ticket in tickets:
-            assert (await gateway.admit(CALLER, 100, 0.01, ticket)).ticket == ticket
-            await gateway.admit(CALLER, 100, 0.01, ticket)  # a retried admission
+            assert (await gateway.admit(CALLER, Ask(100, 0.01), ticket)).ticket == ticket
+            await gateway.admit(CALLER, Ask(100, 0.01), ticket)  # a retried admission
         calls = [(n, t) for n, t in enumerate(tickets) for _ in range(requests[n][0])]
         rng.shuffle(calls)
         for i, (n, ticket) in enumerate(calls):
@@ -75,7 +76,7 @@ def test_settlements_at_once_share_their_writes_and_each_is_durable_when_it_retu
     async def run() -> None:
         gateway = Gateway(str(tmp_path), PLANS, 1000, 3600)
         for i in range(n):
-            await gateway.admit(CALLER, 100, 0.01, f"t{i}")
+            await gateway.admit(CALLER, Ask(100, 0.01), f"t{i}")
         store = KeyStore(tmp_path / "keys.db")  # another connection: sees commits only
 
         async def settle(i: int) -> None:
