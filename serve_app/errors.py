@@ -77,9 +77,38 @@ class APIError(Exception):
         return ErrorResponse(error=detail).model_dump()
 
 
-class OutputCapExceeded(APIError):
+class WordedError(APIError):
+    """A refusal a client reacts to by its wording: each wire format words it its own
+    way (OpenAI's is the message; Anthropic's, `anthropic_words`)."""
+
+    def anthropic_words(self, model: str) -> str:
+        raise NotImplementedError
+
+
+class ContextOverflow(WordedError):
+    """A prompt longer than any tier the request may use serves: worded as each API
+    words it, since agent CLIs compact their history on exactly these words."""
+
+    def __init__(self, needs: int, limit: int) -> None:
+        super().__init__(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your"
+            f" messages resulted in at least {needs} tokens. Please reduce the length of"
+            " the messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+        self.needs = needs
+        self.limit = limit
+
+    def anthropic_words(self, model: str) -> str:
+        """Anthropic's sentence, on which Claude Code compacts its conversation."""
+        return f"prompt is too long: {self.needs} tokens > {self.limit} maximum"
+
+
+class OutputCapExceeded(WordedError):
     """`max_tokens` past what the plan (or the key) allows, where it is refused rather
-    than lowered; each wire format words it its own way (Anthropic's: `anthropic_words`)."""
+    than lowered."""
 
     def __init__(self, asked: int, limit: int) -> None:
         super().__init__(

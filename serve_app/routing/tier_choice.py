@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from deployments.protocol import EngineLoad
 from serve_app.canonical import ChatRequest, CompletionRequest
 from serve_app.config import BASE_MODEL, AppConfig, Plan, Strategy, TierEntry
-from serve_app.errors import APIError
+from serve_app.errors import APIError, ContextOverflow
 
 
 @dataclass(frozen=True)
@@ -129,14 +129,7 @@ def candidate_tiers(
         )
     fits = [t for t in able if t.max_context >= needs.context_tokens]
     if not fits:
-        longest = max(t.max_context for t in able)
-        raise APIError(
-            400,
-            f"this request needs at least {needs.context_tokens} tokens of context;"
-            f" the longest '{model}' serves is {longest}",
-            param="messages",
-            code="context_length_exceeded",
-        )
+        raise ContextOverflow(needs.context_tokens, max(t.max_context for t in able))
     return fits
 
 

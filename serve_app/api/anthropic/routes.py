@@ -40,7 +40,7 @@ from serve_app.api.common.routes import ApiFamily, post
 from serve_app.api.common.sse import DONE, sse, sse_payloads, stream_error_status
 from serve_app.canonical import ChatRequest, canonical_body
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, OutputCapExceeded
+from serve_app.errors import APIError, WordedError
 from serve_app.pipeline.pipeline import Pipeline
 from serve_app.pipeline.request import Inbound, Streamed
 from serve_app.reasoning.sealing import Sealer
@@ -122,7 +122,7 @@ class AnthropicAPI:
             result = await self.pipeline.serve(inbound)
         except APIError as exc:
             exc.headers.setdefault("x-kimi-router", self.pipeline.replica)
-            if isinstance(exc, OutputCapExceeded):
+            if isinstance(exc, WordedError):
                 exc.message = exc.anthropic_words(str(body.get("model")))
             return error_response(exc, request_id)
         except Exception:

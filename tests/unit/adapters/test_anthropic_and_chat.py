@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import anthropic
+import openai
 import pytest
 
 from tests.unit.adapters.conftest import Served
@@ -42,3 +45,21 @@ async def test_a_chat_completion_through_the_route_table(served: Served):
     assert (record.api, record.endpoint, record.status) == ("openai", "chat", 200)
     models = await served.oai.models.list()
     assert "kimi-k2.5" in [m.id for m in models.data]
+
+
+async def test_a_prompt_past_every_tiers_context_is_worded_as_each_api_words_it(served: Served):
+    """Agent CLIs compact their history on these exact words: Anthropic's "prompt is too
+    long: N tokens > M maximum", OpenAI's `context_length_exceeded`."""
+    long = [{"role": "user", "content": "word " * 200_000}]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        await served.claude.messages.create(model="kimi-k2.5", max_tokens=8, messages=long)
+    message = err.value.body["error"]["message"]
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > \d+ maximum", message), message
+    needs, limit = map(int, re.findall(r"\d+", message))
+    assert needs > limit
+    with pytest.raises(openai.BadRequestError) as err:
+        await served.oai.chat.completions.create(model="kimi-k2.5", max_tokens=8, messages=long)
+    assert err.value.code == "context_length_exceeded"
+    said = err.value.body["message"]
+    assert said.startswith(f"This model's maximum context length is {limit} tokens"), said
+    assert served.engine.bodies == []  # refused before any engine
