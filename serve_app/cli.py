@@ -98,13 +98,15 @@ def keys_command(args: argparse.Namespace) -> None:
 
 
 def webhooks_command(args: argparse.Namespace) -> None:
-    """Register (`add`) or list a key's webhook endpoints; the signing secret is shown
-    once, when made."""
+    """Register (`add`), list or delete a key's webhook endpoints; the signing secret is
+    shown once, when made."""
     path = f"/admin/keys/{args.key_id}/webhook_endpoints"
     with admin_client() as c:
         if args.webhooks_cmd == "add":
             spec = {"url": args.url, "name": args.name, "event_types": args.events.split(",")}
             r = c.post(path, json=spec)
+        elif args.webhooks_cmd == "delete":
+            r = c.delete(f"{path}/{args.endpoint_id}")
         else:
             r = c.get(path)
     print_answer(r)
@@ -197,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     )
     wl = wsub.add_parser("list")
     wl.add_argument("key_id")
+    wd = wsub.add_parser("delete")
+    wd.add_argument("key_id")
+    wd.add_argument("endpoint_id")
     add_plan_parser(sub)
     u = sub.add_parser("usage", help="usage report from the metered Parquet files")
     u.add_argument("--dir", type=Path, default=None, help="usage dir (default: state dir)")

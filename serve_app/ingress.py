@@ -75,7 +75,7 @@ class Ingress:
                 store,
                 self.config.sessions.webhooks.outbound,
                 router.max_body_bytes,
-                admin.check,
+                admin.check_key,
             ),
             UsageAPI(self.pipeline, gateway),
             OpsAPI(self.config, self._snapshot, gateway.health, admin.is_admin),

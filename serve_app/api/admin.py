@@ -58,6 +58,14 @@ class AdminAPI:
         if not self.is_admin(bearer(request) or ""):
             raise APIError(401, "invalid admin credential", code="invalid_admin_key")
 
+    async def check_key(self, request: Request, key_id: str) -> None:
+        """An operator's call about one key: the credential, and the key live (a 404
+        for an unknown or revoked one, whose stored state is gone)."""
+        self.check(request)
+        account = await answered(self.gateway.key_account(key_id))
+        if account is None or account.info.revoked_at is not None:
+            raise APIError(404, f"No live key found with id '{key_id}'.", param="key_id")
+
     async def create_key(self, request: Request) -> JSONResponse:
         self.check(request)
         body, _ = await read_json(request, self.max_body_bytes)

@@ -6,7 +6,7 @@ through the admin API (`/admin/keys/{key_id}/webhook_endpoints`)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import Request
@@ -41,13 +41,13 @@ class WebhookEndpointsAPI:
         store: Store,
         policy: OutboundPolicy,
         max_body_bytes: int,
-        check_admin: Callable[[Request], None],
+        check_key: Callable[[Request, str], Awaitable[None]],
     ) -> None:
         self.pipeline = pipeline
         self.store = store
         self.policy = policy
         self.max_body_bytes = max_body_bytes
-        self.check_admin = check_admin  # the admin routes' credential check
+        self.check_key = check_key  # the admin routes' check: the credential, the key live
 
     async def _owner(self, request: Request) -> str:
         caller = await self.pipeline.identify(bearer(request))
@@ -85,8 +85,11 @@ class WebhookEndpointsAPI:
             raise not_found("webhook endpoint", endpoint_id)
         return found
 
-    async def delete(self, request: Request, endpoint_id: str) -> dict[str, Any]:
-        if not await guarded(self.store.delete_webhook(await self._owner(request), endpoint_id)):
+    async def delete(
+        self, request: Request, endpoint_id: str, owner: str | None = None
+    ) -> dict[str, Any]:
+        owner = owner or await self._owner(request)
+        if not await guarded(self.store.delete_webhook(owner, endpoint_id)):
             raise not_found("webhook endpoint", endpoint_id)
         return {"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True}
 
@@ -98,12 +101,18 @@ class WebhookEndpointsAPI:
         return found
 
     async def create_for_key(self, request: Request, key_id: str) -> dict[str, Any]:
-        self.check_admin(request)
+        await self.check_key(request, key_id)
         return await self.create(request, owner=key_id)
 
     async def list_for_key(self, request: Request, key_id: str) -> dict[str, Any]:
-        self.check_admin(request)
+        await self.check_key(request, key_id)
         return await self.list(request, owner=key_id)
+
+    async def delete_for_key(
+        self, request: Request, key_id: str, endpoint_id: str
+    ) -> dict[str, Any]:
+        await self.check_key(request, key_id)
+        return await self.delete(request, endpoint_id, owner=key_id)
 
 
 WEBHOOKS = ApiFamily(
@@ -123,5 +132,9 @@ WEBHOOKS = ApiFamily(
             body=NewEndpoint,
         ),
         get("/admin/keys/{key_id}/webhook_endpoints", WebhookEndpointsAPI.list_for_key),
+        delete(
+            "/admin/keys/{key_id}/webhook_endpoints/{endpoint_id}",
+            WebhookEndpointsAPI.delete_for_key,
+        ),
     ),
 )

@@ -575,6 +575,29 @@ def test_operators_register_a_keys_webhook_from_the_cli(serve_url, admin, monkey
     mine = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=key, max_retries=0)
     [endpoint] = mine.webhooks.list().data
     assert endpoint.id == made["id"] and "signing_secret" not in endpoint.model_dump()
+    main(["webhooks", "delete", key_id, made["id"]])
+    assert json.loads(capsys.readouterr().out)["deleted"] is True
+    assert mine.webhooks.list().data == []
+
+
+def test_webhook_endpoints_belong_to_live_keys_only(serve_url, admin, monkeypatch):
+    from serve_app.cli import main
+
+    spec = {"url": "http://127.0.0.1:9/hooks", "event_types": ["response.failed"]}
+    assert admin.post("/admin/keys/nosuchkey000/webhook_endpoints", json=spec).status_code == 404
+    assert admin.get("/admin/keys/nosuchkey000/webhook_endpoints").status_code == 404
+    _, key_id = new_key(admin, "enterprise")
+    made = admin.post(f"/admin/keys/{key_id}/webhook_endpoints", json=spec).json()
+    gone = admin.delete(f"/admin/keys/{key_id}/webhook_endpoints/we_nosuchendpoint")
+    assert gone.status_code == 404
+    admin.delete(f"/admin/keys/{key_id}")  # revoked: its endpoints go with it
+    refused = admin.post(f"/admin/keys/{key_id}/webhook_endpoints", json=spec)
+    assert refused.status_code == 404 and refused.json()["error"]["param"] == "key_id"
+    assert admin.get(f"/admin/keys/{key_id}/webhook_endpoints").status_code == 404
+    monkeypatch.setenv("KIMI_SERVE_URL", serve_url)
+    with pytest.raises(SystemExit, match="No live key"):  # the CLI exits non-zero, saying why
+        main(["webhooks", "add", "nosuchkey000", "http://127.0.0.1:9/hooks"])
+    assert made["id"].startswith("we_")
 
 
 @pytest.mark.parametrize("tier", ["premium", "standard"])
