@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -191,10 +192,10 @@ class GatewayState:
                 retry_after_s=5,
             )
         granted = self._session_grant(caller, state.limits, ask)
-        if isinstance(granted, Denial):
-            return granted
-        if (denial := state.check(ask.tokens, ask.cost, now)) is not None:
-            return denial
+        denial = granted if isinstance(granted, Denial) else state.check(ask.tokens, ask.cost, now)
+        if denial is not None:  # a refusal says what is left too, as an answer does
+            return dataclasses.replace(denial, headers=state.headers(now))
+        assert not isinstance(granted, Denial)
         state.admit(ask.tokens, now)
         max_output, hold = granted
         session = (caller.key_id, ask.session) if hold is not None and ask.session else None

@@ -10,7 +10,7 @@ session: its requests in flight, and what they may cost at most held against its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serve_app.config import Price
 
@@ -118,6 +118,7 @@ class Denial:
     code: str
     message: str
     retry_after_s: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # the key's x-ratelimit-*
 
 
 def session_denial(limits: Limits, tokens: int, spend: float) -> Denial | None:

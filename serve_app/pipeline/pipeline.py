@@ -119,7 +119,7 @@ def gateway_error() -> APIError:
 
 
 def denial_error(denial: Denial) -> APIError:
-    headers = {}
+    headers = dict(denial.headers)
     if denial.retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(denial.retry_after_s)))
     return APIError(denial.status, denial.message, code=denial.code, headers=headers)

@@ -114,6 +114,9 @@ def test_rpm_limit_is_per_key_with_retry_after_and_headers(serve_url, admin):
     r = chat(serve_url, key)
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     assert 1 <= int(r.headers["retry-after"]) <= 20
+    # the refusal says what is left too, as the answers do
+    assert r.headers["x-ratelimit-limit-requests"] == "3"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
     assert chat(serve_url, other).status_code == 200
 
 
