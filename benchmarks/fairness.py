@@ -15,8 +15,11 @@ one session, every finished one replaced at once), then both together; and two e
 swarms of different keys side by side (Jain's index of tokens served per 5 s window).
 Everything is pinned to one tier. Reported: the victim's TTFT p50/p99 alone and under the
 swarm (and their ratio), the victim's refusals, the swarm's output tokens/s alone and
-with the victim, the queue wait the answers name (`x-kimi-queue-ms`). Writes
-benchmarks/results/fairness.{json,md}.
+with the victim, the queue wait the answers name (`x-kimi-queue-ms`). On each order's app
+(reported for the last): 100 requests of one session sent at once against a session
+token cap, and what the session used past it (the overshoot: the gateway's, not the
+queue's).
+Writes benchmarks/results/fairness.{json,md}.
 """
 
 from __future__ import annotations
@@ -132,6 +135,36 @@ def jain(a: list[Timed], b: list[Timed], start: float, end: float, window_s: flo
     return sum(indexes) / len(indexes) if indexes else 0.0
 
 
+CAP = 3000  # the session token cap of the burst
+
+
+def key_with(admin: httpx.Client, plan: str = "enterprise", **overrides: int) -> str:
+    made = admin.post("/admin/keys", json={"plan": plan, "overrides": NO_LIMITS | overrides})
+    return made.json()["key"]
+
+
+async def session_cap_burst(base: str, key: str, n: int = 100) -> dict[str, Any]:
+    """`n` requests of one session at once against its token cap: how many were served
+    and refused, the tokens the served ones used (their answers' usage), and the
+    overshoot past the cap."""
+    spec = LoadSpec(base, "kimi-k2.5:standard", 48, 24, key, headers={"x-session-id": "capped"})
+    rng = random.Random(3)
+    limits = httpx.Limits(max_connections=n + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        results = await asyncio.gather(*(one_request(client, spec, rng) for _ in range(n)))
+    served = [r for r in results if r.ok]
+    used = sum(r.prompt_tokens + r.output_tokens for r in served)
+    return {
+        "requests": n,
+        "cap_tokens": CAP,
+        "served": len(served),
+        "refused_402": sum(1 for r in results if r.status == 402),
+        "other_errors": sum(1 for r in results if not r.ok and r.status != 402),
+        "tokens_used": used,
+        "overshoot_tokens": max(0, used - CAP),
+    }
+
+
 def bench_args(order: str) -> dict[str, Any]:
     args = copy.deepcopy(serve_args())
     args["router"]["fair_queue"] = order
@@ -144,8 +177,7 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         admin = httpx.Client(base_url=url, headers={"authorization": f"Bearer {ADMIN}"})
 
         def key(plan: str) -> str:
-            made = admin.post("/admin/keys", json={"plan": plan, "overrides": NO_LIMITS})
-            return made.json()["key"]
+            return key_with(admin, plan)
 
         model = f"kimi-k2.5:{tier}"
         victim = LoadSpec(base, model, max_tokens=16, prompt_words=24, api_key=key("premium"))
@@ -162,7 +194,9 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         both = asyncio.run(phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm))
         start = time.monotonic()
         pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, seconds, swarm // 2))
+        capped = asyncio.run(session_cap_burst(base, key_with(admin, max_session_tokens=CAP)))
     return {
+        "session_cap": capped,
         "victim_alone": ttft(alone.victim),
         "victim_under_swarm": ttft(both.victim),
         "victim_refused": sum(1 for r in both.victim if r.result.status not in (0, 200)),
@@ -195,6 +229,15 @@ def markdown(report: dict[str, Any]) -> str:
             f" {r['jain_two_swarms']:.3f} |"
         )
     orders = report["orders"]
+    capped = list(orders.values())[-1].get("session_cap")
+    if capped:
+        lines += [
+            "",
+            f"Session cap: {capped['requests']} requests of one session sent at once against"
+            f" a {capped['cap_tokens']}-token cap: {capped['served']} served,"
+            f" {capped['refused_402']} refused (402), {capped['other_errors']} other errors;"
+            f" {capped['tokens_used']} tokens used, {capped['overshoot_tokens']} past the cap.",
+        ]
     if "fair" in orders and "off" in orders and orders["off"]["swarm_alone_tok_s"]:
         share = orders["fair"]["swarm_alone_tok_s"] / orders["off"]["swarm_alone_tok_s"]
         lines += ["", f"Work conservation: the swarm alone under `fair` gets {share:.2f}x its"
