@@ -215,6 +215,8 @@ class Sampling(Open):
     min_tokens: int | None = Field(None, ge=0, le=INT32)
     ignore_eos: bool | None = None
     user: str | None = Field(None, max_length=512)
+    # the band to serve it in (`pipeline/bands.py`): the router's, never the engine's
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -314,6 +316,7 @@ def canonical_body(parsed: BaseModel) -> dict[str, Any]:
     fields unchanged; without null fields in messages (but content) and tools, which
     vLLM's and llama.cpp's parsers refuse (`"name": null`, `"description": null`)."""
     body = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    body.pop("service_tier", None)
     if isinstance(parsed, ChatRequest):
         body["messages"] = [without_nulls(m, keep="content") for m in body["messages"]]
         if body.get("tools"):

@@ -18,6 +18,7 @@ from deployments.spec import TierSpec
 
 BASE_MODEL = "kimi-k2.5"
 Strategy = Literal["load", "plan_only", "random"]
+ServiceTier = Literal["default", "flex", "priority"]  # OpenAI's bands, as served
 
 
 class Price(BaseModel):
@@ -97,6 +98,38 @@ class Plan(LimitFields):
     weight: float = Field(
         1.0, gt=0, description="share of a saturated tier against other plans' keys (fair queue)"
     )
+    service_tiers: list[Literal["flex", "priority"]] = Field(
+        default_factory=lambda: ["flex"],
+        description="bands besides `default` its requests may ask for; others get `default`",
+    )
+    default_service_tier: ServiceTier = Field(
+        "default", description="the band of a request that asks for none, or for `auto`"
+    )
+
+
+class Band(BaseModel):
+    """A service tier (OpenAI's `service_tier`): a price and a fair-queue weight,
+    relative to the tier's and the plan's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    price_factor: float = Field(gt=0, description="multiplies the serving tier's prices")
+    weight_factor: float = Field(gt=0, description="multiplies the plan's fair-queue weight")
+
+
+class ServiceTiers(BaseModel):
+    """The bands a request may ask for besides `default` (which is the tier's price and
+    the plan's weight): `flex` for work that may wait (swarms, batch), `priority` for
+    work that may not."""
+
+    model_config = ConfigDict(extra="forbid")
+    flex: Band = Band(price_factor=0.5, weight_factor=0.25)
+    priority: Band = Band(price_factor=2.0, weight_factor=4.0)
+
+    def band(self, name: ServiceTier) -> Band:
+        return DEFAULT_BAND if name == "default" else getattr(self, name)
+
+
+DEFAULT_BAND = Band(price_factor=1.0, weight_factor=1.0)
 
 
 class RouterSettings(BaseModel):
@@ -281,6 +314,7 @@ class AppConfig(BaseModel):
     sessions: SessionSettings = SessionSettings()
     media: MediaSettings = MediaSettings()
     generation_defaults: GenerationDefaults = GenerationDefaults()
+    service_tiers: ServiceTiers = ServiceTiers()
     console: ConsoleSettings = ConsoleSettings()
     model_aliases: list[ModelAlias] = Field(
         default_factory=list, description="first match wins; our own names never match"
@@ -295,6 +329,12 @@ class AppConfig(BaseModel):
             for tier in plan.tiers:
                 if tier not in names:
                     raise ValueError(f"plans.{plan_name}.tiers: unknown tier {tier!r}")
+        for plan_name, plan in self.plans.items():
+            band = plan.default_service_tier
+            if band != "default" and band not in plan.service_tiers:
+                raise ValueError(
+                    f"plans.{plan_name}.default_service_tier: {band!r} is not in its service_tiers"
+                )
         anon = self.router.anonymous_plan
         if anon is not None and anon not in self.plans:
             raise ValueError(f"router.anonymous_plan: unknown plan {anon!r}")

@@ -13,7 +13,7 @@ from serve_app.errors import APIError
 from serve_app.gateway.protocol import ANONYMOUS, GatewayAdmin, GatewayUnavailable
 from serve_app.pipeline.pipeline import Pipeline, gateway_error
 
-GROUPINGS = ("day", "tier", "model", "session", "api", "plan")
+GROUPINGS = ("day", "tier", "model", "session", "api", "plan", "service_tier")
 
 
 class UsageAPI:

@@ -20,6 +20,7 @@ class RequestLabels(BaseModel):
     degraded: bool = False
     api: str = "openai"  # the wire format it came in (openai, anthropic)
     session_id: str | None = None  # the client's conversation, where it names one
+    service_tier: str = "default"  # the band it was served (and priced) in
 
 
 def billable(status: int) -> bool:

@@ -48,6 +48,7 @@ from serve_app.gateway.protocol import (
     UsageRecord,
     ours,
 )
+from serve_app.pipeline.bands import served_band
 from serve_app.pipeline.media import prepare_images
 from serve_app.pipeline.output_limits import (
     clamp_output,
@@ -280,7 +281,18 @@ class Pipeline:
         self.sent[decision.tier.name] += 1
         lacking = lacking_tiers(inbound.request.model, plan, caller.plan, self.config, needs)
         skipped = tuple(f"{tier.name} (no {what})" for tier, what in lacking)
-        return Route(caller, plan, policy, candidates, decision.tier, decision.degraded, skipped)
+        band = served_band(inbound.service_tier, plan)
+        return Route(
+            caller,
+            plan,
+            policy,
+            candidates,
+            decision.tier,
+            decision.degraded,
+            skipped,
+            band,
+            self.config.service_tiers.band(band),
+        )
 
     async def _admit(self, inbound: Inbound, route: Route) -> Admission:
         default = self.config.gateway.default_output_estimate
@@ -290,7 +302,7 @@ class Pipeline:
         if inbound.endpoint is Endpoint.TOKENIZE:  # counting a prompt spends no budget
             ask = Ask(0, 0.0)
         else:
-            price = route.tier.price
+            price = price_of(inbound, route.tier, route.terms)
             ask = Ask(
                 tokens=prompt_est + out_est,
                 cost=price.cost(prompt_est, out_est),
@@ -327,9 +339,15 @@ class Pipeline:
             degraded=route.degraded,
             api=inbound.api,
             session_id=session_of(inbound),
+            service_tier=route.band,
         )
         # Ray Serve's HTTP ingress echoes x-request-id (ours comes from it): not repeated.
-        headers = {"x-kimi-tier": tier.name, "x-kimi-router": self.replica, **admission.headers}
+        headers = {
+            "x-kimi-tier": tier.name,
+            "x-kimi-router": self.replica,
+            "x-kimi-service-tier": route.band,
+            **admission.headers,
+        }
         if route.degraded:
             headers["x-kimi-degraded"] = f"{route.candidates[0].name}->{tier.name}"
         if route.skipped:
@@ -341,7 +359,7 @@ class Pipeline:
             inbound=inbound,
             route=route,
             tier=tier,
-            meter=RequestMeter(labels=labels, price=price_of(inbound, tier)),
+            meter=RequestMeter(labels=labels, price=price_of(inbound, tier, route.terms)),
             admission=admission,
             headers=headers,
             timeout_s=caller.overrides.request_timeout_s or route.plan.request_timeout_s,
@@ -431,7 +449,7 @@ class Pipeline:
                     caller.key_id,
                     session_of(inbound),
                     inbound.prompt_estimate(),
-                    ctx.route.plan.weight,
+                    ctx.route.plan.weight * ctx.route.terms.weight_factor,
                     wait,
                 )
             except QueueTimeout as exc:

@@ -66,6 +66,9 @@ class RequestMeter:
 
 
 def add_cost(body: dict[str, Any], meter: RequestMeter) -> float:
+    """The answer's (or the stream's usage chunk's) cost, written into its usage, and
+    the band it was served in (OpenAI's `service_tier`)."""
+    body["service_tier"] = meter.labels.service_tier
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return 0.0

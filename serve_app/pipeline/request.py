@@ -10,8 +10,9 @@ from typing import Any
 
 from deployments.protocol import Endpoint
 from serve_app.canonical import ChatRequest, CompletionRequest
-from serve_app.config import Plan, Price, TierEntry
+from serve_app.config import DEFAULT_BAND, Band, Plan, Price, ServiceTier, TierEntry
 from serve_app.gateway.protocol import Admission, Caller
+from serve_app.pipeline.bands import banded
 from serve_app.pipeline.media import Media
 from serve_app.pipeline.relay import RequestMeter, StreamSettlement
 from serve_app.reasoning.sealing import Opened
@@ -37,6 +38,7 @@ class Inbound:
     caller: Caller | None = None  # already identified by the adapter (`Pipeline.identify`)
     media: Media = field(default_factory=Media)  # its images, checked (`prepare_images`)
     opened: Opened | None = None  # what the earlier turns' sealed reasoning gave back
+    service_tier: str | None = None  # the band asked for, in OpenAI's words
 
     @property
     def text_bytes(self) -> int:
@@ -91,6 +93,8 @@ class Route:
     tier: TierEntry  # the first choice
     degraded: bool  # the first choice is not the plan's first tier
     skipped: tuple[str, ...] = ()  # plan tiers passed over: "premium (no vision)"
+    band: ServiceTier = "default"  # the service tier it is served in
+    terms: Band = DEFAULT_BAND  # what that band changes: price and fair-queue weight
 
 
 @dataclass
@@ -124,7 +128,7 @@ class RequestContext:
         self.tier = tier
         self.others = [c for c in self.others if c is not tier]
         labels = self.meter.labels.model_copy(update={"tier": tier.name, "degraded": True})
-        price = price_of(self.inbound, tier)
+        price = price_of(self.inbound, tier, self.route.terms)
         self.meter = RequestMeter(labels=labels, price=price, started=self.meter.started)
         self.headers.update(
             {
@@ -138,9 +142,9 @@ class RequestContext:
 FREE = Price(input_per_mtok=0, output_per_mtok=0)
 
 
-def price_of(inbound: Inbound, tier: TierEntry) -> Price:
-    """What the tier charges for this request: counting a prompt is free."""
-    return FREE if inbound.endpoint is Endpoint.TOKENIZE else tier.price
+def price_of(inbound: Inbound, tier: TierEntry, band: Band) -> Price:
+    """What the tier charges for this request in its band: counting a prompt is free."""
+    return FREE if inbound.endpoint is Endpoint.TOKENIZE else banded(tier.price, band)
 
 
 def session_of(inbound: Inbound) -> str | None:

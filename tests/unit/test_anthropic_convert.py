@@ -184,8 +184,11 @@ def test_a_completion_becomes_a_message():
         "output_tokens": 5,
         "cache_read_input_tokens": 4,
         "cache_creation_input_tokens": 0,
+        "service_tier": "standard",  # Anthropic's word for the default band
         "cost_usd": 0.5,
     }
+    flex = Answering("msg_1", "claude-x", None, SEALER, False, band="flex")
+    assert message(answer, flex)["usage"]["service_tier"] == "batch"
 
 
 @pytest.mark.parametrize(

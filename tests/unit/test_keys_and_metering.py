@@ -141,6 +141,7 @@ def test_every_field_of_a_usage_record_reaches_parquet_and_back(tmp_path):
         "degraded": True,
         "api": "anthropic",
         "session_id": "sess-1",
+        "service_tier": "flex",
         "time": 1_790_000_000.25,
         "status": 504,
         "prompt_tokens": 11,
@@ -294,3 +295,29 @@ def test_a_damaged_key_store_keeps_what_reads_and_starts(tmp_path):
     path.write_bytes(b"not a database" * 100)
     empty = KeyStore(path)
     assert empty.salvaged == (0, 0) and empty.list() == []
+
+
+def test_a_usage_root_written_before_a_column_was_added_still_reads(tmp_path):
+    """Parts written before `service_tier` existed read beside new ones: the column is
+    null there, through the gateway's reader and the README's DuckDB query alike."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from serve_app.gateway.usage_log import SCHEMA, read_usage
+
+    m = MeterWriter(tmp_path, batch_size=1)
+    m.append(rec(1).model_copy(update={"service_tier": "flex", "session_id": "s"}))
+    m.close()
+    [day] = tmp_path.glob("day=*")
+    old = pq.read_table(next(day.glob("part-*.parquet"))).drop_columns(["service_tier"])
+    old = old.set_column(old.schema.get_field_index("request_id"), "request_id", [["r0"]])
+    pq.write_table(old, day / "part-000000999990.parquet")  # beside the new part
+    table = read_usage(tmp_path)
+    assert table.schema == SCHEMA
+    rows = sorted(table.to_pylist(), key=lambda r: r["request_id"])
+    assert [(r["request_id"], r["service_tier"]) for r in rows] == [("r0", None), ("r1", "flex")]
+    query = (
+        f"SELECT request_id, service_tier FROM read_parquet('{tmp_path}/*/*.parquet',"
+        " hive_partitioning = true, union_by_name = true) ORDER BY request_id"
+    )
+    assert duckdb.sql(query).fetchall() == [("r0", None), ("r1", "flex")]

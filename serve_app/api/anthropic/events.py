@@ -9,6 +9,7 @@ from typing import Any
 
 from serve_app.api.anthropic.to_chat import tool_use_id
 from serve_app.api.common.sse import sse
+from serve_app.pipeline.bands import ANTHROPIC_WORDS
 from serve_app.reasoning.sealing import Sealer
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -26,7 +27,8 @@ def stop_reason(
     return ("tool_use" if called and reason == "end_turn" else reason), None
 
 
-def usage(openai: dict[str, Any] | None) -> dict[str, Any]:
+def usage(openai: dict[str, Any] | None, band: str = "default") -> dict[str, Any]:
+    """OpenAI's usage in Anthropic's words, with the band served (`service_tier`)."""
     u = openai or {}
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     out = {
@@ -34,6 +36,7 @@ def usage(openai: dict[str, Any] | None) -> dict[str, Any]:
         "output_tokens": u.get("completion_tokens") or 0,
         "cache_read_input_tokens": cached,
         "cache_creation_input_tokens": 0,
+        "service_tier": ANTHROPIC_WORDS.get(band, "standard"),
     }
     if "cost" in u:
         out["cost_usd"] = u["cost"]
@@ -49,6 +52,7 @@ class Answering:
     stop_sequences: list[str] | None
     sealer: Sealer
     omit_thinking: bool  # `display: "omitted"`: thinking travels in its signature only
+    band: str = "default"  # the service tier it is served in (`pipeline/bands.py`)
 
 
 def message(answer: dict[str, Any], how: Answering) -> dict[str, Any]:
@@ -83,7 +87,7 @@ def message(answer: dict[str, Any], how: Answering) -> dict[str, Any]:
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": usage(answer.get("usage")),
+        "usage": usage(answer.get("usage"), how.band),
     }
 
 
@@ -130,7 +134,7 @@ class EventWriter:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": usage(None),
+            "usage": usage(None, self.how.band),
         }
         return sse({"type": "message_start", "message": head}) + sse({"type": "ping"})
 
@@ -216,7 +220,7 @@ class EventWriter:
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": sequence},
-            "usage": usage(self.usage),
+            "usage": usage(self.usage, self.how.band),
         }
         return "".join([*self._close(), sse(delta), sse({"type": "message_stop"})])
 

@@ -1,6 +1,6 @@
 """Anthropic Messages API request models, as validated before anything reaches the
 pipeline. Fields the API defines and we have no use for (`cache_control`, `citations`,
-`container`, `service_tier`...) are accepted and ignored, as agent CLIs send them."""
+`container`...) are accepted and ignored, as agent CLIs send them."""
 
 from __future__ import annotations
 
@@ -149,6 +149,8 @@ class Conversation(Block):
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
+    # Anthropic's: `auto` is the plan's band (which may be priority), `standard_only` not
+    service_tier: Literal["auto", "standard_only"] | None = None
 
     @model_validator(mode="after")
     def _tools(self) -> Conversation:
@@ -182,6 +184,10 @@ class MessagesRequest(Conversation):
 
 class CountTokensRequest(Conversation):
     pass
+
+
+# Anthropic's service tier asked for, in OpenAI's words (`pipeline/bands.py`)
+ANTHROPIC_ASKED = {"auto": "auto", "standard_only": "default"}
 
 
 def thinking_omitted(req: Conversation) -> bool:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from deployments.protocol import Endpoint
 from serve_app.api.anthropic.events import Answering, EventWriter, error_status, error_type, message
 from serve_app.api.anthropic.protocol import (
+    ANTHROPIC_ASKED,
     AnthropicError,
     Conversation,
     CountTokensRequest,
@@ -136,6 +137,7 @@ class AnthropicAPI:
             stop_sequences=stop_sequences(req),
             sealer=self.sealer,
             omit_thinking=thinking_omitted(req),
+            band=result.headers.get("x-kimi-service-tier", "default"),
         )
         if isinstance(result, Streamed):
             events = anthropic_events(result, EventWriter(how))
@@ -160,6 +162,7 @@ class AnthropicAPI:
             session=session_of(request) or metadata_session(req),
             strategy=request.headers.get("x-kimi-routing-strategy"),
             api="anthropic",
+            service_tier=ANTHROPIC_ASKED.get(req.service_tier or "auto"),
             clamp_output=self.config.router.clamp_messages_max_tokens,
             opened=sealer.opened,
         )

@@ -91,6 +91,7 @@ class OpenAIAPI:
             request_id=headers.get("x-request-id") or f"req-{uuid.uuid4().hex}",
             session=session_of(request),
             strategy=headers.get("x-kimi-routing-strategy"),
+            service_tier=parsed.service_tier,
         )
 
     def models(self) -> dict[str, Any]:

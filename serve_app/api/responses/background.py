@@ -101,6 +101,7 @@ class Runs:
             await self.turns.save(turn, {})
             return
         assert isinstance(result, Streamed)
+        writer.served(result.headers)
         result.started()
         try:
             writer.start()

@@ -82,6 +82,7 @@ class ResponsesAPI:
             session=session,
             strategy=request.headers.get("x-kimi-routing-strategy"),
             api="responses",
+            service_tier=req.service_tier,
             caller=caller,
             opened=sealer.opened,
         )
@@ -89,6 +90,7 @@ class ResponsesAPI:
         if req.background:
             return JSONResponse(await guarded(self.runs.start(inbound, writer, turn)))
         result = await self.pipeline.serve(inbound)
+        writer.served(result.headers)
         if hosted := req.hosted_tools:
             result.headers["x-kimi-tools-not-run"] = ", ".join(hosted)
         if isinstance(result, Streamed):

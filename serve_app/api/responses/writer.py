@@ -102,6 +102,12 @@ class ResponseWriter:
         self.usage: dict[str, Any] | None = None
         self.ended = False
 
+    def served(self, headers: dict[str, str]) -> None:
+        """What the pipeline's answer says of how it was served, into the Response: the
+        band (`service_tier`: what was served, not what was asked)."""
+        if band := headers.get("x-kimi-service-tier"):
+            self.doc["service_tier"] = band
+
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
         return {"type": kind, "sequence_number": self.seq - 1, **fields}
