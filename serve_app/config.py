@@ -55,6 +55,12 @@ class FairShare(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     shared_in_flight: int = Field(8, ge=1, description="per tier replica, several keys active")
+    max_queued: int = Field(
+        2000,
+        ge=1,
+        description="requests waiting at the routers for the tier; past it, a key holding"
+        " its part of the queue gets 429",
+    )
 
 
 class TierEntry(TierSpec):

@@ -75,7 +75,7 @@ from serve_app.pipeline.request import (
     session_of,
 )
 from serve_app.pipeline.telemetry import IngressMetrics
-from serve_app.routing.fair_queue import QueueTimeout, TierGates
+from serve_app.routing.fair_queue import QueueFull, QueueTimeout, TierGates
 from serve_app.routing.tier_calls import ReplicaLost, TierCall, TierFault, TierRequest, Tiers
 from serve_app.routing.tier_choice import (
     LatencyWindow,
@@ -165,8 +165,10 @@ class Pipeline:
         self.metrics.observe_loads(loads)
         if self.gates is not None:
             for name, load in loads.items():
-                shared = self.config.tier(name).fair_share.shared_in_flight
-                self.gates.resize(name, load.capacity, load.replicas, shared)
+                share = self.config.tier(name).fair_share
+                self.gates.resize(
+                    name, load.capacity, load.replicas, share.shared_in_flight, share.max_queued
+                )
                 self.gates.gate(name).elsewhere = frozenset(load.active_keys)
                 self.metrics.queues.waiting.set(self.gates.gate(name).queued, {"tier": name})
         if reaped := await self.undelivered.reap():
@@ -454,6 +456,8 @@ class Pipeline:
                 )
             except QueueTimeout as exc:
                 await self._waited_too_long(ctx, exc)
+            except QueueFull as exc:
+                await self._over_share(ctx, exc)
             span.set_attribute("kimi.queue_ms", round(ctx.slot.waited_s * 1000))
         self.metrics.queues.waited.observe(
             ctx.slot.waited_s, {"plan": caller.plan, "tier": ctx.tier.name}
@@ -469,6 +473,16 @@ class Pipeline:
             f"the tier is saturated: this request waited {exc.waited_s:.0f} s; retry",
             code="queue_timeout",
             headers={**ctx.headers, **waited},
+        ) from None
+
+    async def _over_share(self, ctx: RequestContext, exc: QueueFull) -> NoReturn:
+        self.metrics.queues.refused.inc(1, {"tier": ctx.tier.name})
+        await self._settle(ctx, ctx.meter.record(429, "over its share of a full queue"))
+        raise APIError(
+            429,
+            f"the tier is saturated and {exc}: retry shortly",
+            code="fair_share_exceeded",
+            headers={**ctx.headers, "retry-after": "2"},
         ) from None
 
     def _tier_request(self, ctx: RequestContext) -> TierRequest:

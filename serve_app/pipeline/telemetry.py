@@ -42,6 +42,11 @@ class QueueMetrics:
         self.queue_timeouts = metrics.Counter(
             "kimi_queue_timeouts", "requests that waited past their limit (503)", ("tier",)
         )
+        self.refused = metrics.Counter(
+            "kimi_queue_refused",
+            "requests of a key over its part of a full queue (429)",
+            ("tier",),
+        )
 
 
 class IngressMetrics:

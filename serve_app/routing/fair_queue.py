@@ -42,6 +42,16 @@ class QueueTimeout(Exception):
         self.waited_s = waited_s
 
 
+class QueueFull(Exception):
+    """The tier's queue here is full, and the request's key already holds its part of
+    it: the key is over its share, so it is the one told to back off."""
+
+    def __init__(self, waiting: int, part: int) -> None:
+        super().__init__(f"{waiting} of this key's requests wait; its part of the queue is {part}")
+        self.waiting = waiting
+        self.part = part
+
+
 @dataclass
 class Waiter:
     key: str
@@ -104,6 +114,7 @@ class FairQueue:
     ) -> None:
         self.bound = bound  # in flight while one key is active
         self.shared_bound = min(shared_bound, bound)  # while several are
+        self.max_queued = UNBOUNDED  # waiting here at most, before over-share keys are refused
         self.active_s = active_s
         self.seen: dict[str, float] = {}  # when each key last asked (active keys stay)
         self.elsewhere: frozenset[str] = frozenset()  # keys active at the other routers
@@ -126,6 +137,8 @@ class FairQueue:
         close when the request ends. `QueueTimeout` past `timeout_s`."""
         session = session or ""
         self.seen[key] = time.monotonic()
+        if self.queued >= self.max_queued:
+            self._refuse_if_over_share(key)
         self.keys.arrive(key)
         self.sessions[key].arrive(session)
         started = time.monotonic()
@@ -160,6 +173,15 @@ class FairQueue:
                 Slot(self, key, session, weight, 0.0).close()
                 raise
         return Slot(self, key, session, weight, time.monotonic() - started)
+
+    def _refuse_if_over_share(self, key: str) -> None:
+        """With the queue full, a key holding its part of it (the queue split over the
+        active keys) is refused; a key with fewer waiting still joins (the bound is soft
+        by those few), so a swarm cannot crowd others out of the queue itself."""
+        mine = sum(len(q) for q in self.waiting.get(key, {}).values())
+        part = max(1, self.max_queued // max(len(self.active_keys()), 1))
+        if mine >= part:
+            raise QueueFull(mine, part)
 
     def release(self, slot: Slot, output_tokens: int) -> None:
         self.in_flight -= 1
@@ -283,10 +305,13 @@ class TierGates:
             self.gates[tier] = FairQueue(UNBOUNDED, UNBOUNDED, self.fair)
         return self.gates[tier]
 
-    def resize(self, tier: str, capacity: int, replicas: int, shared_per_replica: int) -> None:
+    def resize(
+        self, tier: str, capacity: int, replicas: int, shared_per_replica: int, max_queued: int
+    ) -> None:
         gate = self.gate(tier)
         gate.bound = self.share(max(capacity, 1))
         gate.shared_bound = min(gate.bound, self.share(shared_per_replica * max(replicas, 1)))
+        gate.max_queued = self.share(max_queued)
         gate.wake()
 
     def share(self, n: int) -> int:

@@ -105,3 +105,26 @@ async def test_off_leaves_the_engines_own_queue():
     p, _ = await premium_of_capacity(1, engine, fair_queue="off")
     results = await asyncio.gather(*(p.serve(ask("a")) for _ in range(3)))
     assert all("x-kimi-queue-ms" not in r.headers for r in results)
+
+
+async def test_a_key_over_its_part_of_a_full_queue_gets_429_another_key_still_joins():
+    engine = FakeEngine(tokens=50, delay_s=0.01)
+    p, gateway = await premium_of_capacity(1, engine)
+    premium = p.config.tier("premium")
+    premium.fair_share = premium.fair_share.model_copy(update={"max_queued": 3})
+    await p.refresh({"premium": TierLoad(capacity=1, replicas=1)})
+    swarm = [asyncio.ensure_future(p.serve(ask("swarm", "agents"))) for _ in range(4)]
+    await asyncio.sleep(0.005)  # one in flight, three waiting: the queue is full
+    with pytest.raises(APIError) as err:
+        await p.serve(ask("swarm", "agents"))
+    assert (err.value.status, err.value.code) == (429, "fair_share_exceeded")
+    assert err.value.headers["retry-after"] == "2"
+    other = asyncio.ensure_future(p.serve(ask("other")))  # under its part: it joins
+    await asyncio.sleep(0.005)
+    assert not other.done() and p.gates.gate("premium").queued == 4
+    for task in swarm:
+        task.cancel()
+    await asyncio.gather(*swarm, return_exceptions=True)
+    assert isinstance(await other, Completed)
+    refused = [r for r in gateway.records if r.status == 429]
+    assert [(r.key_id, r.billed) for r in refused] == [("swarm", False)]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_app.routing.fair_queue import FairQueue, QueueTimeout
+from serve_app.routing.fair_queue import FairQueue, QueueFull, QueueTimeout
 
 
 async def turn() -> None:
@@ -219,3 +219,23 @@ async def test_a_newcomer_tied_with_the_least_served_goes_before_its_backlog():
         slot.close(0)
     await turn()
     (await backlog).close(0)
+
+
+async def test_a_full_queue_refuses_the_key_holding_its_part_of_it():
+    gate = FairQueue(bound=1, shared_bound=1)
+    gate.max_queued = 4
+    first = await gate.enter("swarm", "s", 10, 1.0, None)
+    waiting = [asyncio.ensure_future(gate.enter("swarm", "s", 10, 1.0, None)) for _ in range(4)]
+    await turn()
+    with pytest.raises(QueueFull):  # alone, its part is the whole queue
+        await gate.enter("swarm", "s", 10, 1.0, None)
+    other = asyncio.ensure_future(gate.enter("other", None, 10, 1.0, None))
+    await turn()
+    assert gate.queued == 5  # the other key joined past the bound
+    with pytest.raises(QueueFull):  # two keys active: each holds at most 2 of 4
+        await gate.enter("swarm", "s", 10, 1.0, None)
+    first.close(1)
+    await turn()
+    assert other.done()  # and it goes first
+    for w in waiting:
+        w.cancel()
