@@ -11,7 +11,11 @@ router's queue in each order side by side in one run:
 
 Per order, one fresh app: the victim alone (a premium-plan key, one small streamed chat a
 second), the swarm alone (an enterprise key keeping 100 streamed requests in flight in
-one session, every finished one replaced at once), then both together; and two equal
+one session, every finished one replaced at once), then both together (the victim at
+work 3 s before the swarm lands, its requests counted from then on; and three fresh
+premium keys sending one request each into the running swarm: a user arriving into a
+tier the swarm fills, whose first request waits for one of the swarm's to end, as no
+engine preempts a running sequence for a new one); and two equal
 swarms of different keys side by side (Jain's index of tokens served per 5 s window).
 Everything is pinned to one tier. Reported: the victim's TTFT p50/p99 alone and under the
 swarm (and their ratio), the victim's refusals, the swarm's output tokens/s alone and
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +57,7 @@ ADMIN = "fairness-bench-admin"
 class Timed:
     result: RequestResult
     ended: float  # monotonic time the answer ended
+    sent: float = 0.0  # monotonic time it was sent
     queue_ms: float | None = None
 
 
@@ -60,12 +66,15 @@ class Phase:
     victim: list[Timed] = field(default_factory=list)
     swarm: list[Timed] = field(default_factory=list)
     other: list[Timed] = field(default_factory=list)
+    newcomers: list[Timed] = field(default_factory=list)
     wall_s: float = 0.0
+    swarm_from: float = 0.0  # when the swarm started (monotonic)
 
 
 async def send(client: httpx.AsyncClient, spec: LoadSpec, rng: random.Random, out: list) -> None:
+    sent = time.monotonic()
     result = await one_request(client, spec, rng)
-    out.append(Timed(result, time.monotonic()))
+    out.append(Timed(result, time.monotonic(), sent))
 
 
 async def closed_loop(spec: LoadSpec, in_flight: int, until: float, out: list) -> None:
@@ -92,29 +101,56 @@ async def every(spec: LoadSpec, period_s: float, until: float, out: list) -> Non
         await asyncio.gather(*tasks)
 
 
-async def phase(specs: dict[str, LoadSpec], seconds: float, swarm: int) -> Phase:
+async def later(delay_s: float, job: Any) -> None:
+    await asyncio.sleep(delay_s)
+    await job
+
+
+async def newcomers(specs: list[LoadSpec], start: float, seconds: float, out: list) -> None:
+    """Each spec (a key that has not asked yet) sends one request, spread over the
+    phase: a user arriving into a tier the swarm already fills."""
+    rng = random.Random(4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600)) as client:
+        for i, spec in enumerate(specs, 1):
+            await asyncio.sleep(max(0.0, start + seconds * i / (len(specs) + 1) - time.monotonic()))
+            await send(client, spec, rng, out)
+
+
+async def phase(
+    specs: dict[str, LoadSpec],
+    seconds: float,
+    swarm: int,
+    lead_s: float = 0.0,
+    fresh: Sequence[LoadSpec] = (),
+) -> Phase:
+    """The loads side by side for `seconds`; the swarm `lead_s` after the victim (an
+    interactive user already at work when a swarm lands)."""
     out = Phase()
     start = time.monotonic()
-    until = start + seconds
+    until = start + lead_s + seconds
+    out.swarm_from = start + lead_s
     jobs = []
     if "victim" in specs:
         jobs.append(every(specs["victim"], 1.0, until, out.victim))
     if "swarm" in specs:
-        jobs.append(closed_loop(specs["swarm"], swarm, until, out.swarm))
+        jobs.append(later(lead_s, closed_loop(specs["swarm"], swarm, until, out.swarm)))
     if "other" in specs:
-        jobs.append(closed_loop(specs["other"], swarm, until, out.other))
+        jobs.append(later(lead_s, closed_loop(specs["other"], swarm, until, out.other)))
+    if fresh:
+        jobs.append(newcomers(list(fresh), out.swarm_from, seconds, out.newcomers))
     await asyncio.gather(*jobs)
-    out.wall_s = time.monotonic() - start
+    out.wall_s = time.monotonic() - out.swarm_from
     return out
 
 
-def ttft(rows: list[Timed]) -> dict[str, float]:
+def ttft(rows: list[Timed]) -> dict[str, Any]:
     ok = [r.result.ttft_s * 1000 for r in rows if r.result.ok]
     return {
         "n": len(rows),
         "ok": len(ok),
         "p50_ms": percentile(ok, 50),
         "p99_ms": percentile(ok, 99),
+        "slowest_ms": sorted(ok, reverse=True)[:3],
     }
 
 
@@ -136,6 +172,7 @@ def jain(a: list[Timed], b: list[Timed], start: float, end: float, window_s: flo
 
 
 CAP = 3000  # the session token cap of the burst
+LEAD_S = 3.0  # the victim is at work this long before the swarm lands
 
 
 def key_with(admin: httpx.Client, plan: str = "enterprise", **overrides: int) -> str:
@@ -191,15 +228,23 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         asyncio.run(phase({"victim": victim}, 5, swarm))  # warm-up
         alone = asyncio.run(phase({"victim": victim}, seconds, swarm))
         swarm_alone = asyncio.run(phase({"swarm": swarm_spec}, seconds, swarm))
-        both = asyncio.run(phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm))
+        fresh = [
+            LoadSpec(base, model, max_tokens=16, prompt_words=24, api_key=key("premium"))
+            for _ in range(3)
+        ]
+        both = asyncio.run(
+            phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm, LEAD_S, fresh)
+        )
+        under = [r for r in both.victim if r.sent >= both.swarm_from]
         start = time.monotonic()
         pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, seconds, swarm // 2))
         capped = asyncio.run(session_cap_burst(base, key_with(admin, max_session_tokens=CAP)))
     return {
         "session_cap": capped,
         "victim_alone": ttft(alone.victim),
-        "victim_under_swarm": ttft(both.victim),
-        "victim_refused": sum(1 for r in both.victim if r.result.status not in (0, 200)),
+        "victim_under_swarm": ttft(under),
+        "victim_refused": sum(1 for r in under if r.result.status not in (0, 200)),
+        "newcomers_under_swarm": ttft(both.newcomers),
         "swarm_alone_tok_s": tokens_per_s(swarm_alone.swarm, swarm_alone.wall_s),
         "swarm_with_victim_tok_s": tokens_per_s(both.swarm, both.wall_s),
         "swarm_errors": sum(1 for r in both.swarm + swarm_alone.swarm if not r.result.ok),
@@ -213,11 +258,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['date']}, {report['machine']}, commit {report['commit']}: `{report['command']}`",
         f"(each phase {report['seconds']:g} s; swarm {report['swarm']} in flight; two ingress"
-        " replicas)",
+        " replicas; under the swarm: the victim's requests sent after it landed, the victim"
+        f" at work {LEAD_S:g} s before; newcomers: three keys' first requests into the"
+        " running swarm, slowest first)",
         "",
         "| order | victim TTFT p50 / p99 alone (ms) | under the swarm (ms) | p99 ratio |"
-        " victim refused | swarm tok/s alone | swarm tok/s with victim | Jain, two swarms |",
-        "|---|---|---|---|---|---|---|---|",
+        " victim refused | newcomers' first TTFT (ms) | swarm tok/s alone |"
+        " swarm tok/s with victim | Jain, two swarms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for order, r in report["orders"].items():
         a, u = r["victim_alone"], r["victim_under_swarm"]
@@ -225,6 +273,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {order} | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} | {u['p50_ms']:.0f} /"
             f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x | {r['victim_refused']} |"
+            f" {', '.join(f'{v:.0f}' for v in r['newcomers_under_swarm']['slowest_ms'])} |"
             f" {r['swarm_alone_tok_s']:.0f} | {r['swarm_with_victim_tok_s']:.0f} |"
             f" {r['jain_two_swarms']:.3f} |"
         )
