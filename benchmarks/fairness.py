@@ -15,7 +15,8 @@ one session, every finished one replaced at once), then both together (the victi
 work 3 s before the swarm lands, its requests counted from then on; and three fresh
 premium keys sending one request each into the running swarm: a user arriving into a
 tier the swarm fills, whose first request waits for one of the swarm's to end, as no
-engine preempts a running sequence for a new one); and two equal
+engine preempts a running sequence for a new one); two swarms of two keys of plans
+weighted 1 and 3 (the heavier key's part of the tokens, 0.75 being exact); and two equal
 swarms of different keys side by side (Jain's index of tokens served per 5 s window).
 Everything is pinned to one tier. Reported: the victim's TTFT p50/p99 alone and under the
 swarm (and their ratio), the victim's refusals, the swarm's output tokens/s alone and
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -158,13 +160,31 @@ def tokens_per_s(rows: list[Timed], wall_s: float) -> float:
     return sum(r.result.output_tokens for r in rows) / max(wall_s, 1e-9)
 
 
+def token_times(row: Timed) -> list[float]:
+    """When each of a request's output tokens reached the client: its chunks' arrival
+    times (first token, then each inter-chunk gap), its tokens spread over them."""
+    r = row.result
+    if not r.ok or not r.output_tokens:
+        return []
+    t = row.sent + r.ttft_s
+    chunks = [t]
+    for gap in r.itl_s:
+        t += gap
+        chunks.append(t)
+    return [chunks[i * len(chunks) // r.output_tokens] for i in range(r.output_tokens)]
+
+
 def jain(a: list[Timed], b: list[Timed], start: float, end: float, window_s: float = 5.0) -> float:
-    """Jain's index of the two keys' tokens served, averaged over full windows."""
+    """Jain's index of the two keys' tokens served, averaged over full windows: tokens
+    counted when they reached the client (not when their request ended, which would
+    measure how a batch's requests happen to end together)."""
+    ta = [t for r in a for t in token_times(r)]
+    tb = [t for r in b for t in token_times(r)]
     indexes = []
     t = start
     while t + window_s <= end:
-        x = sum(r.result.output_tokens for r in a if t <= r.ended < t + window_s)
-        y = sum(r.result.output_tokens for r in b if t <= r.ended < t + window_s)
+        x = sum(1 for v in ta if t <= v < t + window_s)
+        y = sum(1 for v in tb if t <= v < t + window_s)
         if x + y:
             indexes.append((x + y) ** 2 / (2 * (x * x + y * y)))
         t += window_s
@@ -205,7 +225,16 @@ async def session_cap_burst(base: str, key: str, n: int = 100) -> dict[str, Any]
 def bench_args(order: str) -> dict[str, Any]:
     args = copy.deepcopy(serve_args())
     args["router"]["fair_queue"] = order
+    # the enterprise plan at three times the weight, for the weighted pair
+    args["plans"]["weight3"] = {**args["plans"]["enterprise"], "weight": 3.0}
     return args
+
+
+def share_of(a: list[Timed], b: list[Timed], start: float, end: float) -> float:
+    """`b`'s part of the tokens the two were served between `start` and `end`."""
+    x = sum(1 for r in a for t in token_times(r) if start <= t < end)
+    y = sum(1 for r in b for t in token_times(r) if start <= t < end)
+    return y / (x + y) if x + y else 0.0
 
 
 def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, Any]:
@@ -238,6 +267,11 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         under = [r for r in both.victim if r.sent >= both.swarm_from]
         start = time.monotonic()
         pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, seconds, swarm // 2))
+        heavy_spec = dataclasses.replace(other_spec, api_key=key("weight3"))
+        weighted = asyncio.run(
+            phase({"swarm": swarm_spec, "other": heavy_spec}, seconds, swarm // 2)
+        )
+        w_from = weighted.swarm_from
         capped = asyncio.run(session_cap_burst(base, key_with(admin, max_session_tokens=CAP)))
     return {
         "session_cap": capped,
@@ -249,6 +283,8 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         "swarm_with_victim_tok_s": tokens_per_s(both.swarm, both.wall_s),
         "swarm_errors": sum(1 for r in both.swarm + swarm_alone.swarm if not r.result.ok),
         "jain_two_swarms": jain(pair.swarm, pair.other, start, start + pair.wall_s),
+        # weights 1:3: the heavier key's part of the tokens (0.75 is exact)
+        "weight3_share": share_of(weighted.swarm, weighted.other, w_from, w_from + weighted.wall_s),
     }
 
 
@@ -264,8 +300,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| order | victim TTFT p50 / p99 alone (ms) | under the swarm (ms) | p99 ratio |"
         " victim refused | newcomers' first TTFT (ms) | swarm tok/s alone |"
-        " swarm tok/s with victim | Jain, two swarms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " swarm tok/s with victim | Jain, two swarms | weights 1:3, heavier's part |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for order, r in report["orders"].items():
         a, u = r["victim_alone"], r["victim_under_swarm"]
@@ -275,7 +311,7 @@ def markdown(report: dict[str, Any]) -> str:
             f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x | {r['victim_refused']} |"
             f" {', '.join(f'{v:.0f}' for v in r['newcomers_under_swarm']['slowest_ms'])} |"
             f" {r['swarm_alone_tok_s']:.0f} | {r['swarm_with_victim_tok_s']:.0f} |"
-            f" {r['jain_two_swarms']:.3f} |"
+            f" {r['jain_two_swarms']:.3f} | {r['weight3_share']:.2f} |"
         )
     orders = report["orders"]
     capped = list(orders.values())[-1].get("session_cap")

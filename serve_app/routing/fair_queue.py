@@ -11,8 +11,8 @@ comes back after being idle is lifted to the least counter among those active, s
 time is not banked as credit. A lone key is never held while the tier has room
 (work-conserving). The bound is the tier's whole capacity while only one key is active;
 while several are, a request goes only while fewer than `shared_bound` are in flight,
-unless its key has fewer in flight than its share of that (`shared_bound` / active
-keys): so a newcomer goes at once, and a swarm's batch shrinks to the shared bound as its
+unless its key has fewer in flight than its share of that (`shared_bound` split over
+the active keys by weight): so a newcomer goes at once, and a swarm's batch shrinks to the shared bound as its
 requests end, which is what another key's time to first token follows. Past its share, a
 key also leaves one place free for every other active key with nothing in flight here
 (up to half the shared bound), so an interactive key's next request finds
@@ -117,6 +117,7 @@ class FairQueue:
         self.max_queued = UNBOUNDED  # waiting here at most, before over-share keys are refused
         self.active_s = active_s
         self.seen: dict[str, float] = {}  # when each key last asked (active keys stay)
+        self.weights: dict[str, float] = {}  # each seen key's weight, as it last asked
         self.elsewhere: frozenset[str] = frozenset()  # keys active at the other routers
         self._pruned_at = 0.0
         self.fair = fair  # False: first come, first served (the baseline it is measured by)
@@ -137,6 +138,7 @@ class FairQueue:
         close when the request ends. `QueueTimeout` past `timeout_s`."""
         session = session or ""
         self.seen[key] = time.monotonic()
+        self.weights[key] = weight
         if self.queued >= self.max_queued:
             self._refuse_if_over_share(key)
         self.keys.arrive(key)
@@ -213,6 +215,7 @@ class FairQueue:
             for key in [k for k, at in self.seen.items() if at < horizon]:
                 if key not in self.keys.active:
                     del self.seen[key]
+                    self.weights.pop(key, None)
         return set(self.seen)
 
     def limit(self, active: int) -> int:
@@ -220,9 +223,11 @@ class FairQueue:
         while several are."""
         return self.bound if active <= 1 else self.shared_bound
 
-    def share(self, active: int) -> int:
-        """What one key may have in flight past the shared bound: its part of it."""
-        return max(1, self.shared_bound // max(active, 1))
+    def share(self, key: str, active: set[str]) -> int:
+        """What `key` may have in flight past the shared bound: its part of it, by
+        weight (a key known only from another router counts at weight 1)."""
+        total = sum(self.weights.get(k, 1.0) for k in active) or 1.0
+        return max(1, int(self.shared_bound * self.weights.get(key, 1.0) / total))
 
     def held(self, key: str, active: set[str]) -> int:
         """Places kept free from `key` past its share: one for each other active key
@@ -234,7 +239,7 @@ class FairQueue:
         if self.in_flight >= self.bound:
             return False
         n = len(active)
-        if n <= 1 or self.running[key] < self.share(n):
+        if n <= 1 or self.running[key] < self.share(key, active):
             return True
         return self.in_flight + self.held(key, active) < self.limit(n)
 

@@ -239,3 +239,22 @@ async def test_a_full_queue_refuses_the_key_holding_its_part_of_it():
     assert other.done()  # and it goes first
     for w in waiting:
         w.cancel()
+
+
+async def test_the_batch_is_split_by_weight_between_backlogged_keys():
+    gate = FairQueue(bound=8, shared_bound=8)
+    light = [asyncio.ensure_future(gate.enter("light", "s", 10, 1.0, None)) for _ in range(8)]
+    heavy = [asyncio.ensure_future(gate.enter("heavy", "s", 10, 3.0, None)) for _ in range(8)]
+    await turn()
+    # the light key came first and filled the tier; as its requests end, the places go
+    # to the heavy key until the batch is split 1:3 (2 and 6 of 8)
+    for _ in range(12):
+        done = [w for w in light + heavy if w.done() and not w.result().closed]
+        running_light = [w for w in done if w in light]
+        if len(running_light) <= 2:
+            break
+        running_light[0].result().close(5)
+        await turn()
+    assert gate.running["light"] == 2 and gate.running["heavy"] == 6
+    for w in light + heavy:
+        w.cancel()
