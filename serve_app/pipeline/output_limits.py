@@ -24,7 +24,8 @@ def clamp_output(config: AppConfig, inbound: Inbound, caller: Caller) -> None:
     longest = max(config.tier(t).max_context for t in plan.tiers)
     room = max(longest - inbound.prompt_floor(), 1)
     limit = min(cap or room, room)
-    lower_output_limit(inbound.body, limit)
+    if output_limit(inbound.body) is not None:  # none asked (a token count): none set
+        lower_output_limit(inbound.body, limit)
 
 
 def lower_output_limit(body: dict, limit: int) -> None:

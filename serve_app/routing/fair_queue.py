@@ -12,8 +12,9 @@ time is not banked as credit. A lone key is never held while the tier has room
 (work-conserving). The bound is the tier's whole capacity while only one key is active;
 while several are, a request goes only while fewer than `shared_bound` are in flight,
 unless its key has fewer in flight than its share of that (`shared_bound` split over
-the active keys by weight): so a newcomer goes at once, and a swarm's batch shrinks to the shared bound as its
-requests end, which is what another key's time to first token follows. Past its share, a
+the active keys by weight): so a newcomer goes at once, and a swarm's batch shrinks to
+the shared bound as its requests end, which is what another key's time to first token
+follows. Past its share, a
 key also leaves one place free for every other active key with nothing in flight here
 (up to half the shared bound), so an interactive key's next request finds
 room at once instead of waiting for a swarm's request to end. Keys active at the other

@@ -64,6 +64,7 @@ class FakeEngine(Engine):
 
     async def tokenize(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
         self.requests.append(request_id)
+        self.bodies.append(body)
         yield token_count(len(json.dumps(body["messages"])) // 4)
 
     async def start(self) -> None:

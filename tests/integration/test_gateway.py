@@ -265,7 +265,8 @@ def test_a_swarm_of_100_in_one_session_never_passes_its_token_cap(serve_url, adm
     is left), so what the session used, by its usage records, is within the cap."""
     key, key_id = new_key(admin, "enterprise", max_session_tokens=3000)
     headers = {"authorization": f"Bearer {key}", "x-session-id": "swarm-capped"}
-    body = {"model": "kimi-k2.5:standard", "messages": MSG, "max_tokens": 48, "ignore_eos": True}
+    # premium: its one replica (standard would scale out for this, under the next tests)
+    body = {"model": "kimi-k2.5:premium", "messages": MSG, "max_tokens": 48, "ignore_eos": True}
 
     def one(_: int) -> httpx.Response:
         return httpx.post(

@@ -350,15 +350,19 @@ def test_a_session_cap_refuses_the_request_after_it_on_every_router(serve_url, a
         return ingress.replica_states.get("RUNNING", 0) == 2
 
     wait_for("both router replicas running", routers_running, 180, every_s=1)
-    key, key_id = new_key(admin, "enterprise", max_session_tokens=40)
+    key, key_id = new_key(admin, "enterprise", max_session_tokens=600)
     headers = {"authorization": f"Bearer {key}", "x-session-id": "capped"}
     body = {"model": "kimi-k2.5:standard", "input": "hello there", "max_output_tokens": 8}
     body["reasoning"] = INSTANT
-    used = 0
-    while used < 40:  # served until the session has used its cap
+    used, served = 0, 0
+    while True:  # served until what the session has left cannot hold another request
         r = httpx.post(f"{serve_url}/v1/responses", json=body, headers=headers, timeout=120)
+        if r.status_code == 402:
+            break
         assert r.status_code == 200, r.text
-        used += r.json()["usage"]["total_tokens"]
+        used, served = used + r.json()["usage"]["total_tokens"], served + 1
+        assert served < 100, "the cap never refused"
+    assert served >= 2 and used <= 600  # never past the cap
     routers: set[str] = set()
 
     def refused(_: int) -> None:

@@ -63,3 +63,13 @@ async def test_a_prompt_past_every_tiers_context_is_worded_as_each_api_words_it(
     said = err.value.body["message"]
     assert said.startswith(f"This model's maximum context length is {limit} tokens"), said
     assert served.engine.bodies == []  # refused before any engine
+
+
+async def test_a_token_count_is_sent_without_an_output_limit(served: Served):
+    """Counting a prompt generates nothing: no `max_tokens` is set on its way (the
+    Messages API's clamping lowers a limit asked, never adds one)."""
+    counted = await served.claude.messages.count_tokens(
+        model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert counted.input_tokens > 0
+    assert "max_tokens" not in served.engine.bodies[-1]
