@@ -50,11 +50,11 @@ def on_free_ports() -> dict[str, str]:
     """Ray Serve's HAProxy binds its stats and metrics ports (8404, 9101) on every
     interface: moved to free ones for a Ray that may share the machine with another
     (the tests' cluster, the benchmarks), added to what it starts with."""
-    from deployments.ports import free_port
+    from deployments.ports import free_listen_port
 
     return {
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_listen_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_listen_port()),
     }
 
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from deployments.ports import free_port
+from deployments.ports import free_listen_port
 from serve_app.ray_env import LOCAL_AUTH, on_free_ports, ray_env, stop_orphaned_haproxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def serve_url(cluster: object) -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    port = free_port()
+    port = free_listen_port()  # bound by HAProxy once Serve starts
     # One proxy, on the head, as serve_config.yaml says: the "nodes" share one machine, and
     # a worker node's HAProxy would find the head's holding its ports and restart forever.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
