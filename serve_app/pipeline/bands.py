@@ -4,14 +4,7 @@ price and the plan's weight in the fair queue (`config.ServiceTiers`)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from serve_app.config import Band, Plan, Price, ServiceTier
-
-Asked = Literal["auto", "default", "flex", "priority"]  # what OpenAI's APIs accept
-
-# Anthropic's words for the band served (its `usage.service_tier`)
-ANTHROPIC_WORDS: dict[str, str] = {"default": "standard", "flex": "batch", "priority": "priority"}
 
 
 def served_band(asked: str | None, plan: Plan) -> ServiceTier:

@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.api.anthropic.protocol import ANTHROPIC_WORDS
 from serve_app.api.anthropic.to_chat import tool_use_id
 from serve_app.api.common.sse import sse
-from serve_app.pipeline.bands import ANTHROPIC_WORDS
 from serve_app.reasoning.sealing import Sealer
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}

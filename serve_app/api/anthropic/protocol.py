@@ -186,8 +186,10 @@ class CountTokensRequest(Conversation):
     pass
 
 
-# Anthropic's service tier asked for, in OpenAI's words (`pipeline/bands.py`)
+# Anthropic's service tier asked for, in OpenAI's words (`pipeline/bands.py`), and
+# Anthropic's words for the band served (its `usage.service_tier`)
 ANTHROPIC_ASKED = {"auto": "auto", "standard_only": "default"}
+ANTHROPIC_WORDS = {"default": "standard", "flex": "batch", "priority": "priority"}
 
 
 def thinking_omitted(req: Conversation) -> bool:
