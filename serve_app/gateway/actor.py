@@ -34,7 +34,6 @@ from serve_app.gateway.limits import (
     KeyState,
     Limits,
     SessionHold,
-    session_denial,
     session_grant,
 )
 from serve_app.gateway.protocol import (
@@ -198,8 +197,9 @@ class GatewayState:
         assert not isinstance(granted, Denial)
         state.admit(ask.tokens, now)
         max_output, hold = granted
-        session = (caller.key_id, ask.session) if hold is not None and ask.session else None
-        if session is not None and hold is not None:
+        session = None
+        if hold is not None and ask.session is not None:
+            session = (caller.key_id, ask.session)
             self.holds.setdefault(session, SessionHold()).add(hold)
         self.tickets[ticket] = Admitted(caller.key_id, ask.tokens, max_output, session, hold)
         return Admission(ticket, state.headers(now), max_output)
@@ -211,8 +211,6 @@ class GatewayState:
         if ask.session is None or not limits.caps_sessions:
             return None, None
         used = self.keys.session_usage(caller.key_id, ask.session)
-        if (denial := session_denial(limits, *used)) is not None:
-            return denial
         held = self.holds.get((caller.key_id, ask.session), SessionHold())
         return session_grant(limits, *used, held, ask)
 

@@ -145,7 +145,9 @@ def session_grant(
     """Admit a request of a capped session only with the most it can cost held against
     what the caps leave after what the session used and what its requests in flight
     hold: its output limit lowered to fit (None: left as it is), and what it holds; or a
-    refusal where not even its prompt fits."""
+    refusal: the cap used up, or not even its prompt fits, or too many in flight."""
+    if (used_up := session_denial(limits, used_tokens, used_spend)) is not None:
+        return used_up  # said as such: what it used, not what it would hold
     if (cap := limits.max_concurrent_per_session) is not None and held.requests >= cap:
         return Denial(
             429, "session_concurrency_exceeded", f"at most {cap} requests of a session at once", 1.0
