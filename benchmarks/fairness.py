@@ -16,15 +16,19 @@ work 3 s before the swarm lands, its requests counted from then on; and three fr
 premium keys sending one request each into the running swarm: a user arriving into a
 tier the swarm fills, whose first request waits for one of the swarm's to end, as no
 engine preempts a running sequence for a new one); two swarms of two keys of plans
-weighted 1 and 3 (the heavier key's part of the tokens, 0.75 being exact); and two equal
-swarms of different keys side by side (Jain's index of tokens served per 5 s window).
+weighted 1 and 3 (the heavier key's part of the tokens, 0.75 being exact); two equal
+swarms of different keys side by side (Jain's index of tokens served per 5 s window);
+and within one key: an interactive session of the swarm's own key alone, then at work
+3 s before the same key's swarm lands in another session.
 Everything is pinned to one tier. Reported: the victim's TTFT p50/p99 alone and under the
 swarm (and their ratio), the victim's refusals, the swarm's output tokens/s alone and
 with the victim, the queue wait the answers name (`x-kimi-queue-ms`). On each order's app
 (reported for the last): 100 requests of one session sent at once against a session
 token cap, and what the session used past it (the overshoot: the gateway's, not the
 queue's).
-Writes benchmarks/results/fairness.{json,md}.
+Writes benchmarks/results/fairness.{json,md} and two plots: the victim's and the chat
+session's TTFT through the swarm phase, per order (`fairness_ttft_under_swarm.png`), and
+the two equal swarms' tokens per 5 s window (`fairness_two_swarms.png`).
 """
 
 from __future__ import annotations
@@ -174,21 +178,36 @@ def token_times(row: Timed) -> list[float]:
     return [chunks[i * len(chunks) // r.output_tokens] for i in range(r.output_tokens)]
 
 
-def jain(a: list[Timed], b: list[Timed], start: float, end: float, window_s: float = 5.0) -> float:
-    """Jain's index of the two keys' tokens served, averaged over full windows: tokens
-    counted when they reached the client (not when their request ended, which would
-    measure how a batch's requests happen to end together)."""
+def windows(
+    a: list[Timed], b: list[Timed], start: float, end: float, window_s: float = 5.0
+) -> list[tuple[int, int]]:
+    """The two keys' tokens per full window: counted when they reached the client (not
+    when their request ended, which would measure how a batch's requests happen to end
+    together)."""
     ta = [t for r in a for t in token_times(r)]
     tb = [t for r in b for t in token_times(r)]
-    indexes = []
+    out = []
     t = start
     while t + window_s <= end:
         x = sum(1 for v in ta if t <= v < t + window_s)
         y = sum(1 for v in tb if t <= v < t + window_s)
-        if x + y:
-            indexes.append((x + y) ** 2 / (2 * (x * x + y * y)))
+        out.append((x, y))
         t += window_s
+    return out
+
+
+def jain(counts: list[tuple[int, int]]) -> float:
+    """Jain's index of two keys' tokens served, averaged over the windows with any."""
+    indexes = [(x + y) ** 2 / (2 * (x * x + y * y)) for x, y in counts if x + y]
     return sum(indexes) / len(indexes) if indexes else 0.0
+
+
+def series(rows: list[Timed], start: float) -> list[tuple[float, float | None]]:
+    """Each request's send time from `start` (s) and TTFT (ms; None: it failed)."""
+    return [
+        (round(r.sent - start, 3), round(r.result.ttft_s * 1000, 1) if r.result.ok else None)
+        for r in rows
+    ]
 
 
 CAP = 3000  # the session token cap of the burst
@@ -265,8 +284,14 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
             phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm, LEAD_S, fresh)
         )
         under = [r for r in both.victim if r.sent >= both.swarm_from]
+        # within one key: a chat session of the swarm's own key, alone and beside its swarm
+        chat = dataclasses.replace(victim, api_key=swarm_key, headers={"x-session-id": "chat-1"})
+        chat_alone = asyncio.run(phase({"victim": chat}, seconds, swarm))
+        within = asyncio.run(phase({"victim": chat, "swarm": swarm_spec}, seconds, swarm, LEAD_S))
+        chat_under = [r for r in within.victim if r.sent >= within.swarm_from]
         start = time.monotonic()
         pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, seconds, swarm // 2))
+        pair_windows = windows(pair.swarm, pair.other, start, start + pair.wall_s)
         heavy_spec = dataclasses.replace(other_spec, api_key=key("weight3"))
         weighted = asyncio.run(
             phase({"swarm": swarm_spec, "other": heavy_spec}, seconds, swarm // 2)
@@ -282,7 +307,13 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         "swarm_alone_tok_s": tokens_per_s(swarm_alone.swarm, swarm_alone.wall_s),
         "swarm_with_victim_tok_s": tokens_per_s(both.swarm, both.wall_s),
         "swarm_errors": sum(1 for r in both.swarm + swarm_alone.swarm if not r.result.ok),
-        "jain_two_swarms": jain(pair.swarm, pair.other, start, start + pair.wall_s),
+        "session_alone": ttft(chat_alone.victim),
+        "session_under_own_swarm": ttft(chat_under),
+        "session_refused": sum(1 for r in chat_under if r.result.status not in (0, 200)),
+        "jain_two_swarms": jain(pair_windows),
+        "two_swarms_windows": pair_windows,
+        "victim_series": series(under, both.swarm_from),
+        "session_series": series(chat_under, within.swarm_from),
         # weights 1:3: the heavier key's part of the tokens (0.75 is exact)
         "weight3_share": share_of(weighted.swarm, weighted.other, w_from, w_from + weighted.wall_s),
     }
@@ -313,6 +344,23 @@ def markdown(report: dict[str, Any]) -> str:
             f" {r['swarm_alone_tok_s']:.0f} | {r['swarm_with_victim_tok_s']:.0f} |"
             f" {r['jain_two_swarms']:.3f} | {r['weight3_share']:.2f} |"
         )
+    lines += [
+        "",
+        "Within one key: a chat session of the swarm's own key, alone and while the key's"
+        " 100-request swarm runs in another session (the chat at work before it lands).",
+        "",
+        "| order | chat TTFT p50 / p99 alone (ms) | beside its key's swarm (ms) | p99 ratio |"
+        " refused |",
+        "|---|---|---|---|---|",
+    ]
+    for order, r in report["orders"].items():
+        a, u = r["session_alone"], r["session_under_own_swarm"]
+        ratio = u["p99_ms"] / a["p99_ms"] if a["p99_ms"] else float("nan")
+        lines.append(
+            f"| {order} | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} | {u['p50_ms']:.0f} /"
+            f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x |"
+            f" {r['session_refused']} |"
+        )
     orders = report["orders"]
     capped = list(orders.values())[-1].get("session_cap")
     if capped:
@@ -328,6 +376,55 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Work conservation: the swarm alone under `fair` gets {share:.2f}x its"
                   " tokens/s under `off`."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out: str) -> list[str]:
+    """TTFT through the swarm phase per order, and the two swarms' tokens per window."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, field_, title in (
+        (axes[0], "victim_series", "another key (victim)"),
+        (axes[1], "session_series", "the swarm's own key, another session"),
+    ):
+        for order, r in report["orders"].items():
+            points = [(t, v) for t, v in r.get(field_, []) if v is not None]
+            ax.plot([t for t, _ in points], [v for _, v in points], marker="o", ms=3, label=order)
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds since the swarm landed")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("TTFT (ms)")
+    fig.suptitle(f"Interactive TTFT under a swarm ({report['tier']})")
+    fig.tight_layout()
+    name = f"{out}_ttft_under_swarm.png"
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
+    made.append(name)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for order, r in report["orders"].items():
+        shares = [y / (x + y) for x, y in r.get("two_swarms_windows", []) if x + y]
+        ax.plot(range(1, len(shares) + 1), shares, marker="o", label=order)
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("5 s window")
+    ax.set_ylabel("second key's part of the tokens")
+    ax.set_title(f"Two equal swarms ({report['tier']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    name = f"{out}_two_swarms.png"
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
+    made.append(name)
+    return made
 
 
 def main() -> None:
@@ -360,7 +457,10 @@ def main() -> None:
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"{args.out}.md").write_text(markdown(report))
+    made = plots(report, args.out)
+    (RESULTS / f"{args.out}.md").write_text(
+        markdown(report) + "".join(f"\n![{name}]({name})\n" for name in made)
+    )
     print(markdown(report))
 
 

@@ -13,6 +13,7 @@ half second; entries of replicas that stop reporting age out.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Sequence
 
@@ -41,6 +42,8 @@ class TierLoad(EngineLoad):
     queued: int = 0  # requests waiting at the routers for this tier (their fair queues)
     # keys that asked any router for this tier lately: for the routers, not for display
     active_keys: list[str] = Field(default_factory=list, exclude=True)
+    # and the sessions of keys with several active (a key's places are split over them)
+    active_sessions: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
 
 
 class RouterReport(BaseModel):
@@ -48,6 +51,7 @@ class RouterReport(BaseModel):
 
     queued: dict[str, int] = Field(default_factory=dict)
     active_keys: dict[str, list[str]] = Field(default_factory=dict)
+    active_sessions: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
 
 
 def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
@@ -93,6 +97,13 @@ class LoadBoard:
             keys.update(r.active_keys.get(tier, ())[:MAX_ACTIVE_KEYS])
         return sorted(keys)
 
+    def active_sessions(self, tier: str, now: float) -> dict[str, list[str]]:
+        sessions: dict[str, set[str]] = collections.defaultdict(set)
+        for r in self._fresh(now):
+            for key, named in list(r.active_sessions.get(tier, {}).items())[:MAX_ACTIVE_KEYS]:
+                sessions[key].update(named[:MAX_ACTIVE_KEYS])
+        return {key: sorted(named) for key, named in sessions.items()}
+
     def forget(self, tier: str, replica: str) -> None:
         self._reports.get(tier, {}).pop(replica, None)
 
@@ -115,6 +126,7 @@ class LoadBoard:
                 routers = {
                     "queued": self.queued(tier, now),
                     "active_keys": self.active_keys(tier, now),
+                    "active_sessions": self.active_sessions(tier, now),
                 }
                 out[tier] = aggregate(members).model_copy(update=routers)
         return out

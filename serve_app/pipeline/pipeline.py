@@ -169,8 +169,12 @@ class Pipeline:
                 self.gates.resize(
                     name, load.capacity, load.replicas, share.shared_in_flight, share.max_queued
                 )
-                self.gates.gate(name).elsewhere = frozenset(load.active_keys)
-                self.metrics.queues.waiting.set(self.gates.gate(name).queued, {"tier": name})
+                gate = self.gates.gate(name)
+                gate.elsewhere = frozenset(load.active_keys)
+                gate.sessions_elsewhere = {
+                    key: frozenset(named) for key, named in load.active_sessions.items()
+                }
+                self.metrics.queues.waiting.set(gate.queued, {"tier": name})
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
         if self.unsettled and (self._resettling is None or self._resettling.done()):
@@ -180,7 +184,11 @@ class Pipeline:
         """What this router's fair queues hold, for the load board."""
         if self.gates is None:
             return RouterReport()
-        return RouterReport(queued=self.gates.queued(), active_keys=self.gates.active_keys())
+        return RouterReport(
+            queued=self.gates.queued(),
+            active_keys=self.gates.active_keys(),
+            active_sessions=self.gates.active_sessions(),
+        )
 
     def _live(self) -> Live:
         """What tier choice sees: the engines' figures, what waits at the routers for a

@@ -17,7 +17,10 @@ the shared bound as its requests end, which is what another key's time to first 
 follows. Past its share, a
 key also leaves one place free for every other active key with nothing in flight here
 (up to half the shared bound), so an interactive key's next request finds
-room at once instead of waiting for a swarm's request to end. Keys active at the other
+room at once instead of waiting for a swarm's request to end. Within a key the same rule
+holds one level down: past its part of the key's places, a session leaves one place for
+every other active session of the key with nothing in flight, so a chat beside the same
+key's swarm is not queued behind it either. Keys and sessions active at the other
 routers (the load board says which) count as active here too.
 
 Pure asyncio, one instance per tier per ingress replica (docs/routing.md argues the
@@ -120,10 +123,16 @@ class FairQueue:
         self.seen: dict[str, float] = {}  # when each key last asked (active keys stay)
         self.weights: dict[str, float] = {}  # each seen key's weight, as it last asked
         self.elsewhere: frozenset[str] = frozenset()  # keys active at the other routers
+        # each key's sessions: when each last asked here, and those active at the others
+        self.session_seen: dict[str, dict[str, float]] = collections.defaultdict(dict)
+        self.sessions_elsewhere: dict[str, frozenset[str]] = {}
         self._pruned_at = 0.0
         self.fair = fair  # False: first come, first served (the baseline it is measured by)
         self.in_flight = 0
         self.running: collections.Counter[str] = collections.Counter()  # in flight, per key
+        self.running_in: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )  # in flight, per key and session
         self.keys = Counters()
         self.sessions: dict[str, Counters] = collections.defaultdict(Counters)
         # waiting requests, per key and session, oldest first
@@ -138,14 +147,14 @@ class FairQueue:
         """Wait for the tier (at once where it has room and nobody waits); the slot to
         close when the request ends. `QueueTimeout` past `timeout_s`."""
         session = session or ""
-        self.seen[key] = time.monotonic()
+        self.seen[key] = self.session_seen[key][session] = time.monotonic()
         self.weights[key] = weight
         if self.queued >= self.max_queued:
             self._refuse_if_over_share(key)
         self.keys.arrive(key)
         self.sessions[key].arrive(session)
         started = time.monotonic()
-        if not self.waiting and self._may_go(key, self.active_keys()):
+        if not self.waiting and self._may_go(key, session, self.active_keys()):
             self._go(key, session, tokens, weight)
             return Slot(self, key, session, weight, 0.0)
         waiter = Waiter(
@@ -191,6 +200,12 @@ class FairQueue:
         self.running[slot.key] -= 1
         if self.running[slot.key] <= 0:
             del self.running[slot.key]
+        running = self.running_in[slot.key]
+        running[slot.session] -= 1
+        if running[slot.session] <= 0:
+            del running[slot.session]
+            if not running:
+                del self.running_in[slot.key]
         self.keys.charge(slot.key, 2 * output_tokens / slot.weight)
         self.sessions[slot.key].charge(slot.session, 2 * output_tokens)
         self.keys.leave(slot.key)
@@ -217,7 +232,24 @@ class FairQueue:
                 if key not in self.keys.active:
                     del self.seen[key]
                     self.weights.pop(key, None)
+            for key, seen in list(self.session_seen.items()):
+                busy = self.sessions[key].active if key in self.sessions else {}
+                for session in [s for s, at in seen.items() if at < horizon]:
+                    if session not in busy:
+                        del seen[session]
+                if not seen:
+                    del self.session_seen[key]
         return set(self.seen)
+
+    def active_sessions(self, key: str) -> set[str]:
+        """The sessions of `key` active here (as keys are: lately or now) or elsewhere."""
+        return set(self.session_seen.get(key, ())) | self.sessions_elsewhere.get(key, frozenset())
+
+    def local_sessions(self) -> dict[str, list[str]]:
+        """Each key's sessions active here, for keys with more than one (only those
+        are split)."""
+        self.local_keys()  # prunes
+        return {k: sorted(s) for k, s in self.session_seen.items() if len(s) > 1}
 
     def limit(self, active: int) -> int:
         """The bound now: the tier's capacity while one key is active, the shared bound
@@ -236,13 +268,32 @@ class FairQueue:
         idle = sum(1 for k in active if k != key and not self.running[k])
         return min(idle, self.shared_bound // 2)
 
-    def _may_go(self, key: str, active: set[str]) -> bool:
-        if self.in_flight >= self.bound:
-            return False
+    def _may_go(self, key: str, session: str, active: set[str]) -> bool:
+        free = self._free(key, active)
+        return free > 0 and free > self._held_in(key, session, free)
+
+    def _free(self, key: str, active: set[str]) -> int:
+        """The places `key` may take now (0: none)."""
+        free = self.bound - self.in_flight
         n = len(active)
-        if n <= 1 or self.running[key] < self.share(key, active):
-            return True
-        return self.in_flight + self.held(key, active) < self.limit(n)
+        if free <= 0 or n <= 1:
+            return free
+        past_share = self.limit(n) - self.in_flight - self.held(key, active)
+        return min(free, max(self.share(key, active) - self.running[key], past_share))
+
+    def _held_in(self, key: str, session: str, free: int) -> int:
+        """Of a key's `free` places, those kept from `session` past its part of them:
+        one for each other active session of the key with nothing in flight here, at
+        most half. A session within its part is kept none."""
+        sessions = self.active_sessions(key)
+        if len(sessions) <= 1:
+            return 0
+        running = self.running_in.get(key, collections.Counter())
+        places = self.running[key] + free
+        if running[session] < max(1, places // len(sessions)):
+            return 0
+        idle = sum(1 for s in sessions if s != session and not running[s])
+        return min(idle, places // 2)
 
     def wake(self) -> None:
         """Let waiters through after the bound grew."""
@@ -257,6 +308,7 @@ class FairQueue:
     def _go(self, key: str, session: str, tokens: int, weight: float) -> None:
         self.in_flight += 1
         self.running[key] += 1
+        self.running_in[key][session] += 1
         self.keys.charge(key, tokens / weight)
         self.sessions[key].charge(session, tokens)
 
@@ -269,18 +321,22 @@ class FairQueue:
     def _next(self) -> Waiter | None:
         """The next to go, or None while none may."""
         active = self.active_keys()
-        ready = [k for k in self.waiting if self._may_go(k, active)]
+        ready: dict[str, list[str]] = {}  # the sessions that may go, per key
+        for key, sessions in self.waiting.items():
+            free = self._free(key, active)
+            if free > 0 and (may := [s for s in sessions if free > self._held_in(key, s, free)]):
+                ready[key] = may
         if not ready:
             return None
         if not self.fair:
-            waiting = (w for k in ready for q in self.waiting[k].values() for w in q)
+            waiting = (w for k, ss in ready.items() for s in ss for w in self.waiting[k][s])
             return min(waiting, key=lambda w: w.order)
         served = self.keys.served
         # a newcomer lifted to the least counter ties with it: fewer in flight goes first
         key = min(ready, key=lambda k: (served[k], self.running[k], self._oldest(k)))
         by_session = self.sessions[key].served
         sessions = self.waiting[key]
-        session = min(sessions, key=lambda s: (by_session[s], sessions[s][0].order))
+        session = min(ready[key], key=lambda s: (by_session[s], sessions[s][0].order))
         return sessions[session][0]
 
     def _oldest(self, key: str) -> int:
@@ -332,6 +388,10 @@ class TierGates:
         return {
             tier: sorted(keys) for tier, gate in self.gates.items() if (keys := gate.local_keys())
         }
+
+    def active_sessions(self) -> dict[str, dict[str, list[str]]]:
+        """Per tier, the sessions of each key with several active here lately."""
+        return {tier: s for tier, gate in self.gates.items() if (s := gate.local_sessions())}
 
 
 UNBOUNDED = 1 << 30

@@ -67,6 +67,42 @@ async def test_within_a_key_an_interactive_session_goes_before_the_swarm_session
     assert chat.done() and not any(s.done() for s in swarm)
 
 
+async def test_a_keys_swarm_session_leaves_a_place_for_its_idle_chat_session():
+    gate = FairQueue(bound=4, shared_bound=2)
+    chat = await gate.enter("key", "chat", 10, 1.0, None)
+    chat.close(2)  # the chat is idle now, but active
+    swarm = [asyncio.ensure_future(gate.enter("key", "swarm", 10, 1.0, None)) for _ in range(6)]
+    await turn()
+    assert gate.in_flight == 3  # one place of the key's four kept for the chat
+    again = await gate.enter("key", "chat", 10, 1.0, None)
+    assert again.waited_s == 0.0
+    again.close(2)
+    for s in swarm[:3]:
+        (await s).close(5)
+    await turn()
+    assert sum(s.done() for s in swarm) == 6 and gate.in_flight == 3
+
+
+async def test_a_session_active_at_another_router_is_kept_a_place_here():
+    gate = FairQueue(bound=4, shared_bound=4)
+    gate.sessions_elsewhere = {"key": frozenset({"chat", "swarm"})}
+    swarm = [asyncio.ensure_future(gate.enter("key", "swarm", 10, 1.0, None)) for _ in range(6)]
+    await turn()
+    assert sum(s.done() for s in swarm) == 3
+    chat = await gate.enter("key", "chat", 10, 1.0, None)
+    assert chat.waited_s == 0.0
+
+
+async def test_a_key_with_one_session_keeps_no_place_back():
+    gate = FairQueue(bound=4, shared_bound=2)
+    first = await gate.enter("key", "swarm", 10, 1.0, None)
+    first.close(2)
+    swarm = [asyncio.ensure_future(gate.enter("key", "swarm", 10, 1.0, None)) for _ in range(6)]
+    await turn()
+    assert gate.in_flight == 4 and sum(s.done() for s in swarm) == 4
+    assert gate.local_sessions() == {}
+
+
 async def test_a_newcomer_goes_at_once_and_the_swarm_shrinks_to_the_shared_bound():
     gate = FairQueue(bound=8, shared_bound=2)
     swarm = [await gate.enter("swarm", None, 10, 1.0, None) for _ in range(6)]

@@ -96,6 +96,19 @@ def test_every_router_hears_which_keys_are_active_at_the_others():
     assert "active_keys" not in seen["premium"].model_dump()  # key ids are not for display
 
 
+def test_the_board_merges_each_keys_active_sessions_from_the_routers():
+    from deployments.scheduling.loadboard import LoadBoard, RouterReport
+
+    board = LoadBoard.__ray_actor_class__()
+    board.report("premium", ReplicaLoad(replica="r1", capacity=4))
+    board.snapshot("router-1", RouterReport(active_sessions={"premium": {"k": ["chat", "swarm"]}}))
+    seen = board.snapshot(
+        "router-2", RouterReport(active_sessions={"premium": {"k": ["swarm", "sub-1"]}})
+    )
+    assert seen["premium"].active_sessions == {"k": ["chat", "sub-1", "swarm"]}
+    assert "active_sessions" not in seen["premium"].model_dump()
+
+
 def test_aggregate_sums_healthy_replicas():
     members = [
         ReplicaLoad(replica="a", running=2, waiting=1, capacity=4, kv_cache_usage=0.2),
