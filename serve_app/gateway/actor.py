@@ -29,6 +29,7 @@ from deployments.protocol import Endpoint
 from serve_app.config import Plan
 from serve_app.gateway.console_signins import SignIns
 from serve_app.gateway.keys import KeyStore, UsageRow
+from serve_app.gateway.leases import LOST, Lease, LeaseBook, Renewal
 from serve_app.gateway.limits import (
     Ask,
     KeyState,
@@ -105,6 +106,11 @@ class GatewayState:
         # per (key id, session): what its requests in flight may still cost at most
         self.holds: dict[tuple[str, str], SessionHold] = {}
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.leases = LeaseBook()
+        self.lapsed = metrics.Counter(
+            "kimi_leases_lapsed",
+            "requests settled by the gateway because the router serving them was lost",
+        )
         self.duplicates = metrics.Counter(
             "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
         )
@@ -136,6 +142,7 @@ class GatewayState:
         while True:
             # a failing disk is retried every second: recovery is automatic and quick
             await asyncio.sleep(1.0 if self.fault else self.flush_interval_s)
+            await self._settle_lapsed()
             self.meter.heal()
             self._write_totals()
             self.degraded.set(1 if self.fault else 0)
@@ -175,9 +182,11 @@ class GatewayState:
             state.month_tokens, state.month_spend = self.keys.month_usage(caller.key_id, month)
         return state
 
-    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial:
+    async def admit(
+        self, caller: Caller, ask: Ask, ticket: str, lease: Lease | None = None
+    ) -> Admission | Denial:
         """Admit one request under `ticket` (the caller's; asked again, the same
-        admission, so a retried call admits once)."""
+        admission, so a retried call admits once), leased to its router if `lease`."""
         self._start_flusher()
         now = time.time()
         state = self._state(caller, now)
@@ -202,6 +211,8 @@ class GatewayState:
             session = (caller.key_id, ask.session)
             self.holds.setdefault(session, SessionHold()).add(hold)
         self.tickets[ticket] = Admitted(caller.key_id, ask.tokens, max_output, session, hold)
+        if lease is not None:
+            self.leases.open(ticket, lease)
         return Admission(ticket, state.headers(now), max_output)
 
     def _session_grant(
@@ -223,6 +234,7 @@ class GatewayState:
         if record is not None and (record.request_id, record.time) in self.meter.recovered:
             return  # the previous gateway process metered it, then died before answering
         self.settled[ticket] = None
+        self.leases.close(ticket)
         if len(self.settled) > SETTLED_KEPT:
             self.settled.popitem(last=False)
         admitted = self.tickets.pop(ticket, None)
@@ -245,6 +257,20 @@ class GatewayState:
             # held until what it used is in the session's total, never neither
             if admitted is not None:
                 self._release(admitted)
+
+    async def renew(self, renewal: Renewal) -> list[str]:
+        """A router's open requests renewed; those to send again (`LeaseBook.renew`)."""
+        self._start_flusher()
+        return self.leases.renew(renewal, self.settled)
+
+    async def _settle_lapsed(self) -> None:
+        for ticket, record in self.leases.lapsed():
+            log.warning("settling %s: %s", record.request_id, LOST)
+            self.lapsed.inc()
+            try:
+                await self.settle(ticket, record)
+            except Exception:  # the next record is still settled; this one is logged
+                log.exception("settling %s of a lost router failed", record.request_id)
 
     def _release(self, admitted: Admitted) -> None:
         if admitted.session is None or admitted.hold is None:

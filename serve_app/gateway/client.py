@@ -18,7 +18,9 @@ from serve_app.gateway.protocol import (
     Denial,
     KeyAccount,
     KeyInfo,
+    Lease,
     NewKey,
+    Renewal,
     StorageFault,
     UsageRecord,
 )
@@ -54,11 +56,16 @@ class GatewayClient:
     async def authenticate(self, key: str) -> Caller | Denial:
         return await self._call(lambda a: a.authenticate.remote(key))
 
-    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial:
-        return await self._call(lambda a: a.admit.remote(caller, ask, ticket))
+    async def admit(
+        self, caller: Caller, ask: Ask, ticket: str, lease: Lease | None = None
+    ) -> Admission | Denial:
+        return await self._call(lambda a: a.admit.remote(caller, ask, ticket, lease))
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         await self._call(lambda a: a.settle.remote(ticket, record))
+
+    async def renew(self, renewal: Renewal) -> list[str]:
+        return await self._call(lambda a: a.renew.remote(renewal))
 
     async def create_key(self, spec: NewKey) -> tuple[str, KeyInfo]:
         return unless_fault(refused(await self._call(lambda a: a.create_key.remote(spec))))

@@ -10,11 +10,13 @@ from typing import Protocol
 
 from serve_app.actors import ActorUnavailable
 from serve_app.gateway.keys import KeyInfo, KeyOverrides, NewKey, hash_key, ours, split_key
+from serve_app.gateway.leases import LOST, Lease, Progress, Renewal
 from serve_app.gateway.limits import Ask, Denial, Limits
 from serve_app.gateway.usage_records import RequestLabels, UsageRecord, billable
 
 __all__ = [
     "ANONYMOUS",
+    "LOST",
     "OPERATOR",
     "Admission",
     "Ask",
@@ -26,8 +28,11 @@ __all__ = [
     "KeyAccount",
     "KeyInfo",
     "KeyOverrides",
+    "Lease",
     "NewKey",
+    "Progress",
     "ReasoningKeeper",
+    "Renewal",
     "RequestLabels",
     "SignIns",
     "StorageFault",
@@ -74,13 +79,19 @@ class KeyAccount:
 
 class Gateway(Protocol):
     """The request path: who asks, may it run, what it used. Admission and settlement
-    are idempotent by ticket, so a retried call never admits or meters twice."""
+    are idempotent by ticket, so a retried call never admits or meters twice. An
+    admission with a `Lease` is settled by the gateway from its draft if its router
+    stops renewing it (`gateway/leases.py`)."""
 
     async def authenticate(self, key: str) -> Caller | Denial: ...
 
-    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial: ...
+    async def admit(
+        self, caller: Caller, ask: Ask, ticket: str, lease: Lease | None = None
+    ) -> Admission | Denial: ...
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None: ...
+
+    async def renew(self, renewal: Renewal) -> list[str]: ...
 
 
 class GatewayAdmin(Gateway, Protocol):

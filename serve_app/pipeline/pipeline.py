@@ -44,12 +44,14 @@ from serve_app.gateway.protocol import (
     Gateway,
     GatewayUnavailable,
     KeyOverrides,
+    Lease,
     RequestLabels,
     UsageRecord,
     ours,
 )
 from serve_app.pipeline.bands import served_band
 from serve_app.pipeline.media import prepare_images
+from serve_app.pipeline.open_requests import OpenRequests
 from serve_app.pipeline.output_limits import (
     clamp_output,
     fill_output_limit,
@@ -153,6 +155,8 @@ class Pipeline:
         # records the gateway could not take yet (it was restarting), oldest first
         self.unsettled: collections.deque[tuple[str, UsageRecord]] = collections.deque()
         self._resettling: asyncio.Task[None] | None = None
+        self.open = OpenRequests(replica)  # leased to the gateway until settled
+        self._renewing: asyncio.Task[None] | None = None
         self.tracer = tracing.tracer("kimi-router")
         order = config.router.fair_queue
         self.gates = None if order == "off" else TierGates(order, r.num_replicas)
@@ -179,6 +183,8 @@ class Pipeline:
             log.warning("settled %d streams whose response never started", reaped)
         if self.unsettled and (self._resettling is None or self._resettling.done()):
             self._resettling = asyncio.create_task(self._resettle())
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self.open.renew(self.gateway))
 
     def queue_report(self) -> RouterReport:
         """What this router's fair queues hold, for the load board."""
@@ -221,7 +227,10 @@ class Pipeline:
         else:
             refuse_past_cap(self.config, inbound, caller)
         route = self._route(inbound, caller)
-        return self._context(inbound, route, await self._admit(inbound, route))
+        meter = self._meter(inbound, route)
+        admission = await self._admit(inbound, route, self.open.lease(meter))
+        self.open.add(admission.ticket, meter)
+        return self._context(inbound, route, admission, meter)
 
     async def withdraw(self, ctx: RequestContext, status: int, reason: str) -> None:
         """Settle an admitted request that will not be served: its record says why,
@@ -304,7 +313,7 @@ class Pipeline:
             self.config.service_tiers.band(band),
         )
 
-    async def _admit(self, inbound: Inbound, route: Route) -> Admission:
+    async def _admit(self, inbound: Inbound, route: Route, lease: Lease) -> Admission:
         default = self.config.gateway.default_output_estimate
         out_est = fill_output_limit(inbound, route.plan, route.caller, default)
         prompt_est = inbound.prompt_estimate()  # settled with the real count
@@ -325,7 +334,7 @@ class Pipeline:
             )
         try:
             admission = await self.calls.call(
-                lambda: self.gateway.admit(route.caller, ask, ticket),
+                lambda: self.gateway.admit(route.caller, ask, ticket, lease),
                 on_abandon=self._give_back,
             )
         except GatewayUnavailable:
@@ -336,7 +345,7 @@ class Pipeline:
             lower_output_limit(inbound.body, admission.max_output)
         return admission
 
-    def _context(self, inbound: Inbound, route: Route, admission: Admission) -> RequestContext:
+    def _meter(self, inbound: Inbound, route: Route) -> RequestMeter:
         tier, caller = route.tier, route.caller
         labels = RequestLabels(
             request_id=inbound.request_id,
@@ -351,6 +360,12 @@ class Pipeline:
             session_id=session_of(inbound),
             service_tier=route.band,
         )
+        return RequestMeter(labels=labels, price=price_of(inbound, tier, route.terms))
+
+    def _context(
+        self, inbound: Inbound, route: Route, admission: Admission, meter: RequestMeter
+    ) -> RequestContext:
+        tier, caller = route.tier, route.caller
         # Ray Serve's HTTP ingress echoes x-request-id (ours comes from it): not repeated.
         headers = {
             "x-kimi-tier": tier.name,
@@ -369,7 +384,7 @@ class Pipeline:
             inbound=inbound,
             route=route,
             tier=tier,
-            meter=RequestMeter(labels=labels, price=price_of(inbound, tier, route.terms)),
+            meter=meter,
             admission=admission,
             headers=headers,
             timeout_s=caller.overrides.request_timeout_s or route.plan.request_timeout_s,
@@ -534,6 +549,7 @@ class Pipeline:
 
     async def _settle(self, ctx: RequestContext, record: UsageRecord) -> None:
         ctx.settled = True
+        self.open.close(ctx.admission.ticket)
         ctx.leave_queue(record.completion_tokens)
         self.metrics.observe(record)
         if record.ttft_ms is not None:

@@ -11,6 +11,7 @@ from serve_app.cli import app_args
 from serve_app.config import load_config
 from serve_app.gateway.actor import plan_limits
 from serve_app.gateway.console_signins import SignIns
+from serve_app.gateway.leases import LeaseBook
 from serve_app.gateway.limits import KeyState
 from serve_app.gateway.protocol import (
     Admission,
@@ -19,6 +20,8 @@ from serve_app.gateway.protocol import (
     Denial,
     GatewayUnavailable,
     KeyOverrides,
+    Lease,
+    Renewal,
     UsageRecord,
 )
 from serve_app.reasoning.memory import ReasoningMemory
@@ -39,6 +42,7 @@ class FakeGateway:
         self.sessions: list[str | None] = []  # the session each admission named
         self.asks: list[Ask] = []
         self.max_output: int | None = None  # what admissions lower the output limit to
+        self.leases = LeaseBook()  # the real book: `lapsed()` settles a lost router's
 
     def _away(self, call: str) -> None:
         if call in self.down:
@@ -48,7 +52,9 @@ class FakeGateway:
         self._away("authenticate")
         return self.caller if key == KEY else Denial(401, "invalid_api_key", "no such key")
 
-    async def admit(self, caller: Caller, ask: Ask, ticket: str) -> Admission | Denial:
+    async def admit(
+        self, caller: Caller, ask: Ask, ticket: str, lease: Lease | None = None
+    ) -> Admission | Denial:
         self._away("admit")
         self.sessions.append(ask.session)
         self.asks.append(ask)
@@ -57,15 +63,22 @@ class FakeGateway:
             return denial
         self.state.admit(ask.tokens, time.time())
         self.tickets[ticket] = ask.tokens
+        if lease is not None:
+            self.leases.open(ticket, lease)
         return Admission(ticket, {}, self.max_output)
 
     async def settle(self, ticket: str, record: UsageRecord | None) -> None:
         self._away("settle")
+        self.leases.close(ticket)
         est = self.tickets.pop(ticket)
         tokens = record.prompt_tokens + record.completion_tokens if record else 0
         self.state.settle(est, tokens, record.cost_usd if record else 0.0, time.time())
         if record is not None:
             self.records.append(record)
+
+    async def renew(self, renewal: Renewal) -> list[str]:
+        self._away("renew")
+        return self.leases.renew(renewal, ())
 
 
 class InMemoryReasoning:
