@@ -178,6 +178,12 @@ class RouterSettings(BaseModel):
         False,
         description="honour x-kimi-routing-strategy per request (benchmarks compare baselines)",
     )
+    trusted_proxies: list[str] = Field(
+        ["127.0.0.0/8", "::1/128"],
+        description="networks whose X-Forwarded-For is believed: the client's address (for"
+        " throttling credential guesses) is the last one not in them. Put your load"
+        " balancer's here; Ray's HAProxy adds no X-Forwarded-For of its own",
+    )
 
 
 class GatewaySettings(BaseModel):

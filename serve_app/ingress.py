@@ -8,6 +8,7 @@ background, and registers the routes; each route hands its request to an adapter
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any
 
@@ -15,7 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.scheduling.loadboard import TierLoad, board
-from serve_app.api.admin import ADMIN, AdminAPI
+from serve_app.api.admin import ADMIN, AdminAPI, Doorman
 from serve_app.api.anthropic.routes import ANTHROPIC, AnthropicAPI
 from serve_app.api.common.app import api_app
 from serve_app.api.console.pages import CONSOLE, ConsoleAPI
@@ -27,7 +28,13 @@ from serve_app.api.responses.routes import RESPONSES, ResponsesAPI
 from serve_app.api.usage import USAGE, UsageAPI
 from serve_app.api.webhooks import WEBHOOKS, WebhookEndpointsAPI
 from serve_app.config import AppConfig, state_dir
-from serve_app.gateway.client import GatewayClient, ReasoningClient, SignInsClient, connect_gateway
+from serve_app.gateway.client import (
+    GatewayClient,
+    GuardClient,
+    ReasoningClient,
+    SignInsClient,
+    connect_gateway,
+)
 from serve_app.pipeline.pipeline import Pipeline
 from serve_app.pipeline.telemetry import IngressMetrics
 from serve_app.reasoning.sealing import deployment_sealer
@@ -63,7 +70,9 @@ class Ingress:
         self.pipeline = Pipeline(self.config, RayTiers(tiers), gateway, replica, IngressMetrics())
         sealer = deployment_sealer(root)
         store = connect_store(root, self.config.sessions, gw.restart_wait_s)
-        admin = AdminAPI(gateway, store, gw.admin_token_env, router.max_body_bytes)
+        trusted = [ipaddress.ip_network(n) for n in router.trusted_proxies]
+        doorman = Doorman(GuardClient(calls), trusted)
+        admin = AdminAPI(gateway, store, gw.admin_token_env, router.max_body_bytes, doorman)
         self.scaling = ScalingEvents()
         adapters: list[Any] = [
             OpenAIAPI(self.pipeline, self.config, ReasoningClient(calls)),
@@ -78,7 +87,7 @@ class Ingress:
                 admin.check_key,
             ),
             UsageAPI(self.pipeline, gateway),
-            OpsAPI(self.config, self._snapshot, gateway.health, admin.is_admin),
+            OpsAPI(self.config, self._snapshot, gateway.health, admin.operator),
             admin,
             ConsoleAPI(
                 self.config,

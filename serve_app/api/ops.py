@@ -9,7 +9,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from deployments.scheduling.loadboard import TierLoad
-from serve_app.api.common.http import bearer
 from serve_app.api.common.routes import ApiFamily, get
 from serve_app.config import AppConfig
 
@@ -23,7 +22,7 @@ class OpsAPI:
         config: AppConfig,
         snapshot: Snapshot,
         fault: Fault,
-        is_operator: Callable[[str], bool],
+        is_operator: Callable[[Request], Awaitable[bool]],
     ) -> None:
         self.config = config
         self.snapshot = snapshot
@@ -64,9 +63,7 @@ class OpsAPI:
         deployment requires keys, replica and node ids are for operators (the admin
         credential as bearer); anyone else learns only whether each tier can serve."""
         loads = await self.snapshot()
-        detail = self.config.router.anonymous_plan is not None or self.is_operator(
-            bearer(request) or ""
-        )
+        detail = self.config.router.anonymous_plan is not None or await self.is_operator(request)
         tiers: dict[str, Any] = {}
         for t in self.config.tiers:
             load = loads.get(t.name)

@@ -47,6 +47,7 @@ from serve_app.gateway.protocol import (
     NewKey,
     StorageFault,
 )
+from serve_app.gateway.throttle import Throttle
 from serve_app.gateway.usage_log import MeterWriter
 from serve_app.gateway.usage_query import recent_usage, usage_summary
 from serve_app.gateway.usage_records import UsageRecord
@@ -100,13 +101,24 @@ class GatewayState:
         self.flush_interval_s = flush_interval_s
         self.plans = {name: Plan.model_validate(p) for name, p in plans.items()}
         self.states: dict[str, KeyState] = {}
-        self.signins = SignIns()
+        self.signins = SignIns(self.root / "signins.db")
         self.reasoning = ReasoningMemory()
         self.tickets: dict[str, Admitted] = {}
         # per (key id, session): what its requests in flight may still cost at most
         self.holds: dict[tuple[str, str], SessionHold] = {}
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.leases = LeaseBook()
+        self.throttle = Throttle()
+        self.guessing = metrics.Counter(
+            "kimi_credential_failures",
+            "failed admin-credential and console sign-in attempts",
+            tag_keys=("scope",),
+        )
+        self.guessing_refused = metrics.Counter(
+            "kimi_credential_throttled",
+            "credential attempts refused unchecked (429) while their address waits",
+            tag_keys=("scope",),
+        )
         self.lapsed = metrics.Counter(
             "kimi_leases_lapsed",
             "requests settled by the gateway because the router serving them was lost",
@@ -353,7 +365,8 @@ class GatewayState:
         return stored(self.keys.list)
 
     def revoke_key(self, key_id: str) -> bool | StorageFault:
-        self.signins.end_subject(key_id)
+        if isinstance(ended := stored(lambda: self.signins.end_subject(key_id)), StorageFault):
+            return ended
         self.reasoning.forget(key_id)
         return stored(lambda: self.keys.revoke(key_id))
 
@@ -394,14 +407,31 @@ class GatewayState:
     def recall_reasoning(self, key_id: str, turns: list[str]) -> dict[str, str]:
         return self.reasoning.recall(key_id, turns)
 
-    def open_signin(self, subject: str, ttl_s: float) -> str:
-        return self.signins.open(subject, ttl_s)
+    def open_signin(self, subject: str, ttl_s: float) -> str | StorageFault:
+        return stored(lambda: self.signins.open(subject, ttl_s))
 
-    def signin_subject(self, token: str) -> str | None:
-        return self.signins.subject(token)
+    def signin_subject(self, token: str) -> str | StorageFault | None:
+        return stored(lambda: self.signins.subject(token))
 
-    def close_signin(self, token: str) -> None:
-        self.signins.close(token)
+    def close_signin(self, token: str) -> StorageFault | None:
+        return stored(lambda: self.signins.close(token))
+
+    # ---- credential guessing (gateway/throttle.py) -----------------------------------
+
+    def attempt_wait(self, scope: str, address: str) -> float:
+        wait = self.throttle.wait(scope, address)
+        if wait:
+            self.guessing_refused.inc(tags={"scope": scope})
+        return wait
+
+    def attempt_failed(self, scope: str, address: str) -> float:
+        self.guessing.inc(tags={"scope": scope})
+        wait = self.throttle.failed(scope, address)
+        if wait:
+            log.warning(
+                "credential guessing: %s attempts from %s refused for %.0f s", scope, address, wait
+            )
+        return wait
 
     def flush(self) -> str | None:
         """Everything settled into Parquet; why not, where the disk fails."""

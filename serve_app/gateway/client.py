@@ -106,13 +106,26 @@ class SignInsClient:
         self._call = calls
 
     async def open(self, subject: str, ttl_s: float) -> str:
-        return await self._call(lambda a: a.open_signin.remote(subject, ttl_s))
+        return unless_fault(await self._call(lambda a: a.open_signin.remote(subject, ttl_s)))
 
     async def subject(self, token: str) -> str | None:
-        return await self._call(lambda a: a.signin_subject.remote(token))
+        return unless_fault(await self._call(lambda a: a.signin_subject.remote(token)))
 
     async def close(self, token: str) -> None:
-        await self._call(lambda a: a.close_signin.remote(token))
+        unless_fault(await self._call(lambda a: a.close_signin.remote(token)))
+
+
+class GuardClient:
+    """`Guard`, kept by the gateway actor."""
+
+    def __init__(self, calls: ActorCalls) -> None:
+        self._call = calls
+
+    async def wait(self, scope: str, address: str) -> float:
+        return await self._call(lambda a: a.attempt_wait.remote(scope, address))
+
+    async def failed(self, scope: str, address: str) -> float:
+        return await self._call(lambda a: a.attempt_failed.remote(scope, address))
 
 
 class ReasoningClient:

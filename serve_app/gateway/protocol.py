@@ -25,6 +25,7 @@ __all__ = [
     "Gateway",
     "GatewayAdmin",
     "GatewayUnavailable",
+    "Guard",
     "KeyAccount",
     "KeyInfo",
     "KeyOverrides",
@@ -121,13 +122,24 @@ class GatewayAdmin(Gateway, Protocol):
 
 
 class SignIns(Protocol):
-    """Console sign-ins (`gateway/console_signins.py`), the same on every replica."""
+    """Console sign-ins (`gateway/console_signins.py`), the same on every replica and
+    across gateway restarts; `StorageFault` where the state dir cannot be written."""
 
     async def open(self, subject: str, ttl_s: float) -> str: ...
 
     async def subject(self, token: str) -> str | None: ...
 
     async def close(self, token: str) -> None: ...
+
+
+class Guard(Protocol):
+    """Credential guessing slowed (`gateway/throttle.py`), counted the same on every
+    replica: how long an attempt from `address` must wait (0: check it now), and a
+    failed one counted (the wait it imposes)."""
+
+    async def wait(self, scope: str, address: str) -> float: ...
+
+    async def failed(self, scope: str, address: str) -> float: ...
 
 
 class ReasoningKeeper(Protocol):

@@ -24,6 +24,7 @@ from serve_app.gateway.protocol import (
     Renewal,
     UsageRecord,
 )
+from serve_app.gateway.throttle import Throttle
 from serve_app.reasoning.memory import ReasoningMemory
 
 CFG = load_config(app_args(Path(__file__).resolve().parents[2] / "serve_config.yaml"))
@@ -92,6 +93,19 @@ class InMemoryReasoning:
 
     async def recall(self, key_id: str, turns: list[str]) -> dict[str, str]:
         return self.memory.recall(key_id, turns)
+
+
+class InMemoryGuard:
+    """`Guard` over the gateway's own `Throttle`."""
+
+    def __init__(self) -> None:
+        self.throttle = Throttle()
+
+    async def wait(self, scope: str, address: str) -> float:
+        return self.throttle.wait(scope, address)
+
+    async def failed(self, scope: str, address: str) -> float:
+        return self.throttle.failed(scope, address)
 
 
 class InMemorySignIns:

@@ -4,6 +4,7 @@ tiers; cookies, CSRF and isolation hold. Screenshots go to docs/ (shown in the R
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -222,6 +223,27 @@ def test_the_revoked_keys_console_session_ends_with_it(serve_url, admin):
     key, key_id = new_key(admin, "free")
     holder, _ = session_of(serve_url, key)
     assert key_id in holder.get("/console").text
+    assert admin.delete(f"/admin/keys/{key_id}").status_code == 200
+    page = holder.get("/console")
+    assert 'id="credential"' in page.text and key_id not in page.text
+
+
+def test_sign_ins_outlive_a_gateway_restart_and_still_end_with_their_key(serve_url, admin):
+    import ray
+
+    from serve_app.actors import NAMESPACE
+    from serve_app.gateway.actor import ACTOR_NAME
+
+    key, key_id = new_key(admin, "free")
+    holder, _ = session_of(serve_url, key)
+    operator, _ = session_of(serve_url, ADMIN_TOKEN)
+    gateway = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    pid = ray.get(gateway.__ray_call__.remote(lambda self: os.getpid()))
+    ray.kill(gateway, no_restart=False)  # Ray starts the actor again, on the same state dir
+    # the same sign-ins, now read by the new process
+    assert key_id in holder.get("/console").text
+    assert 'id="credential"' not in operator.get("/console").text
+    assert ray.get(gateway.__ray_call__.remote(lambda self: os.getpid())) != pid
     assert admin.delete(f"/admin/keys/{key_id}").status_code == 200
     page = holder.get("/console")
     assert 'id="credential"' in page.text and key_id not in page.text

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
-from tests.integration.conftest import flushed_usage, new_key
+from tests.integration.conftest import ADMIN_TOKEN, flushed_usage, new_key
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,23 @@ def chat(url: str, key: str | None, model: str = "kimi-k2.5", **extra) -> httpx.
     headers = {"authorization": f"Bearer {key}"} if key else {}
     body = {"model": model, "messages": MSG, "max_tokens": 4, **extra}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def test_guessing_the_admin_credential_is_slowed_per_address(serve_url):
+    """20 wrong admin credentials from one client address (as a trusted proxy names it
+    in X-Forwarded-For): the first ten are 401s, then its door closes for longer after
+    each failure, 429 with Retry-After, whatever is tried; the right credential from
+    another address is accepted."""
+    url = f"{serve_url}/admin/keys"
+    wrong = {"authorization": "Bearer guess-0000", "x-forwarded-for": "203.0.113.5"}
+    codes = [httpx.get(url, headers=wrong, timeout=60).status_code for _ in range(20)]
+    assert codes[:10] == [401] * 10 and codes[-1] == 429, codes
+    right = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    refused = httpx.get(url, headers={**right, "x-forwarded-for": "203.0.113.5"}, timeout=60)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "too_many_attempts"
+    elsewhere = httpx.get(url, headers={**right, "x-forwarded-for": "203.0.113.9"}, timeout=60)
+    assert elsewhere.status_code == 200
 
 
 def test_admin_api_needs_its_own_credential(serve_url, admin):

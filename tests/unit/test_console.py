@@ -83,8 +83,11 @@ def test_status_keeps_replica_detail_for_operators_where_keys_are_required():
     async def fault():
         return None
 
+    async def is_operator(req: Request) -> bool:
+        return req.headers.get("authorization") == "Bearer admin"
+
     def ops(config) -> OpsAPI:
-        return OpsAPI(config, snapshot, fault, lambda token: token == "admin")
+        return OpsAPI(config, snapshot, fault, is_operator)
 
     keyed = CFG.model_copy(deep=True)
     keyed.router.anonymous_plan = None

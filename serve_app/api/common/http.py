@@ -1,11 +1,12 @@
 """What every HTTP adapter needs: reading a JSON body within limits, validating it into a
-request model with a readable message, the bearer credential, and a streamed response
-whose settlement runs however the response ends."""
+request model with a readable message, the bearer credential and the client's address,
+and a streamed response whose settlement runs however the response ends."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -22,6 +23,7 @@ from serve_app.pipeline.request import Streamed
 MAX_JSON_DEPTH = 64
 
 M = TypeVar("M", bound=BaseModel)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def json_depth(value: dict | list) -> int:
@@ -106,6 +108,22 @@ def session_of(request: Request) -> str | None:
 def openai_error(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     """A refusal in OpenAI's format (every route's but Anthropic's)."""
     return JSONResponse(exc.body(), exc.status, headers={**exc.headers, **(headers or {})})
+
+
+def client_address(request: Request, trusted: Sequence[IPNetwork]) -> str:
+    """The client's address: the peer's, or where the peer is a trusted proxy, the last
+    address in `X-Forwarded-For` that is not one (the entries left of it are the
+    client's to write, and not believed)."""
+    peer = request.client.host if request.client else ""
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in [peer, *reversed(hops)]:
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop  # not an address (a test client's name): as it is
+        if not any(ip in net for net in trusted):
+            return hop
+    return hops[0] if hops else peer  # every hop trusted: the first the chain names
 
 
 def bearer(request: Request) -> str | None:

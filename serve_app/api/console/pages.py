@@ -34,7 +34,15 @@ from serve_app.api.console.charts import bar_chart, format_value
 from serve_app.api.console.scaling_events import ScalingEvents
 from serve_app.config import AppConfig
 from serve_app.errors import APIError
-from serve_app.gateway.protocol import OPERATOR, GatewayAdmin, KeyAccount, NewKey, SignIns
+from serve_app.gateway.protocol import (
+    ANONYMOUS,
+    OPERATOR,
+    GatewayAdmin,
+    KeyAccount,
+    NewKey,
+    SignIns,
+    StorageFault,
+)
 from serve_app.pipeline.pipeline import Pipeline
 
 SESSION_COOKIE = "kimi_console"
@@ -297,17 +305,33 @@ class ConsoleAPI:
         credential = form.get("credential", "").strip()
         if not credential:
             return self._sign_in_page(request, "Enter an API key or the admin credential.", 400)
-        if self.admin.is_admin(credential):
-            subject = OPERATOR
-        else:
+        subject, refusal = None, "That is not an API key."
+
+        async def check() -> bool:
+            nonlocal subject, refusal
+            if self.admin.is_admin(credential):
+                subject = OPERATOR
+                return True
             try:
                 caller = await self.pipeline.identify(credential)
             except APIError as exc:
-                return self._sign_in_page(request, exc.message, 401)
-            if caller.key_id == "anonymous":
-                return self._sign_in_page(request, "That is not an API key.", 401)
-            subject = caller.key_id
-        token = await self.signins.open(subject, self.settings.session_ttl_s)
+                refusal = exc.message
+                return False
+            subject = None if caller.key_id == ANONYMOUS else caller.key_id
+            return subject is not None
+
+        try:
+            if not await self.admin.doorman.attempt(request, "console", check):
+                return self._sign_in_page(request, refusal, 401)
+        except APIError as exc:  # the address waits (429), or the gateway is away
+            response = self._sign_in_page(request, exc.message, exc.status)
+            response.headers.update(exc.headers)
+            return response
+        assert subject is not None
+        try:
+            token = await self.signins.open(subject, self.settings.session_ttl_s)
+        except StorageFault as exc:
+            return self._sign_in_page(request, f"{exc}; try again shortly.", 503)
         response = RedirectResponse("/console", 303, headers=SECURITY_HEADERS)
         self._cookie(response, SESSION_COOKIE, token)
         self._cookie(response, PRE_COOKIE, "", max_age=0)
