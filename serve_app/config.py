@@ -171,6 +171,12 @@ class RouterSettings(BaseModel):
         " (fair), in arrival order (first_come, the baseline), or not at all (off: the"
         " engines' own queues)",
     )
+    stream_stall_s: float = Field(
+        10.0,
+        gt=0,
+        description="a stream whose tier replica sends nothing this long while it is missing"
+        " from the load board (its process or node silent) ends with a retryable error",
+    )
     max_queue_wait_s: float = Field(
         120.0, gt=0, description="past this (or the plan's time limit) a waiting request gets 503"
     )

@@ -60,6 +60,7 @@ from serve_app.pipeline.output_limits import (
 )
 from serve_app.pipeline.relay import (
     RequestMeter,
+    SilentReplicas,
     StreamRelay,
     StreamSettlement,
     UndeliveredStreams,
@@ -151,6 +152,7 @@ class Pipeline:
         self.ttft = LatencyWindow()
         self.ttft_p90: dict[str, float] = {}  # read with the loads, not sorted per request
         self.undelivered = UndeliveredStreams()
+        self.silent = SilentReplicas(r.stream_stall_s)
         self.calls = DetachedCalls()
         # records the gateway could not take yet (it was restarting), oldest first
         self.unsettled: collections.deque[tuple[str, UsageRecord]] = collections.deque()
@@ -179,6 +181,9 @@ class Pipeline:
                     key: frozenset(named) for key, named in load.active_sessions.items()
                 }
                 self.metrics.queues.waiting.set(gate.queued, {"tier": name})
+        reporting = {m.replica for load in loads.values() for m in load.members}
+        if stalled := self.silent.sweep(reporting):
+            log.warning("ended %d streams whose tier replica fell silent", stalled)
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
         if self.unsettled and (self._resettling is None or self._resettling.done()):
@@ -526,11 +531,10 @@ class Pipeline:
         state = StreamSettlement(ctx.meter, settle, call)
         ctx.settled = True  # from here the stream's settlement owns the record
         self.undelivered.add(state)
-        return Streamed(
-            StreamRelay(first, state, ctx.wants_usage, ctx.timeout_s).run(),
-            state,
-            dict(ctx.headers),
-        )
+        replica = ctx.headers.get("x-kimi-replica")
+        relay = StreamRelay(first, state, ctx.wants_usage, ctx.timeout_s, replica)
+        self.silent.relays.add(relay)
+        return Streamed(relay.run(), state, dict(ctx.headers))
 
     # ---- refusals and settlement -------------------------------------------------------
 

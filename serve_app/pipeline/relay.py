@@ -120,6 +120,34 @@ class StreamSettlement:
             await self.finish(499, "client disconnected")
 
 
+class SilentReplicas:
+    """Streams whose tier replica fell silent are ended: one that has sent nothing for
+    `stall_s` while its replica is missing from the load board (no report for 3 s: its
+    process or node stopped) gets a retryable error event and is settled (503), instead
+    of waiting for Ray to declare the node dead. A replica that still reports is slow,
+    not gone: its streams wait (the plan's time limit bounds them)."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.relays: set[StreamRelay] = set()
+
+    def sweep(self, reporting: set[str]) -> int:
+        """Stall the silent streams, given the replicas reporting now; how many."""
+        now, stalled = time.monotonic(), 0
+        for relay in list(self.relays):
+            if relay.state.settled:
+                self.relays.discard(relay)
+            elif (
+                relay.replica is not None
+                and relay.replica not in reporting
+                and now - relay.last_at > self.stall_s
+            ):
+                self.relays.discard(relay)
+                relay.stall()
+                stalled += 1
+        return stalled
+
+
 class UndeliveredStreams:
     """Streams handed to the web framework whose response never started: a client that
     hangs up at that moment cancels the request task before the response runs, and
@@ -144,13 +172,22 @@ class UndeliveredStreams:
         return reaped
 
 
+STALLED = "the tier replica serving this stream stopped answering; retry the request"
+
+
 class StreamRelay:
     """One stream: the tier's messages (lists of the SSE chunks ready) to the client's
-    events, metered; settled before `[DONE]`; the tier call cancelled if the client goes
-    or the plan's time limit (`timeout_s` from the request's start) passes."""
+    events, metered; settled before `[DONE]`; the tier call cancelled if the client goes,
+    the plan's time limit (`timeout_s` from the request's start) passes, or its tier
+    replica falls silent (`SilentReplicas`)."""
 
     def __init__(
-        self, first: Any, state: StreamSettlement, wants_usage: bool, timeout_s: float | None
+        self,
+        first: Any,
+        state: StreamSettlement,
+        wants_usage: bool,
+        timeout_s: float | None,
+        replica: str | None = None,
     ) -> None:
         self.first = first
         self.state = state
@@ -158,6 +195,17 @@ class StreamRelay:
         self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else state.meter.started + timeout_s
         self.failed: EngineError | None = None  # an engine's error event: the record's status
+        self.replica = replica  # the tier replica serving it
+        self.last_at = time.monotonic()  # when its last message came
+        self.stalled = False
+        self._waiting: asyncio.Timeout | None = None  # the wait for the next message
+
+    def stall(self) -> None:
+        """End the stream: its replica is silent (the wait for its next message ends
+        now, as a time limit would, and says why)."""
+        self.stalled = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())
 
     async def run(self) -> AsyncIterator[str]:
         state = self.state
@@ -169,10 +217,13 @@ class StreamRelay:
                 item = await self._next()
             await self._settle_ended()  # an engine that stopped without `[DONE]` (it died)
         except TimeoutError:
-            err = timeout_error(self.timeout_s or 0)
+            if self.stalled:
+                err = EngineError(status_code=503, message=STALLED, type="server_error")
+            else:
+                err = timeout_error(self.timeout_s or 0)
             yield err.sse()
             state.gen.cancel()  # the engine stops generating for it
-            await state.finish(504, err.message)
+            await state.finish(err.status_code, err.message)
         except asyncio.CancelledError:
             state.gen.cancel()  # Ray cancels it with the request's task; not every caller is Ray
             await state.finish(499, "client disconnected")
@@ -192,14 +243,19 @@ class StreamRelay:
     async def _next(self) -> Any:
         """The tier's next message (`END` after the last); TimeoutError past the deadline.
         A timeout scope per message, not `wait_for`: that would make a task per message."""
+        if self.stalled:
+            raise TimeoutError
         at = None
         if self.deadline is not None:
             at = asyncio.get_running_loop().time() + max(self.deadline - time.monotonic(), 0)
         try:
-            async with asyncio.timeout_at(at):
+            async with asyncio.timeout_at(at) as self._waiting:
                 return await self.state.gen.__anext__()
         except StopAsyncIteration:
             return END
+        finally:
+            self._waiting = None
+            self.last_at = time.monotonic()
 
     async def _events(self, item: Any) -> str:
         """One message's chunks as the client gets them (usage only if it asked)."""

@@ -410,3 +410,34 @@ async def test_an_output_limit_lowered_to_fit_a_session_cap_is_what_the_engine_g
     [ask] = gateway.asks
     assert ask.session == "task-1" and ask.output_bound == 50
     assert ask.prompt_bound >= asked.prompt_estimate()  # a bound, not the estimate
+
+
+async def test_a_stream_whose_replica_falls_silent_ends_with_a_retryable_error():
+    engine = FakeEngine(tokens=1000, delay_s=0.001)
+    gateway = FakeGateway("enterprise")
+    router = pipeline(InProcessTiers(premium=engine), gateway)
+    router.silent.stall_s = 0.0
+    result = await router.serve(inbound("kimi-k2.5:premium", stream=True))
+    assert isinstance(result, Streamed)
+    result.started()
+    events: list[str] = []
+
+    async def client() -> None:
+        async for text in result.events:
+            events.extend(e for e in text.split("\n\n") if e)
+
+    reader = asyncio.create_task(client())
+    while len(events) < 3:
+        await asyncio.sleep(0.005)
+    engine.delay_s = 3600  # the replica's node stops: nothing more comes
+    await asyncio.sleep(0.02)
+    assert router.silent.sweep({"premium-0"}) == 0  # still reporting: slow, not gone
+    assert router.silent.sweep(set()) == 1  # gone from the board
+    await asyncio.wait_for(reader, 5)
+    await result.close()
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "retry" in error["message"]
+    [record] = gateway.records
+    assert record.status == 503 and record.cost_usd == 0 and record.completion_tokens >= 3
+    await asyncio.sleep(0.01)
+    assert engine.stopped == engine.requests  # the engine request is cancelled
