@@ -90,6 +90,32 @@ class Admitted:
     hold: SessionHold | None
 
 
+class GatewayMetrics:
+    """The gateway's own metrics (Ray's metrics API: exported with the cluster's)."""
+
+    def __init__(self) -> None:
+        self.guessing = metrics.Counter(
+            "kimi_credential_failures",
+            "failed admin-credential and console sign-in attempts",
+            tag_keys=("scope",),
+        )
+        self.guessing_refused = metrics.Counter(
+            "kimi_credential_throttled",
+            "credential attempts refused unchecked (429) while their address waits",
+            tag_keys=("scope",),
+        )
+        self.lapsed = metrics.Counter(
+            "kimi_leases_lapsed",
+            "requests settled by the gateway because the router serving them was lost",
+        )
+        self.duplicates = metrics.Counter(
+            "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
+        )
+        self.degraded = metrics.Gauge(
+            "kimi_storage_degraded", "1 while the state dir cannot be written (503s)"
+        )
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class GatewayState:
     def __init__(
@@ -109,23 +135,7 @@ class GatewayState:
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.leases = LeaseBook()
         self.throttle = Throttle()
-        self.guessing = metrics.Counter(
-            "kimi_credential_failures",
-            "failed admin-credential and console sign-in attempts",
-            tag_keys=("scope",),
-        )
-        self.guessing_refused = metrics.Counter(
-            "kimi_credential_throttled",
-            "credential attempts refused unchecked (429) while their address waits",
-            tag_keys=("scope",),
-        )
-        self.lapsed = metrics.Counter(
-            "kimi_leases_lapsed",
-            "requests settled by the gateway because the router serving them was lost",
-        )
-        self.duplicates = metrics.Counter(
-            "kimi_usage_duplicates_removed", "usage records found twice and dropped by compaction"
-        )
+        self.metrics = GatewayMetrics()
         self._flusher: asyncio.Task[None] | None = None
         # settlements waiting for their records to be written, and the task writing them
         self._waiting: list[asyncio.Future[None]] = []
@@ -133,9 +143,6 @@ class GatewayState:
         # budget totals not yet in the key store (it failed), and why
         self.totals: collections.deque[UsageRow] = collections.deque()
         self.totals_fault: str | None = None
-        self.degraded = metrics.Gauge(
-            "kimi_storage_degraded", "1 while the state dir cannot be written (503s)"
-        )
         lost_rows = self.keys.salvaged[1] if self.keys.salvaged else 0
         if quarantined := self.meter.quarantined + lost_rows:
             metrics.Counter(
@@ -157,11 +164,11 @@ class GatewayState:
             await self._settle_lapsed()
             self.meter.heal()
             self._write_totals()
-            self.degraded.set(1 if self.fault else 0)
+            self.metrics.degraded.set(1 if self.fault else 0)
             self.meter.flush()
             try:
                 if dropped := self.meter.compact():
-                    self.duplicates.inc(dropped)
+                    self.metrics.duplicates.inc(dropped)
             except Exception:  # the parts stay as they are; compaction is tried again
                 log.exception("compacting the usage dataset failed")
 
@@ -278,7 +285,7 @@ class GatewayState:
     async def _settle_lapsed(self) -> None:
         for ticket, record in self.leases.lapsed():
             log.warning("settling %s: %s", record.request_id, LOST)
-            self.lapsed.inc()
+            self.metrics.lapsed.inc()
             try:
                 await self.settle(ticket, record)
             except Exception:  # the next record is still settled; this one is logged
@@ -421,11 +428,11 @@ class GatewayState:
     def attempt_wait(self, scope: str, address: str) -> float:
         wait = self.throttle.wait(scope, address)
         if wait:
-            self.guessing_refused.inc(tags={"scope": scope})
+            self.metrics.guessing_refused.inc(tags={"scope": scope})
         return wait
 
     def attempt_failed(self, scope: str, address: str) -> float:
-        self.guessing.inc(tags={"scope": scope})
+        self.metrics.guessing.inc(tags={"scope": scope})
         wait = self.throttle.failed(scope, address)
         if wait:
             log.warning(
