@@ -33,14 +33,26 @@ $(STAMP): pyproject.toml scripts/build_llama_cpp.sh scripts/agent_clis/package-l
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Ray needs more logical CPUs than a 2-core machine reports, or deployments never schedule.
+# Metrics (Ray's, Serve's, vLLM's and ours, prefixed ray_) on a fixed port for Prometheus.
+METRICS_PORT ?= 8080
+RAY_HEAD := $(BIN)/ray status >/dev/null 2>&1 || env $(RAY_ENV) $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --metrics-export-port=$(METRICS_PORT) --disable-usage-stats
+define WHERE
+@echo "app        http://127.0.0.1:8000/v1   (OpenAI, Anthropic /v1/messages, Responses)"
+@echo "console    http://127.0.0.1:8000/console"
+@echo "dashboard  http://127.0.0.1:8265      (Ray)"
+@echo "metrics    http://127.0.0.1:$(METRICS_PORT)/metrics"
+endef
+
 serve: install
-	$(BIN)/ray status >/dev/null 2>&1 || env $(RAY_ENV) $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --disable-usage-stats
+	$(RAY_HEAD)
+	$(WHERE)
 	$(BIN)/serve run serve_config.yaml
 
 deploy: install
-	$(BIN)/ray status >/dev/null 2>&1 || env $(RAY_ENV) $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --disable-usage-stats
+	$(RAY_HEAD)
 	$(BIN)/serve deploy serve_config.yaml
 	$(BIN)/python -m serve_app.cli wait-ready --url http://127.0.0.1:8000
+	$(WHERE)
 
 stop:
 	-$(BIN)/serve shutdown -y
