@@ -198,12 +198,21 @@ class LatencyWindow:
     def p90_ms(self, now: float | None = None) -> dict[str, float]:
         return self.quantile_ms(0.9, now)
 
-    def quantile_ms(self, q: float, now: float | None = None) -> dict[str, float]:
+    def counts(self, now: float | None = None) -> dict[str, int]:
+        """The samples each tier's quantiles rest on now."""
+        return {tier: len(self._fresh(tier, now)) for tier in self._samples}
+
+    def _fresh(self, tier: str, now: float | None) -> deque[tuple[float, float]]:
         now = time.monotonic() if now is None else now
+        samples = self._samples[tier]
+        while samples and now - samples[0][0] > self.window_s:
+            samples.popleft()
+        return samples
+
+    def quantile_ms(self, q: float, now: float | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
-        for tier, samples in self._samples.items():
-            while samples and now - samples[0][0] > self.window_s:
-                samples.popleft()
+        for tier in self._samples:
+            samples = self._fresh(tier, now)
             if len(samples) >= self.min_samples:
                 ordered = sorted(ms for _, ms in samples)
                 out[tier] = ordered[min(len(ordered) - 1, int(q * len(ordered)))]

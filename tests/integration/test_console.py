@@ -144,6 +144,9 @@ def test_an_operator_creates_uses_and_revokes_a_key(browser, serve_url):
 
     tiers = page.goto(f"{serve_url}/console/tiers")
     assert tiers.status == 200
+    # TTFT figures say what they rest on: samples of the last 30 s, never a bare "-"
+    for cell in page.locator("#tiers tr.tier td.ttft").all():
+        assert "samples" in cell.inner_text(), cell.inner_text()
     assert page.locator("meta[http-equiv=refresh]").get_attribute("content") == "5"
     assert {t.get_attribute("data-tier") for t in page.locator("#tiers tr.tier").all()} == {
         "premium",

@@ -183,6 +183,7 @@ def test_latency_window_needs_samples_and_forgets_old_ones():
     w.observe("premium", 1000.0, now=1.0)
     assert w.p90_ms(now=2.0) == {"premium": 1000.0}
     assert w.p90_ms(now=31.5) == {}  # the first four aged out
+    assert w.counts(now=31.5) == {"premium": 1}  # what the console shows instead
 
 
 def test_requests_sent_since_the_last_reading_count_at_once():

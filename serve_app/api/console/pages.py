@@ -270,8 +270,9 @@ class ConsoleAPI:
     async def _tiers(self) -> dict[str, Any]:
         loads = await self.snapshot()
         window = self.pipeline.ttft
-        p50, p90 = window.quantile_ms(0.5), window.quantile_ms(0.9)
+        p50, p90, counts = window.quantile_ms(0.5), window.quantile_ms(0.9), window.counts()
         return {
+            "ttft_window": {"seconds": window.window_s, "needed": window.min_samples},
             "rows": [
                 {
                     "name": t.name,
@@ -279,6 +280,7 @@ class ConsoleAPI:
                     "load": loads.get(t.name),
                     "ttft_p50": p50.get(t.name),
                     "ttft_p90": p90.get(t.name),
+                    "ttft_samples": counts.get(t.name, 0),
                     "autoscaling": t.autoscaling,
                 }
                 for t in self.config.tiers
