@@ -37,8 +37,8 @@ def browser() -> Iterator[object]:
         chromium.close()
 
 
-def signed_in(browser, serve_url: str, credential: str):
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+def signed_in(browser, serve_url: str, credential: str, width: int = 1440):
+    context = browser.new_context(viewport={"width": width, "height": 1000})
     page = context.new_page()
     page.goto(f"{serve_url}/console")
     page.fill("#credential", credential)
@@ -250,3 +250,45 @@ def test_sign_ins_outlive_a_gateway_restart_and_still_end_with_their_key(serve_u
     assert admin.delete(f"/admin/keys/{key_id}").status_code == 200
     page = holder.get("/console")
     assert 'id="credential"' in page.text and key_id not in page.text
+
+
+CLIPPED = """() => {
+  // controls cut off: outside the page's width where nothing scrolls, or outside the
+  // scrollable area of the box that scrolls them (a wide table scrolls inside its card)
+  const out = [];
+  if (document.documentElement.scrollWidth > window.innerWidth + 1) out.push("the page");
+  for (const el of document.querySelectorAll("button, input:not([type=hidden]), select, a")) {
+    const r = el.getBoundingClientRect();
+    if (!r.width) continue;
+    let box = el.parentElement;
+    while (box && getComputedStyle(box).overflowX === "visible") box = box.parentElement;
+    const b = box ? box.getBoundingClientRect() : {left: 0};
+    const right = box ? b.left + box.scrollWidth - box.scrollLeft : window.innerWidth;
+    if (r.left < b.left - 1 || r.right > right + 1) out.push(el.outerHTML.slice(0, 80));
+  }
+  return out;
+}"""
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_a_thousand_keys_page_and_search_with_nothing_clipped(browser, serve_url, admin, width):
+    listed = admin.get("/admin/keys").json()["data"]
+    for i in range(len(listed), 1000):
+        made = admin.post("/admin/keys", json={"plan": "free", "name": f"bulk-{i}"})
+        assert made.status_code == 201
+    total = len(admin.get("/admin/keys").json()["data"])
+    page = signed_in(browser, serve_url, ADMIN_TOKEN, width)
+    assert page.locator("#keys tr.key").count() == 50
+    assert f"keys 1\u201350 of {total}" in page.inner_text("#keys-paging")
+    assert page.evaluate(CLIPPED) == []
+    page.click("#keys-next")
+    page.wait_for_load_state()
+    assert f"keys 51\u2013100 of {total}" in page.inner_text("#keys-paging")
+    page.fill("#key-q", "bulk-77")
+    page.click("#key-search button")
+    page.wait_for_load_state()
+    names = [row.locator("td").nth(1).inner_text() for row in page.locator("#keys tr.key").all()]
+    assert names and all("bulk-77" in n for n in names) and "bulk-777" in names
+    assert page.evaluate(CLIPPED) == []
+    tiers = page.goto(f"{serve_url}/console/tiers")
+    assert tiers.status == 200 and page.evaluate(CLIPPED) == []

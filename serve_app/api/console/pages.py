@@ -31,6 +31,7 @@ from deployments.scheduling.loadboard import TierLoad
 from serve_app.api.admin import AdminAPI, answered
 from serve_app.api.common.routes import ApiFamily, get, post
 from serve_app.api.console.charts import bar_chart, format_value
+from serve_app.api.console.keys_table import keys_page, number
 from serve_app.api.console.scaling_events import ScalingEvents
 from serve_app.config import AppConfig
 from serve_app.errors import APIError
@@ -243,7 +244,11 @@ class ConsoleAPI:
             "operator.html",
             signout=True,
             csrf=csrf_for(token),
-            keys=sorted(keys, key=lambda k: k.created_at, reverse=True),
+            keys=keys_page(
+                keys,
+                request.query_params.get("q", ""),
+                number(request.query_params.get("page")),
+            ),
             by_key=by_key,
             plans=sorted(self.config.plans),
             usage=usage,
