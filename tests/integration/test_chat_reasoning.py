@@ -5,9 +5,10 @@ the gateway's per-key memory, plain or streamed, on vLLM and on llama.cpp."""
 from __future__ import annotations
 
 import openai
+import pyarrow.compute as pc
 import pytest
 
-from tests.integration.conftest import new_key
+from tests.integration.conftest import flushed_usage, new_key
 from tests.integration.test_agent_clis import counted, reasoning_back
 from tests.integration.test_tool_contract import DIGIT, USER, thinking
 
@@ -74,3 +75,38 @@ def test_dropped_reasoning_comes_back_from_the_keys_memory(serve_url, admin, cli
     restored = prompt_tokens(own)
     assert restored - without >= 5, (restored, without, reasoning)
     assert counted("openai", "memory", above=before) > before
+
+
+@pytest.mark.parametrize("tier", ["premium", "standard", "budget"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_tokens_are_counted_on_every_tier(serve_url, admin, state_dir, tier, stream):
+    """A thinking answer (the random model rarely closes its reasoning: most of what it
+    writes is reasoning) reports its reasoning tokens in the answer's usage and in its
+    usage record, on vLLM (its own count) and on llama.cpp (ours), plain, streamed and
+    under a forced call (llama.cpp's constrained path)."""
+    key, key_id = new_key(admin, "enterprise")
+    client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=key, max_retries=0, timeout=120)
+    plain = {"model": f"kimi-k2.5:{tier}", "messages": USER, "max_tokens": 24}
+    forced = {
+        **plain,
+        "tools": [DIGIT],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+    }
+    counted_usage = []
+    for kwargs in (plain, {**forced, "max_tokens": 64}):
+        kwargs = {**kwargs, "extra_body": thinking(True)}
+        if stream:
+            chunks = list(
+                client.chat.completions.create(
+                    stream=True, stream_options={"include_usage": True}, **kwargs
+                )
+            )
+            usage = chunks[-1].usage
+        else:
+            usage = client.chat.completions.create(**kwargs).usage
+        details = usage.completion_tokens_details
+        assert details is not None and 0 < details.reasoning_tokens <= usage.completion_tokens
+        counted_usage.append(details.reasoning_tokens)
+    table = flushed_usage(admin, state_dir)
+    rows = table.filter(pc.equal(table["key_id"], key_id)).to_pylist()
+    assert sorted(r["reasoning_tokens"] for r in rows) == sorted(counted_usage)

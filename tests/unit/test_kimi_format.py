@@ -3,6 +3,8 @@ turns back (pure logic; the engines are exercised in the integration tests)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from deployments.engines.llama_cpp.constrained import (
@@ -259,3 +261,28 @@ async def test_an_engine_error_mid_answer_is_the_answers_error_not_a_quiet_stop(
         assert isinstance(out[-1], EngineError), out
         assert out[-1].status_code == 500 and "grammar" in out[-1].message
         assert not any(isinstance(o, str) and "[DONE]" in o for o in out)
+
+
+async def test_the_reasoning_tokens_of_a_constrained_turn_are_counted():
+    async def events():
+        yield {"content": "think", "tokens": [5], "stop": False}
+        yield {"content": " more", "tokens": [6, 7], "stop": False}  # a held character
+        yield {"content": "</think>", "tokens": [9], "stop": False}  # the marker: not counted
+        yield {"content": "answer", "tokens": [8], "stop": False}
+        yield {"content": "", "stop": True, "stop_type": "eos", "tokens_predicted": 5}
+
+    constraint = constraint_for(body(tool_choice="required", max_tokens=64), SPEC)
+    writer = TurnWriter(model="m", stream=False, include_usage=True)
+    [answer] = [item async for item in turn_outputs(events(), writer, constraint)]
+    assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
+
+
+def test_llama_servers_chat_chunks_with_reasoning_count_and_usage_carries_them():
+    from deployments.engines.llama_cpp.engine import thinks, with_reasoning_tokens
+
+    chunk = {"choices": [{"delta": {"reasoning_content": "hm"}}]}
+    assert thinks(f"data: {json.dumps(chunk)}") == 1
+    assert thinks('data: {"choices": [{"delta": {"reasoning_content": null}}]}') == 0
+    usage = {"usage": {"completion_tokens": 9, "completion_tokens_details": {"x": 1}}}
+    counted = with_reasoning_tokens(usage, 4)["usage"]["completion_tokens_details"]
+    assert counted == {"x": 1, "reasoning_tokens": 4}

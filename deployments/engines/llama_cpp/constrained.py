@@ -275,7 +275,7 @@ def finish_reason(stop_type: str | None, parser: KimiTurnParser, named: bool) ->
     return "tool_calls" if parser.complete_calls and not named else "stop"
 
 
-def usage_of(final: dict[str, Any]) -> dict[str, Any]:
+def usage_of(final: dict[str, Any], reasoning: int) -> dict[str, Any]:
     prompt = int(final.get("tokens_evaluated") or 0)
     completion = int(final.get("tokens_predicted") or 0)
     cached = int((final.get("timings") or {}).get("cache_n") or 0)
@@ -284,6 +284,7 @@ def usage_of(final: dict[str, Any]) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
     }
 
 
@@ -294,20 +295,25 @@ async def turn_outputs(
     parser = KimiTurnParser(reasoning_open=constraint.reasoning.enabled)
     named = constraint.named
     final: dict[str, Any] = {}
+    reasoning = 0  # tokens of the reasoning (not its closing marker), as vLLM counts them
     if writer.stream:
         yield sse(writer.chunk({"role": "assistant", "content": None}))
     async for event in events:
         if isinstance(event.get("error"), dict):  # e.g. its grammar refused a sampled token:
             yield mid_answer_error(event["error"])  # an error, never a quiet `stop`
             return
+        thought = False
         for text, marker in pieces(event):
             delta = parser.feed(text, marker)
+            thought = thought or bool(delta.reasoning)
             if delta and writer.stream:
                 yield sse(writer.chunk(delta_dict(delta)))
+        if thought:
+            reasoning += len(event.get("tokens") or ()) or 1
         if event.get("stop"):
             final = event
     reason = finish_reason(final.get("stop_type"), parser, named)
-    usage = usage_of(final)
+    usage = usage_of(final, reasoning)
     if not writer.stream:
         yield writer.completion(parser, reason, usage)
         return

@@ -198,8 +198,43 @@ class LlamaCppEngine(Engine):
         body = adapt_chat_request(body)
         constraint = constraint_for(body, self.spec)
         if constraint is None:
-            return self._proxy("/v1/chat/completions", body, request_id, relay_openai)
+
+            def relay(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
+                return self._relay_chat(resp, request_id)
+
+            return self._proxy("/v1/chat/completions", body, request_id, relay)
         return self._constrained_chat(body, constraint, request_id)
+
+    async def _relay_chat(
+        self, resp: httpx.Response, request_id: str
+    ) -> AsyncIterator[EngineOutput]:
+        """llama-server's chat answer, with its reasoning tokens counted (it reports
+        none): streamed, one per chunk of reasoning (one token each); whole, by
+        tokenizing the reasoning it returned."""
+        if not is_stream(resp):
+            answer = normalize_response(json.loads(await resp.aread()))
+            thought = "".join(
+                (c.get("message") or {}).get("reasoning_content") or ""
+                for c in answer.get("choices") or ()
+            )
+            tokens = await self._count(thought, request_id) if thought else 0
+            yield with_reasoning_tokens(answer, tokens)
+            return
+        reasoning = 0
+        async for event in relay_stream(resp):
+            if '"reasoning_content"' in event:
+                reasoning += thinks(event)
+            elif '"usage"' in event and event.startswith("data: {"):
+                payload = json.loads(event[6:])
+                if isinstance(payload.get("usage"), dict):
+                    event = f"data: {json.dumps(with_reasoning_tokens(payload, reasoning))}\n\n"
+            yield event
+
+    async def _count(self, text: str, request_id: str) -> int:
+        answer = await self._post(
+            "/tokenize", {"content": text, "add_special": False, "parse_special": True}, request_id
+        )
+        return 0 if isinstance(answer, EngineError) else len(answer["tokens"])
 
     def completions(self, body: dict[str, Any], request_id: str) -> AsyncIterator[EngineOutput]:
         return self._proxy("/v1/completions", body, request_id, relay_openai)
@@ -307,15 +342,44 @@ class LlamaCppEngine(Engine):
 Relay = Callable[[httpx.Response], AsyncIterator[EngineOutput]]
 
 
+def is_stream(resp: httpx.Response) -> bool:
+    return resp.headers.get("content-type", "").startswith("text/event-stream")
+
+
+async def relay_stream(resp: httpx.Response) -> AsyncIterator[str]:
+    async for event in sse_events(resp):
+        if event.strip() == "data: null":  # how it opens a stream of several prompts
+            continue
+        yield normalize_sse(event)
+
+
 async def relay_openai(resp: httpx.Response) -> AsyncIterator[EngineOutput]:
     """llama-server's own OpenAI answer, in our response shape."""
-    if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        async for event in sse_events(resp):
-            if event.strip() == "data: null":  # how it opens a stream of several prompts
-                continue
-            yield normalize_sse(event)
+    if is_stream(resp):
+        async for event in relay_stream(resp):
+            yield event
     else:
         yield normalize_response(json.loads(await resp.aread()))
+
+
+def thinks(event: str) -> int:
+    """1 if this chunk carries reasoning (llama-server streams a token a chunk)."""
+    try:
+        chunk = json.loads(event[6:])
+    except ValueError:
+        return 0
+    return int(
+        any((c.get("delta") or {}).get("reasoning_content") for c in chunk.get("choices") or ())
+    )
+
+
+def with_reasoning_tokens(body: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """`body`'s usage (if any) with its reasoning tokens, as OpenAI and vLLM report them."""
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        details = usage.get("completion_tokens_details") or {}
+        usage["completion_tokens_details"] = {**details, "reasoning_tokens": tokens}
+    return body
 
 
 async def completion_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
