@@ -126,7 +126,7 @@ def cluster(state_dir: Path) -> Iterator[object]:
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     # as `ray start` gets them (cluster/ray.env), HAProxy's own ports where nothing else is
     os.environ.update({**ray_env(), **on_free_ports(), **LOCAL_AUTH})
-    # A 2-core machine needs more logical CPUs than it reports (README, `make serve`).
+    # A 2-core machine needs more logical CPUs than it reports (README: `make serve`).
     c = Cluster(initialize_head=True, head_node_args={**NODES["head"], "include_dashboard": False})
     c.add_node(**NODES["h200"])
     c.add_node(**NODES["ram"])

@@ -1,6 +1,6 @@
 """The web console in a real headless browser (Debian's chromium, driven by Playwright)
 against the real app: key holders see their own usage, operators manage keys and watch
-tiers; cookies, CSRF and isolation hold. Screenshots go to docs/ (shown in the README)."""
+tiers; cookies, CSRF and isolation hold. Screenshots go to docs/ (shown in docs/console.md)."""
 
 from __future__ import annotations
 

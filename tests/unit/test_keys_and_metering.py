@@ -203,15 +203,16 @@ def test_session_totals_add_up_per_key_and_survive_a_restart(tmp_path):
     assert again.month_usage("k1", "2026-11") == (15, 0.75)
 
 
-def test_the_readmes_duckdb_query_reads_the_usage_root(tmp_path):
-    """The query the README shows, on a usage root with flushed and compacted parts."""
+def test_the_docs_duckdb_query_reads_the_usage_root(tmp_path):
+    """The query docs/keys-and-usage.md shows, on a usage root with flushed and
+    compacted parts."""
     import re
     from datetime import UTC, datetime
     from pathlib import Path
 
     import duckdb
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "keys-and-usage.md").read_text()
     query = re.search(r"```sql\n(.*?)```", readme, re.S).group(1)
     now = datetime.now(UTC).timestamp()
     m = MeterWriter(tmp_path, batch_size=1)
@@ -299,7 +300,7 @@ def test_a_damaged_key_store_keeps_what_reads_and_starts(tmp_path):
 
 def test_a_usage_root_written_before_a_column_was_added_still_reads(tmp_path):
     """Parts written before `service_tier` existed read beside new ones: the column is
-    null there, through the gateway's reader and the README's DuckDB query alike."""
+    null there, through the gateway's reader and the docs' DuckDB query alike."""
     import duckdb
     import pyarrow.parquet as pq
 
