@@ -17,7 +17,9 @@ premium keys sending one request each into the running swarm: a user arriving in
 tier the swarm fills, whose first request waits for one of the swarm's to end, as no
 engine preempts a running sequence for a new one); two swarms of two keys of plans
 weighted 1 and 3 (the heavier key's part of the tokens, 0.75 being exact); two equal
-swarms of different keys side by side (Jain's index of tokens served per 5 s window);
+swarms of different keys side by side (Jain's index of tokens served per 5 s window),
+both pairs three phases long and measured where the router's order shares the tier (see
+`steady`), the whole phase beside it;
 and within one key: an interactive session of the swarm's own key alone, then at work
 3 s before the same key's swarm lands in another session.
 Everything is pinned to one tier. Reported: the victim's TTFT p50/p99 alone and under the
@@ -202,6 +204,16 @@ def jain(counts: list[tuple[int, int]]) -> float:
     return sum(indexes) / len(indexes) if indexes else 0.0
 
 
+def steady(pair: Phase, seconds: float) -> tuple[float, float]:
+    """Where two backlogged keys share the tier by the router's order: from the end of
+    the last request either sent as the phase began (those went in before the other key
+    had asked, and no engine preempts them) to the phase's end (after it, the two
+    backlogs drain unevenly)."""
+    start = pair.swarm_from
+    began = [r.ended for r in pair.swarm + pair.other if r.sent <= start + 1.0]
+    return max(began, default=start), start + seconds
+
+
 def series(rows: list[Timed], start: float) -> list[tuple[float, float | None]]:
     """Each request's send time from `start` (s) and TTFT (ms; None: it failed)."""
     return [
@@ -289,12 +301,13 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         chat_alone = asyncio.run(phase({"victim": chat}, seconds, swarm))
         within = asyncio.run(phase({"victim": chat, "swarm": swarm_spec}, seconds, swarm, LEAD_S))
         chat_under = [r for r in within.victim if r.sent >= within.swarm_from]
-        start = time.monotonic()
-        pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, seconds, swarm // 2))
-        pair_windows = windows(pair.swarm, pair.other, start, start + pair.wall_s)
+        pair_s = 3 * seconds  # the batch in flight when a pair starts takes ~20 s to end
+        pair = asyncio.run(phase({"swarm": swarm_spec, "other": other_spec}, pair_s, swarm // 2))
+        pair_windows = windows(pair.swarm, pair.other, *steady(pair, pair_s))
+        pair_whole = windows(pair.swarm, pair.other, pair.swarm_from, pair.swarm_from + pair_s)
         heavy_spec = dataclasses.replace(other_spec, api_key=key("weight3"))
         weighted = asyncio.run(
-            phase({"swarm": swarm_spec, "other": heavy_spec}, seconds, swarm // 2)
+            phase({"swarm": swarm_spec, "other": heavy_spec}, pair_s, swarm // 2)
         )
         w_from = weighted.swarm_from
         capped = asyncio.run(session_cap_burst(base, key_with(admin, max_session_tokens=CAP)))
@@ -311,11 +324,13 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
         "session_under_own_swarm": ttft(chat_under),
         "session_refused": sum(1 for r in chat_under if r.result.status not in (0, 200)),
         "jain_two_swarms": jain(pair_windows),
-        "two_swarms_windows": pair_windows,
+        "jain_two_swarms_whole": jain(pair_whole),
+        "two_swarms_windows": pair_whole,
         "victim_series": series(under, both.swarm_from),
         "session_series": series(chat_under, within.swarm_from),
         # weights 1:3: the heavier key's part of the tokens (0.75 is exact)
-        "weight3_share": share_of(weighted.swarm, weighted.other, w_from, w_from + weighted.wall_s),
+        "weight3_share": share_of(weighted.swarm, weighted.other, *steady(weighted, pair_s)),
+        "weight3_share_whole": share_of(weighted.swarm, weighted.other, w_from, w_from + pair_s),
     }
 
 
@@ -327,7 +342,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"(each phase {report['seconds']:g} s; swarm {report['swarm']} in flight; two ingress"
         " replicas; under the swarm: the victim's requests sent after it landed, the victim"
         f" at work {LEAD_S:g} s before; newcomers: three keys' first requests into the"
-        " running swarm, slowest first)",
+        " running swarm, slowest first; the two pairs of swarms run 3x as long, measured"
+        " from the end of the batch in flight when they began to the phase's end, the"
+        " whole phase in brackets)",
         "",
         "| order | victim TTFT p50 / p99 alone (ms) | under the swarm (ms) | p99 ratio |"
         " victim refused | newcomers' first TTFT (ms) | swarm tok/s alone |"
@@ -342,7 +359,8 @@ def markdown(report: dict[str, Any]) -> str:
             f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x | {r['victim_refused']} |"
             f" {', '.join(f'{v:.0f}' for v in r['newcomers_under_swarm']['slowest_ms'])} |"
             f" {r['swarm_alone_tok_s']:.0f} | {r['swarm_with_victim_tok_s']:.0f} |"
-            f" {r['jain_two_swarms']:.3f} | {r['weight3_share']:.2f} |"
+            f" {r['jain_two_swarms']:.3f} ({r['jain_two_swarms_whole']:.3f}) |"
+            f" {r['weight3_share']:.2f} ({r['weight3_share_whole']:.2f}) |"
         )
     lines += [
         "",

@@ -17,10 +17,11 @@ the shared bound as its requests end, which is what another key's time to first 
 follows. Past its share, a
 key also leaves one place free for every other active key with nothing in flight here
 (up to half the shared bound), so an interactive key's next request finds
-room at once instead of waiting for a swarm's request to end. Within a key the same rule
-holds one level down: past its part of the key's places, a session leaves one place for
-every other active session of the key with nothing in flight, so a chat beside the same
-key's swarm is not queued behind it either. Keys and sessions active at the other
+room at once instead of waiting for a swarm's request to end. Within a key the same rules
+hold one level down: while several of its sessions are active, a session past its part of
+the key's shared places keeps the key's batch to them, less one place for every other
+active session of the key with nothing in flight, so a chat beside the same key's swarm
+is neither queued behind it nor slowed by its whole batch. Keys and sessions active at the other
 routers (the load board says which) count as active here too.
 
 Pure asyncio, one instance per tier per ingress replica (docs/routing.md argues the
@@ -270,7 +271,7 @@ class FairQueue:
 
     def _may_go(self, key: str, session: str, active: set[str]) -> bool:
         free = self._free(key, active)
-        return free > 0 and free > self._held_in(key, session, free)
+        return free > 0 and self._session_room(key, session, free, active) > 0
 
     def _free(self, key: str, active: set[str]) -> int:
         """The places `key` may take now (0: none)."""
@@ -281,19 +282,21 @@ class FairQueue:
         past_share = self.limit(n) - self.in_flight - self.held(key, active)
         return min(free, max(self.share(key, active) - self.running[key], past_share))
 
-    def _held_in(self, key: str, session: str, free: int) -> int:
-        """Of a key's `free` places, those kept from `session` past its part of them:
-        one for each other active session of the key with nothing in flight here, at
-        most half. A session within its part is kept none."""
+    def _session_room(self, key: str, session: str, free: int, active: set[str]) -> int:
+        """Of a key's `free` places, those `session` may take. With one session active
+        the key's; with several, a session within its part of the key's shared places
+        (the shared bound, or the key's share of it) takes any, and one past it keeps
+        the key's batch to those shared places, less one for each other active session
+        with nothing in flight here: as keys do for each other, one level down."""
         sessions = self.active_sessions(key)
         if len(sessions) <= 1:
-            return 0
-        running = self.running_in.get(key, collections.Counter())
-        places = self.running[key] + free
-        if running[session] < max(1, places // len(sessions)):
-            return 0
+            return free
+        running = self.running_in.get(key) or collections.Counter()
+        shared = self.shared_bound if len(active) <= 1 else self.share(key, active)
+        if running[session] < max(1, shared // len(sessions)):
+            return free
         idle = sum(1 for s in sessions if s != session and not running[s])
-        return min(idle, places // 2)
+        return min(free, shared - self.running[key]) - min(idle, shared // 2)
 
     def wake(self) -> None:
         """Let waiters through after the bound grew."""
@@ -324,7 +327,8 @@ class FairQueue:
         ready: dict[str, list[str]] = {}  # the sessions that may go, per key
         for key, sessions in self.waiting.items():
             free = self._free(key, active)
-            if free > 0 and (may := [s for s in sessions if free > self._held_in(key, s, free)]):
+            may = [s for s in sessions if free > 0 and self._session_room(key, s, free, active) > 0]
+            if may:
                 ready[key] = may
         if not ready:
             return None

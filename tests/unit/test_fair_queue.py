@@ -67,20 +67,27 @@ async def test_within_a_key_an_interactive_session_goes_before_the_swarm_session
     assert chat.done() and not any(s.done() for s in swarm)
 
 
-async def test_a_keys_swarm_session_leaves_a_place_for_its_idle_chat_session():
-    gate = FairQueue(bound=4, shared_bound=2)
+async def test_beside_its_chat_a_keys_swarm_session_keeps_to_the_shared_places():
+    gate = FairQueue(bound=8, shared_bound=4)
     chat = await gate.enter("key", "chat", 10, 1.0, None)
     chat.close(2)  # the chat is idle now, but active
-    swarm = [asyncio.ensure_future(gate.enter("key", "swarm", 10, 1.0, None)) for _ in range(6)]
+    swarm = [asyncio.ensure_future(gate.enter("key", "swarm", 10, 1.0, None)) for _ in range(9)]
     await turn()
-    assert gate.in_flight == 3  # one place of the key's four kept for the chat
+    # its part (2 of the 4 shared places) and one more, one kept for the chat
+    assert gate.in_flight == 3
     again = await gate.enter("key", "chat", 10, 1.0, None)
-    assert again.waited_s == 0.0
+    assert again.waited_s == 0.0  # at once, into a small batch
     again.close(2)
     for s in swarm[:3]:
         (await s).close(5)
     await turn()
     assert sum(s.done() for s in swarm) == 6 and gate.in_flight == 3
+
+
+async def test_a_swarm_of_one_request_a_session_keeps_the_whole_tier():
+    gate = FairQueue(bound=8, shared_bound=2)
+    agents = [await gate.enter("key", f"agent-{i}", 10, 1.0, None) for i in range(8)]
+    assert gate.in_flight == 8 and all(a.waited_s == 0.0 for a in agents)
 
 
 async def test_a_session_active_at_another_router_is_kept_a_place_here():
