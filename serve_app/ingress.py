@@ -119,4 +119,5 @@ class Ingress:
                 await self.pipeline.refresh(loads)
             except Exception:
                 log.exception("reading tier loads failed")
+                self.pipeline.board_unanswered()
             await asyncio.sleep(self.config.router.load_refresh_s)

@@ -29,7 +29,7 @@ from opentelemetry.trace import Span
 from deployments import tracing
 from deployments.engines.openai_shape import output_limit
 from deployments.protocol import Endpoint, EngineError
-from deployments.scheduling.loadboard import RouterReport, TierLoad
+from deployments.scheduling.loadboard import STALE_AFTER_S, RouterReport, TierLoad
 from deployments.streaming import Served
 from serve_app.actors import DetachedCalls
 from serve_app.canonical import ChatRequest
@@ -153,6 +153,7 @@ class Pipeline:
         self.ttft_p90: dict[str, float] = {}  # read with the loads, not sorted per request
         self.undelivered = UndeliveredStreams()
         self.silent = SilentReplicas(r.stream_stall_s)
+        self.refreshed_at = time.monotonic()  # when the load board last answered
         self.calls = DetachedCalls()
         # records the gateway could not take yet (it was restarting), oldest first
         self.unsettled: collections.deque[tuple[str, UsageRecord]] = collections.deque()
@@ -166,6 +167,7 @@ class Pipeline:
     async def refresh(self, loads: dict[str, TierLoad]) -> None:
         """New tier figures (the ingress reads them every `load_refresh_s`)."""
         self.loads = loads
+        self.refreshed_at = time.monotonic()
         self.sent = collections.Counter()
         self.ttft_p90 = self.ttft.p90_ms()
         self.metrics.observe_loads(loads)
@@ -181,15 +183,24 @@ class Pipeline:
                     key: frozenset(named) for key, named in load.active_sessions.items()
                 }
                 self.metrics.queues.waiting.set(gate.queued, {"tier": name})
-        reporting = {m.replica for load in loads.values() for m in load.members}
-        if stalled := self.silent.sweep(reporting):
-            log.warning("ended %d streams whose tier replica fell silent", stalled)
+        self._sweep_silent({m.replica for load in loads.values() for m in load.members})
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
         if self.unsettled and (self._resettling is None or self._resettling.done()):
             self._resettling = asyncio.create_task(self._resettle())
         if self._renewing is None or self._renewing.done():
             self._renewing = asyncio.create_task(self.open.renew(self.gateway))
+
+    def board_unanswered(self) -> None:
+        """The load board did not answer. Past its own staleness no replica counts as
+        reporting, so streams silent past the stall bound still end: the board's node
+        may be the one gone silent."""
+        if time.monotonic() - self.refreshed_at > STALE_AFTER_S:
+            self._sweep_silent(set())
+
+    def _sweep_silent(self, reporting: set[str]) -> None:
+        if stalled := self.silent.sweep(reporting):
+            log.warning("ended %d streams whose tier replica fell silent", stalled)
 
     def queue_report(self) -> RouterReport:
         """What this router's fair queues hold, for the load board."""

@@ -441,3 +441,25 @@ async def test_a_stream_whose_replica_falls_silent_ends_with_a_retryable_error()
     assert record.status == 503 and record.cost_usd == 0 and record.completion_tokens >= 3
     await asyncio.sleep(0.01)
     assert engine.stopped == engine.requests  # the engine request is cancelled
+
+
+async def test_streams_silent_past_the_bound_end_when_the_load_board_is_silent_too():
+    engine = FakeEngine(tokens=1000, delay_s=0.001)
+    gateway = FakeGateway("enterprise")
+    router = pipeline(InProcessTiers(premium=engine), gateway)
+    router.silent.stall_s = 0.0
+    result = await router.serve(inbound("kimi-k2.5:premium", stream=True))
+    assert isinstance(result, Streamed)
+    result.started()
+    reader = asyncio.create_task(drain(result))
+    await asyncio.sleep(0.02)
+    engine.delay_s = 3600
+    router.board_unanswered()  # the board answered a moment ago: nothing ends
+    await asyncio.sleep(0.02)
+    assert not reader.done()
+    router.refreshed_at -= 60  # and then not for a minute
+    router.board_unanswered()
+    events = await asyncio.wait_for(reader, 5)
+    assert "retry" in json.loads(events[-1].removeprefix("data: "))["error"]["message"]
+    [record] = gateway.records
+    assert record.status == 503

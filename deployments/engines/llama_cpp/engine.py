@@ -210,7 +210,7 @@ class LlamaCppEngine(Engine):
     ) -> AsyncIterator[EngineOutput]:
         """llama-server's chat answer, with its reasoning tokens counted (it reports
         none): streamed, one per chunk of reasoning (one token each); whole, by
-        tokenizing the reasoning it returned."""
+        tokenizing the reasoning it returned (at most its output tokens)."""
         if not is_stream(resp):
             answer = normalize_response(json.loads(await resp.aread()))
             thought = "".join(
@@ -218,7 +218,9 @@ class LlamaCppEngine(Engine):
                 for c in answer.get("choices") or ()
             )
             tokens = await self._count(thought, request_id) if thought else 0
-            yield with_reasoning_tokens(answer, tokens)
+            # its text tokenized again may take more tokens than generating it did
+            output = (answer.get("usage") or {}).get("completion_tokens")
+            yield with_reasoning_tokens(answer, tokens if output is None else min(tokens, output))
             return
         reasoning = 0
         async for event in relay_stream(resp):
