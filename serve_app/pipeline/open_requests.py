@@ -12,18 +12,24 @@ from serve_app.gateway.protocol import (
     Lease,
     Progress,
     Renewal,
+    UsageRecord,
 )
 from serve_app.pipeline.relay import RequestMeter
 
 log = logging.getLogger("serve_app.pipeline.open_requests")
 
 
+def draft_of(meter: RequestMeter) -> UsageRecord:
+    """A request's record as it would read if this router died before settling it."""
+    return meter.record(502, LOST)
+
+
 def progress_of(meter: RequestMeter) -> Progress:
-    usage = meter.usage or {"prompt_tokens": 0, "completion_tokens": meter.chunks}
+    usage = meter.counted()
     return Progress(
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,
-        ttft_ms=None if meter.first_at is None else (meter.first_at - meter.started) * 1000,
+        ttft_ms=meter.ttft_ms,
     )
 
 
@@ -36,9 +42,8 @@ class OpenRequests:
         self.resend: set[str] = set()  # tickets a restarted gateway asked for again
 
     def lease(self, meter: RequestMeter) -> Lease:
-        """What a request's admission leaves with the gateway: its record as it would
-        read if this router died before settling it."""
-        return Lease(router=self.router, draft=meter.record(502, LOST))
+        """What a request's admission leaves with the gateway."""
+        return Lease(router=self.router, draft=draft_of(meter))
 
     def add(self, ticket: str, meter: RequestMeter) -> None:
         self.open[ticket] = meter
@@ -50,9 +55,7 @@ class OpenRequests:
     def renewal(self) -> Renewal:
         return Renewal(
             router=self.router,
-            opened={
-                t: m.record(502, LOST) for t in self.resend if (m := self.open.get(t)) is not None
-            },
+            opened={t: draft_of(m) for t in self.resend if (m := self.open.get(t)) is not None},
             progress={t: progress_of(m) for t, m in self.open.items()},
         )
 

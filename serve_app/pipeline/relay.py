@@ -45,8 +45,16 @@ class RequestMeter:
             9,
         )
 
+    def counted(self) -> dict[str, Any]:
+        """The usage so far: the engine's once it reported it, else the chunks relayed."""
+        return self.usage or {"prompt_tokens": 0, "completion_tokens": self.chunks}
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_at is None else (self.first_at - self.started) * 1000
+
     def record(self, status: int, error: str | None = None) -> UsageRecord:
-        usage = self.usage or {"prompt_tokens": 0, "completion_tokens": self.chunks}
+        usage = self.counted()
         now = time.monotonic()
         return UsageRecord(
             **self.labels.model_dump(),
@@ -58,7 +66,7 @@ class RequestMeter:
             or 0,
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
             media_tokens=(usage.get("prompt_tokens_details") or {}).get("image_tokens") or 0,
-            ttft_ms=None if self.first_at is None else (self.first_at - self.started) * 1000,
+            ttft_ms=self.ttft_ms,
             latency_ms=(now - self.started) * 1000,
             cost_usd=self.cost(usage) if billable(status) else 0.0,
             error=error,
