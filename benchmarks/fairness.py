@@ -334,6 +334,15 @@ def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, An
     }
 
 
+def alone_and_under(a: dict[str, Any], u: dict[str, Any]) -> str:
+    """Three table cells: TTFT p50 / p99 alone, under the swarm, and the p99 ratio."""
+    ratio = u["p99_ms"] / a["p99_ms"] if a["p99_ms"] else float("nan")
+    return (
+        f"{a['p50_ms']:.0f} / {a['p99_ms']:.0f} | {u['p50_ms']:.0f} / {u['p99_ms']:.0f}"
+        f" ({u['ok']} of {u['n']}) | {ratio:.1f}x"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Fair share under a swarm ({report['tier']})",
@@ -352,11 +361,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for order, r in report["orders"].items():
-        a, u = r["victim_alone"], r["victim_under_swarm"]
-        ratio = u["p99_ms"] / a["p99_ms"] if a["p99_ms"] else float("nan")
         lines.append(
-            f"| {order} | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} | {u['p50_ms']:.0f} /"
-            f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x | {r['victim_refused']} |"
+            f"| {order} | {alone_and_under(r['victim_alone'], r['victim_under_swarm'])} |"
+            f" {r['victim_refused']} |"
             f" {', '.join(f'{v:.0f}' for v in r['newcomers_under_swarm']['slowest_ms'])} |"
             f" {r['swarm_alone_tok_s']:.0f} | {r['swarm_with_victim_tok_s']:.0f} |"
             f" {r['jain_two_swarms']:.3f} ({r['jain_two_swarms_whole']:.3f}) |"
@@ -372,11 +379,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for order, r in report["orders"].items():
-        a, u = r["session_alone"], r["session_under_own_swarm"]
-        ratio = u["p99_ms"] / a["p99_ms"] if a["p99_ms"] else float("nan")
         lines.append(
-            f"| {order} | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} | {u['p50_ms']:.0f} /"
-            f" {u['p99_ms']:.0f} ({u['ok']} of {u['n']}) | {ratio:.1f}x |"
+            f"| {order} | {alone_and_under(r['session_alone'], r['session_under_own_swarm'])} |"
             f" {r['session_refused']} |"
         )
     orders = report["orders"]

@@ -412,7 +412,9 @@ async def test_an_output_limit_lowered_to_fit_a_session_cap_is_what_the_engine_g
     assert ask.prompt_bound >= asked.prompt_estimate()  # a bound, not the estimate
 
 
-async def test_a_stream_whose_replica_falls_silent_ends_with_a_retryable_error():
+async def silent_stream() -> tuple[FakeEngine, FakeGateway, Pipeline, Streamed]:
+    """A premium stream under way whose engine then goes quiet (its node stopped), on
+    a router that stalls streams at once (`stall_s` 0)."""
     engine = FakeEngine(tokens=1000, delay_s=0.001)
     gateway = FakeGateway("enterprise")
     router = pipeline(InProcessTiers(premium=engine), gateway)
@@ -420,6 +422,11 @@ async def test_a_stream_whose_replica_falls_silent_ends_with_a_retryable_error()
     result = await router.serve(inbound("kimi-k2.5:premium", stream=True))
     assert isinstance(result, Streamed)
     result.started()
+    return engine, gateway, router, result
+
+
+async def test_a_stream_whose_replica_falls_silent_ends_with_a_retryable_error():
+    engine, gateway, router, result = await silent_stream()
     events: list[str] = []
 
     async def client() -> None:
@@ -444,13 +451,7 @@ async def test_a_stream_whose_replica_falls_silent_ends_with_a_retryable_error()
 
 
 async def test_streams_silent_past_the_bound_end_when_the_load_board_is_silent_too():
-    engine = FakeEngine(tokens=1000, delay_s=0.001)
-    gateway = FakeGateway("enterprise")
-    router = pipeline(InProcessTiers(premium=engine), gateway)
-    router.silent.stall_s = 0.0
-    result = await router.serve(inbound("kimi-k2.5:premium", stream=True))
-    assert isinstance(result, Streamed)
-    result.started()
+    engine, gateway, router, result = await silent_stream()
     reader = asyncio.create_task(drain(result))
     await asyncio.sleep(0.02)
     engine.delay_s = 3600
