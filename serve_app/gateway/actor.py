@@ -52,9 +52,11 @@ from serve_app.gateway.usage_log import MeterWriter
 from serve_app.gateway.usage_query import recent_usage, usage_summary
 from serve_app.gateway.usage_records import UsageRecord
 from serve_app.reasoning.memory import ReasoningMemory
+from serve_app.state_claim import StateClaim
 
 ACTOR_NAME = "kimi-gateway"
 log = logging.getLogger("serve_app.gateway.actor")
+LEASE_CHECK_S = 1.0  # how often the leases are checked (a pause much longer is the gateway's)
 SETTLED_KEPT = 100_000  # tickets remembered as settled, so a retried settlement is no-op
 
 
@@ -122,6 +124,8 @@ class GatewayState:
         self, root: str, plans: dict[str, dict], batch_size: int, flush_interval_s: float
     ) -> None:
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.claim = StateClaim(self.root, "gateway")  # before the log's recovery writes
         self.keys = KeyStore(self.root / "keys.db")
         self.meter = MeterWriter(self.root / "usage", batch_size=batch_size)
         self.flush_interval_s = flush_interval_s
@@ -136,7 +140,7 @@ class GatewayState:
         self.leases = LeaseBook()
         self.throttle = Throttle()
         self.metrics = GatewayMetrics()
-        self._flusher: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
         # settlements waiting for their records to be written, and the task writing them
         self._waiting: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -154,14 +158,23 @@ class GatewayState:
         self.plans = {name: Plan.model_validate(p) for name, p in plans.items()}
 
     def _start_flusher(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        if not self._loops:
+            loop = asyncio.get_running_loop()
+            self._loops = [
+                loop.create_task(self._flush_loop()),
+                loop.create_task(self._lease_loop()),
+            ]
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_CHECK_S)
+            await self._settle_lapsed()
 
     async def _flush_loop(self) -> None:
         while True:
             # a failing disk is retried every second: recovery is automatic and quick
             await asyncio.sleep(1.0 if self.fault else self.flush_interval_s)
-            await self._settle_lapsed()
+            self.claim.check()
             self.meter.heal()
             self._write_totals()
             self.metrics.degraded.set(1 if self.fault else 0)
@@ -207,6 +220,7 @@ class GatewayState:
         """Admit one request under `ticket` (the caller's; asked again, the same
         admission, so a retried call admits once), leased to its router if `lease`."""
         self._start_flusher()
+        self.claim.check()
         now = time.time()
         state = self._state(caller, now)
         if (admitted := self.tickets.get(ticket)) is not None:
@@ -250,6 +264,7 @@ class GatewayState:
         ticket settled already is not settled again (a retried call meters once)."""
         if ticket in self.settled:
             return
+        self.claim.check()
         if record is not None and (record.request_id, record.time) in self.meter.recovered:
             return  # the previous gateway process metered it, then died before answering
         self.settled[ticket] = None
@@ -283,6 +298,7 @@ class GatewayState:
         return self.leases.renew(renewal, self.settled)
 
     async def _settle_lapsed(self) -> None:
+        self.claim.check()
         for ticket, record in self.leases.lapsed():
             log.warning("settling %s: %s", record.request_id, LOST)
             self.metrics.lapsed.inc()
@@ -353,6 +369,12 @@ class GatewayState:
 
     # ---- admin -----------------------------------------------------------------------
 
+    def _written(self, call: Callable[[], T]) -> T | StorageFault:
+        """A change to the key or sign-in store, made only while this process holds the
+        state dir's claim."""
+        self.claim.check()
+        return stored(call)
+
     def create_key(self, spec: NewKey) -> tuple[str, KeyInfo] | StorageFault | ValueError:
         """The key and its record; a refusal (unknown plan, bad overrides) or a storage
         fault as a value, so a caller tells them from the actor being away."""
@@ -362,7 +384,7 @@ class GatewayState:
             overrides = KeyOverrides.model_validate(spec.overrides)
         except ValidationError as exc:
             return ValueError(str(exc))
-        return stored(
+        return self._written(
             lambda: self.keys.create(
                 spec.plan, spec.name, overrides, spec.metadata, spec.expires_at
             )
@@ -372,10 +394,11 @@ class GatewayState:
         return stored(self.keys.list)
 
     def revoke_key(self, key_id: str) -> bool | StorageFault:
-        if isinstance(ended := stored(lambda: self.signins.end_subject(key_id)), StorageFault):
+        ended = self._written(lambda: self.signins.end_subject(key_id))
+        if isinstance(ended, StorageFault):
             return ended
         self.reasoning.forget(key_id)
-        return stored(lambda: self.keys.revoke(key_id))
+        return self._written(lambda: self.keys.revoke(key_id))
 
     def update_key(
         self, key_id: str, plan: str | None, overrides: dict | None
@@ -387,7 +410,7 @@ class GatewayState:
             checked = None if overrides is None else KeyOverrides.model_validate(overrides)
         except ValidationError as exc:
             return ValueError(str(exc))
-        return stored(lambda: self.keys.update(key_id, plan, checked))
+        return self._written(lambda: self.keys.update(key_id, plan, checked))
 
     def key_account(self, key_id: str) -> KeyAccount | StorageFault | None:
         """A key's record, its limits as its plan and overrides make them, and this month's
@@ -415,13 +438,13 @@ class GatewayState:
         return self.reasoning.recall(key_id, turns)
 
     def open_signin(self, subject: str, ttl_s: float) -> str | StorageFault:
-        return stored(lambda: self.signins.open(subject, ttl_s))
+        return self._written(lambda: self.signins.open(subject, ttl_s))
 
     def signin_subject(self, token: str) -> str | StorageFault | None:
         return stored(lambda: self.signins.subject(token))
 
     def close_signin(self, token: str) -> StorageFault | None:
-        return stored(lambda: self.signins.close(token))
+        return self._written(lambda: self.signins.close(token))
 
     # ---- credential guessing (gateway/throttle.py) -----------------------------------
 
@@ -442,6 +465,7 @@ class GatewayState:
 
     def flush(self) -> str | None:
         """Everything settled into Parquet; why not, where the disk fails."""
+        self.claim.check()
         self.meter.heal()
         return self.meter.flush() or self.fault
 

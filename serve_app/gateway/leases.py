@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from serve_app.gateway.usage_records import UsageRecord
 
 LEASE_S = 10.0  # a router that renews every half second and is silent this long is gone
+PAUSE_S = LEASE_S / 2  # a gap this long between checks: the gateway was the one silent
 LOST = "the router replica serving it was lost"
 
 
@@ -59,10 +60,12 @@ class Draft:
 class LeaseBook:
     """The gateway's side: each router's open requests and when it last renewed."""
 
-    def __init__(self, lease_s: float = LEASE_S) -> None:
+    def __init__(self, lease_s: float = LEASE_S, pause_s: float = PAUSE_S) -> None:
         self.lease_s = lease_s
+        self.pause_s = pause_s
         self.drafts: dict[str, Draft] = {}
         self.renewed: dict[str, tuple[float, float]] = {}  # router: (monotonic, wall) time
+        self.checked_at = time.monotonic()
 
     def open(self, ticket: str, lease: Lease) -> None:
         self.drafts[ticket] = Draft(lease.router, lease.draft, Progress())
@@ -88,8 +91,14 @@ class LeaseBook:
 
     def lapsed(self) -> list[tuple[str, UsageRecord]]:
         """The open requests of routers silent past the lease, as their final records
-        (they leave the book)."""
+        (they leave the book). Called every few seconds: a longer gap means the gateway
+        was the one silent (frozen, its loop held up) while the routers' renewals waited
+        in its queue, so each router gets a fresh lease instead."""
         now = time.monotonic()
+        paused, self.checked_at = now - self.checked_at > self.pause_s, now
+        if paused:
+            self.renewed = {r: (now, wall) for r, (_, wall) in self.renewed.items()}
+            return []
         gone = {r: wall for r, (at, wall) in self.renewed.items() if now - at > self.lease_s}
         out = []
         for ticket, draft in list(self.drafts.items()):

@@ -18,6 +18,7 @@ import httpx
 import ray
 
 from serve_app.config import SessionSettings
+from serve_app.state_claim import StateClaim
 from serve_app.store.protocol import ItemConflict, StorageFull, StoredResponse, StoreFailed
 from serve_app.store.responses_db import ItemIdTaken, QuotaExceeded, ResponsesDB, StoreLimits
 from serve_app.store.webhook_delivery import Delivery, backoff_s, deliver, new_secret
@@ -36,6 +37,8 @@ def limits_of(settings: SessionSettings) -> StoreLimits:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class StoreActor:
     def __init__(self, root: str, settings: SessionSettings, background: bool = True) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        self.claim = StateClaim(Path(root), "store")  # a replaced store writes nothing
         self.db = ResponsesDB(Path(root) / "sessions.db", limits_of(settings))
         self.settings = settings
         self.background = background  # sweep and deliver (off for an in-process store)
@@ -53,6 +56,7 @@ class StoreActor:
                 loop.create_task(self._sweep_loop()),
                 loop.create_task(self._deliver_loop()),
             ]
+        self.claim.check()
         try:
             return call()
         except QuotaExceeded as exc:
@@ -148,6 +152,7 @@ class StoreActor:
         """Webhook deliveries that are due, a batch at a time, until none is."""
         async with httpx.AsyncClient(follow_redirects=False) as client:
             while True:
+                self.claim.check()
                 try:
                     due = self.db.webhooks.due(time.time())
                     await asyncio.gather(*(self._attempt(client, d) for d in due))
@@ -168,6 +173,7 @@ class StoreActor:
 
     async def _sweep_loop(self) -> None:
         while True:
+            self.claim.check()
             try:
                 if gone := self.db.sweep():
                     log.info("swept %d expired responses and conversations", gone)

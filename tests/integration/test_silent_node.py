@@ -20,7 +20,7 @@ import ray
 from ray._private import ray_constants
 
 from tests.integration.conftest import NODES, flushed_usage, new_key, wait_for
-from tests.integration.test_node_loss import MSG, Stream, ram_node
+from tests.integration.test_node_loss import MSG, Stream, move_gateway_to, ram_node
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +40,8 @@ def test_a_silent_node_ends_its_streams_cleanly_and_its_tiers_come_back(
     cluster, serve_url, admin, state_dir
 ):
     node = ram_node(cluster)
+    # the gateway silent too: the one that wakes after its replacement writes nothing
+    move_gateway_to(node.node_id, state_dir)
     key, key_id = new_key(admin, "spill")
     headers = {"authorization": f"Bearer {key}"}
     answers: dict[str, int] = {}
@@ -107,7 +109,8 @@ def test_a_silent_node_ends_its_streams_cleanly_and_its_tiers_come_back(
     table = flushed_usage(admin, state_dir)
     rows = table.filter(pc.equal(table["key_id"], key_id)).to_pylist()
     ids = [r["request_id"] for r in rows]
-    assert len(ids) == len(set(ids))  # none twice
+    twice = [(r["request_id"], r["time"], r["status"], r["latency_ms"]) for r in rows]
+    assert len(ids) == len(set(ids)), sorted(twice)  # none twice
     served = [rid for rid, status in answers.items() if status == 200]
     assert set(served) <= set(ids)  # each answer metered
     for s in streams:

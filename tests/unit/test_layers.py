@@ -15,7 +15,16 @@ HTTP = ("fastapi", "starlette")
 ASSEMBLY = {"serve_app.app", "serve_app.ingress", "serve_app.cli"}  # build and wire it all
 TOP_LEVEL = ASSEMBLY | {
     f"serve_app.{m}"
-    for m in ("config", "errors", "canonical", "actors", "outbound", "ray_env", "__init__")
+    for m in (
+        "config",
+        "errors",
+        "canonical",
+        "actors",
+        "state_claim",
+        "outbound",
+        "ray_env",
+        "__init__",
+    )
 }
 SERVICES = {
     "serve_app.gateway": "serve_app.gateway.protocol",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 from serve_app.gateway.keys import KeyOverrides
 from serve_app.gateway.leases import LOST, Lease, LeaseBook
@@ -110,3 +111,14 @@ def test_an_admission_renews_its_routers_lease():
     book.renewed["ingress-0"] = (0.0, 0.0)  # heard from long ago, then idle
     book.open("t1", Lease(router="ingress-0", draft=record(1, 502)))
     assert book.lapsed() == []
+
+
+def test_a_gateway_that_was_paused_gives_every_router_a_fresh_lease():
+    """Frozen or held up, the gateway heard no renewal: its routers are not the ones gone."""
+    book = LeaseBook(lease_s=60.0, pause_s=30.0)
+    book.open("t1", Lease(router="ingress-0", draft=record(1, 502)))
+    book.renewed["ingress-0"] = (time.monotonic() - 120, 0.0)  # last heard two minutes ago
+    book.checked_at -= 100  # ...and the book last checked long ago: the gateway's pause
+    assert book.lapsed() == [] and "t1" in book.drafts
+    book.renewed["ingress-0"] = (time.monotonic() - 120, 0.0)  # silent since, checked on time
+    assert [ticket for ticket, _ in book.lapsed()] == ["t1"]
