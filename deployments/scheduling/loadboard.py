@@ -71,6 +71,9 @@ def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
     )
 
 
+HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
+
+
 # Hot control-plane calls: no Ray task event kept for each (as Serve does for its own
 # actors); with them GCS and the callers grew by hundreds of MiB an hour under load.
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
@@ -136,7 +139,13 @@ class LoadBoard:
 
 def board() -> ray.actor.ActorHandle:
     """The one board of the cluster, created by whoever asks first. Detached: it must
-    outlive the replica that happened to create it."""
+    outlive the replica that happened to create it. On the head node (beside GCS and
+    Serve's controller, as Ray's own state actors are): a worker node that falls silent
+    must not take every router's view of the tiers with it."""
     return LoadBoard.options(
-        name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached"
+        name=BOARD_NAME,
+        namespace=BOARD_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        resources={HEAD_NODE: 0.001},
     ).remote()
