@@ -23,6 +23,10 @@ class EngineError(BaseModel):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+    # a prompt past the context (`context_overflow`): the engine's own counts, which the
+    # router words as each API does (agent CLIs compact on those words and numbers)
+    prompt_tokens: int | None = None
+    max_context: int | None = None
 
     def body(self) -> dict[str, Any]:
         return {
@@ -42,6 +46,19 @@ def token_count(count: int) -> dict[str, Any]:
     """A tokenize answer: the prompt's tokens as usage, nothing generated."""
     usage = {"prompt_tokens": count, "completion_tokens": 0, "total_tokens": count}
     return {"object": "tokenization", "usage": usage}
+
+
+def context_overflow(prompt_tokens: int, max_context: int) -> EngineError:
+    """The engine's refusal of a prompt longer than its context, in one shape for every
+    engine."""
+    return EngineError(
+        status_code=400,
+        message=f"the prompt has {prompt_tokens} tokens; the context holds {max_context}",
+        param="messages",
+        code="context_length_exceeded",
+        prompt_tokens=prompt_tokens,
+        max_context=max_context,
+    )
 
 
 def mid_answer_error(error: dict[str, Any]) -> EngineError:

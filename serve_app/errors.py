@@ -57,7 +57,12 @@ class APIError(Exception):
 
     @classmethod
     def from_engine(cls, err: EngineError, headers: dict[str, str]) -> APIError:
-        """An engine's refusal as the client sees it, its type and code kept."""
+        """An engine's refusal as the client sees it, its type and code kept; a prompt
+        past the engine's context as each API words one."""
+        if err.prompt_tokens is not None and err.max_context is not None:
+            overflow = ContextOverflow(err.prompt_tokens, err.max_context)
+            overflow.headers.update(headers)
+            return overflow
         return cls(
             err.status_code,
             err.message,

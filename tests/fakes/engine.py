@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.engines.base import Engine
-from deployments.protocol import EngineLoad, EngineOutput, engine_down, token_count
+from deployments.protocol import EngineError, EngineLoad, EngineOutput, engine_down, token_count
 
 
 class FakeEngine(Engine):
@@ -20,6 +20,7 @@ class FakeEngine(Engine):
         self.delay_s = delay_s
         self.down = False
         self.hang = False
+        self.refusal: EngineError | None = None  # yielded instead of an answer, where set
         self.requests: list[str] = []
         self.bodies: list[dict[str, Any]] = []  # what each request asked, in order
         self.stopped: list[str] = []  # requests ended before they finished
@@ -29,8 +30,8 @@ class FakeEngine(Engine):
         self.bodies.append(body)
         finished = False
         try:
-            if self.down:
-                yield engine_down()
+            if self.down or self.refusal is not None:
+                yield self.refusal or engine_down()
                 finished = True
                 return
             if self.hang:

@@ -36,7 +36,14 @@ from deployments.engines.llama_cpp.constrained import (
 from deployments.engines.llama_cpp.schema_grammar import SchemaGrammar, SchemaNotSupported
 from deployments.engines.openai_shape import PROMPT_FIELDS, normalize_response, normalize_sse
 from deployments.ports import free_port
-from deployments.protocol import EngineError, EngineLoad, EngineOutput, engine_down, token_count
+from deployments.protocol import (
+    EngineError,
+    EngineLoad,
+    EngineOutput,
+    context_overflow,
+    engine_down,
+    token_count,
+)
 from deployments.spec import TierSpec, flags_to_argv
 
 log = logging.getLogger(__name__)
@@ -430,6 +437,10 @@ def engine_error_from(status: int, raw: bytes) -> EngineError:
         etype = err.get("type") or "invalid_request_error"
     except (ValueError, AttributeError):
         message, etype = raw.decode(errors="replace")[:500], "server_error"
+        err = {}
+    counts = err.get("n_prompt_tokens"), err.get("n_ctx")  # n_ctx: one slot's, the tier's
+    if etype == "exceed_context_size_error" and all(isinstance(n, int) for n in counts):
+        return context_overflow(*counts)
     return EngineError(status_code=status, message=message, type=etype)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from deployments.protocol import (
     EngineError,
     EngineLoad,
     EngineOutput,
+    context_overflow,
     engine_down,
     mid_answer_error,
     token_count,
@@ -186,9 +188,7 @@ class VLLMEngine(Engine):
             yield validation_error(exc)
             return
         except VLLMClientError as exc:  # some of vLLM's validators raise this, not ValueError
-            yield EngineError(
-                status_code=400, message=str(exc), param=getattr(exc, "parameter", None)
-            )
+            yield refusal(400, str(exc), param=getattr(exc, "parameter", None))
             return
         try:
             result = await handler(request, None)
@@ -198,7 +198,7 @@ class VLLMEngine(Engine):
             return
         except Exception as exc:  # vLLM raises for a few request errors
             log.exception("engine rejected request %s", request_id)
-            yield EngineError(status_code=400, message=str(exc) or type(exc).__name__)
+            yield refusal(400, str(exc) or type(exc).__name__)
             return
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -208,9 +208,7 @@ class VLLMEngine(Engine):
             raise asyncio.CancelledError
         if isinstance(result, ErrorResponse):
             err = result.error
-            yield EngineError(
-                status_code=err.code or 400, message=err.message, type=err.type, param=err.param
-            )
+            yield refusal(err.code or 400, err.message, type=err.type, param=err.param)
         elif hasattr(result, "model_dump"):
             yield normalize_response(result.model_dump(mode="json", exclude_none=True))
         else:
@@ -247,6 +245,24 @@ def error_event(chunk: str) -> dict[str, Any] | None:
         return json.loads(chunk[6:])["error"]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# vLLM's sentences for a prompt past max_model_len: (prompt tokens, context) from each
+OVERFLOW = (
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens\. However, your prompt contains "
+               r"(?:at least )?(?P<prompt>\d+) input tokens"),
+    re.compile(r"prompt \(length (?P<prompt>\d+)\) is longer than the maximum model length of "
+               r"(?P<ctx>\d+)"),
+)  # fmt: skip
+
+
+def refusal(status: int, message: str, **fields: Any) -> EngineError:
+    """vLLM's refusal of a request as ours; a prompt past the context in the one shape
+    every engine gives it (`context_overflow`)."""
+    for pattern in OVERFLOW:
+        if m := pattern.search(message):
+            return context_overflow(int(m["prompt"]), int(m["ctx"]))
+    return EngineError(status_code=status, message=message, **fields)
 
 
 def validation_error(exc: ValidationError) -> EngineError:
