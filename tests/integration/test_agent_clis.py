@@ -145,13 +145,18 @@ def claude(agent: Agent, *args: str) -> dict[str, Any]:
     return result
 
 
-def claude_transcript(agent: Agent, session: str, model: str, signature: str) -> None:
-    """A stored Claude Code session: the user asked, the model thought (its reasoning
-    sealed in the signature, shown as nothing: `display: "omitted"`) and ran Bash, and
-    the tool's result came back. Claude Code sends thinking back only to the model that
-    wrote it, so the transcript names the model the test resumes with."""
-    # Claude Code's project folder: the working directory, every other character a dash
-    project = agent.home / ".claude" / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(agent.cwd))
+def claude_project(agent: Agent) -> Path:
+    """Claude Code's folder of the working directory's sessions (its path, every other
+    character a dash)."""
+    return agent.home / ".claude" / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(agent.cwd))
+
+
+def write_transcript(
+    agent: Agent, session: str, model: str, turns: list[tuple[str, list[dict], str]]
+) -> None:
+    """A stored Claude Code session of tool-call turns, each the user's ask, the
+    assistant's content (ending in one `tool_use`, of `model`) and the tool's output."""
+    project = claude_project(agent)
     project.mkdir(parents=True, exist_ok=True)
     common = {
         "isSidechain": False,
@@ -161,31 +166,45 @@ def claude_transcript(agent: Agent, session: str, model: str, signature: str) ->
         "version": "2.1.328",
         "timestamp": "2026-11-27T12:00:00.000Z",
     }
-    ask, answer, result = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"{n}")) for n in "abc")
-    tool_use = "toolu_01KimiServeAgentTest"
-    message = {
-        "id": "msg_01KimiServeAgentTest",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "stop_reason": "tool_use",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 1, "output_tokens": 1},
-        "content": [
-            {"type": "thinking", "thinking": "", "signature": signature},
-            {"type": "tool_use", "id": tool_use, "name": "Bash", "input": {"command": "ls"}},
-        ],
-    }
-    output = {"type": "tool_result", "tool_use_id": tool_use, "content": "notes.txt"}
-    entries = [
-        {**common, "parentUuid": None, "type": "user", "uuid": ask,
-         "message": {"role": "user", "content": "Which files are here?"}},
-        {**common, "parentUuid": ask, "type": "assistant", "uuid": answer, "message": message},
-        {**common, "parentUuid": answer, "type": "user", "uuid": result,
-         "message": {"role": "user", "content": [output]},
-         "toolUseResult": {"stdout": "notes.txt", "stderr": "", "interrupted": False}},
-    ]  # fmt: skip
+    entries, parent = [], None
+    for n, (ask_text, content, output_text) in enumerate(turns):
+        ask, answer, result = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"{n}{x}")) for x in "abc")
+        message = {
+            "id": f"msg_01KimiServeAgentTest{n}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "stop_reason": "tool_use",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 1},
+            "content": content,
+        }
+        output = {"type": "tool_result", "tool_use_id": content[-1]["id"], "content": output_text}
+        entries += [
+            {**common, "parentUuid": parent, "type": "user", "uuid": ask,
+             "message": {"role": "user", "content": ask_text}},
+            {**common, "parentUuid": ask, "type": "assistant", "uuid": answer, "message": message},
+            {**common, "parentUuid": answer, "type": "user", "uuid": result,
+             "message": {"role": "user", "content": [output]},
+             "toolUseResult": {"stdout": output_text, "stderr": "", "interrupted": False}},
+        ]  # fmt: skip
+        parent = result
     (project / f"{session}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def bash(n: int, command: str) -> dict:
+    return {"type": "tool_use", "id": f"toolu_01KimiServe{n:04d}", "name": "Bash",
+            "input": {"command": command}}  # fmt: skip
+
+
+def claude_transcript(agent: Agent, session: str, model: str, signature: str) -> None:
+    """A stored Claude Code session: the user asked, the model thought (its reasoning
+    sealed in the signature, shown as nothing: `display: "omitted"`) and ran Bash, and
+    the tool's result came back. Claude Code sends thinking back only to the model that
+    wrote it, so the transcript names the model the test resumes with."""
+    thinking = {"type": "thinking", "thinking": "", "signature": signature}
+    turn = ("Which files are here?", [thinking, bash(0, "ls")], "notes.txt")
+    write_transcript(agent, session, model, [turn])
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -214,6 +233,47 @@ def test_claude_code_resume_brings_the_sealed_reasoning_back(tier, agent, admin,
         claude(agent, PROMPT, "--resume", session, "--model", f"kimi-k2.5:{tier}")
         agent_turns(session_records(admin, state_dir, session), tier, "anthropic")
         assert counted("anthropic", how, above=before) > before, how
+
+
+def test_claude_code_compacts_a_resumed_session_longer_than_the_tier(agent, admin, state_dir):
+    """A resumed session whose history (four long tool outputs) with Claude Code's own
+    prompt passes budget's context. The router's estimate is deliberately low, so
+    llama-server is the one to count it past the context; its refusal reaches Claude Code
+    in Anthropic's words ("prompt is too long: N tokens > M maximum"), and Claude Code,
+    which thinks the model has a 1M-token window, compacts on exactly those words: it
+    summarises the oldest turns in requests that fit and carries on from the summary. The
+    records show the refusal (metered at no charge) and then requests served on budget;
+    the transcript holds Claude Code's compact boundary; the session ends with the
+    model's answer."""
+    context = budget_context(agent)
+    session = str(uuid.uuid4())
+    log = " ".join(f"step {i} of the build compiled one more module" for i in range(150))
+    # each turn asked with the wired prompt, as every prompt here: so the model's
+    # summary of a turn ends, as its answer does, within the output cap
+    turns = [(PROMPT, [bash(n, f"cat part{n}.log")], log) for n in range(4)]
+    write_transcript(agent, session, "kimi-k2.5:budget", turns)
+    claude(agent, PROMPT, "--resume", session, "--model", "kimi-k2.5:budget")
+    records = session_records(admin, state_dir, session)
+    assert records and records[0]["status"] == 400, records  # the resumed history
+    for r in records:
+        assert (r["tier"], r["api"]) == ("budget", "anthropic"), r
+        if r["status"] == 400:  # refused by the engine, in its own counts
+            m = re.fullmatch(r"the prompt has (\d+) tokens; the context holds (\d+)", r["error"])
+            assert m and int(m[1]) >= int(m[2]) == context and r["cost_usd"] == 0, r
+        else:
+            assert r["status"] == 200 and r["prompt_tokens"] < context, r
+    served = [r for r in records if r["status"] == 200]
+    assert len(served) >= 2, records  # a summary of the oldest turns, then the agent's turn
+    stored = [json.loads(line) for line in (claude_project(agent) / f"{session}.jsonl").open()]
+    boundaries = [e for e in stored if e.get("subtype") == "compact_boundary"]
+    assert boundaries, [e.get("type") for e in stored]
+
+
+def budget_context(agent: Agent) -> int:
+    """The context budget serves, as `/v1/models` says."""
+    models = httpx.get(f"{agent.url}/v1/models", headers={"authorization": f"Bearer {agent.key}"})
+    [card] = [m for m in models.json()["data"] if m["id"] == "kimi-k2.5:budget"]
+    return card["max_model_len"]
 
 
 # ---- Codex -------------------------------------------------------------------------------
