@@ -5,8 +5,10 @@ Records go first to a write-ahead segment (`_wal/segment-N.jsonl`, flushed and f
 record). A flush turns the whole segment into `day=YYYY-MM-DD/part-N.parquet` files
 (written to a temporary name, then renamed) and deletes the segment. File names derive
 from the segment number, so replaying a segment left by a crash rewrites the same files:
-no record is lost and none is counted twice. Small parts of a day are compacted into one
-`part-LO-HI.parquet` (segments LO to HI), dropping any record present twice.
+no record is lost and none is counted twice. A day's parts are merged as a log-structured
+store merges: eight of one size into one (`part-LO-HI.parquet`, segments LO to HI),
+dropping any record present twice among them, up to `TOP_LEVEL` merges, so a merge never
+reads more than a bounded slice of the day, however long the day has run.
 
 The root is one hive-partitioned Parquet dataset for analysts' tools (pyarrow, DuckDB,
 Spark): the write-ahead folder and temporary files start with `_` or `.`, which those
@@ -30,7 +32,8 @@ from pydantic import BaseModel
 from serve_app.gateway.usage_records import UsageRecord
 
 log = logging.getLogger("serve_app.gateway.usage_log")
-COMPACT_AT = 8  # parts in a day folder that make it worth compacting
+COMPACT_AT = 8  # parts of one size in a day folder merged into one
+TOP_LEVEL = 3  # parts this many merges up (8 ** 3 segments) are merged no further
 
 
 # The Parquet columns are the record's fields (one definition: a field added to the model
@@ -215,11 +218,12 @@ class MeterWriter:
         return None
 
     def compact(self) -> int:
-        """Compact the day folders with many parts; how many duplicate records went."""
+        """Merge the day folders' parts, eight of a size at a time; how many duplicate
+        records went."""
         dropped = 0
         for folder in sorted(self.root.glob("day=*")):
-            if len(list(folder.glob("part-*.parquet"))) >= COMPACT_AT:
-                dropped += compact_day(folder)
+            while group := mergeable(folder):
+                dropped += merge_parts(folder, group)
         return dropped
 
     def close(self) -> None:
@@ -256,24 +260,47 @@ def segments(part: Path) -> tuple[int, int]:
     return numbers[0], numbers[-1]
 
 
-def compact_day(folder: Path) -> int:
-    """One file for a day's parts; records present twice (same request id and time: a
-    settlement repeated by a crash) kept once. The compacted file is in place before the
-    parts go, so a crash between leaves a duplicate range that the next start removes
-    (`finish_compaction`)."""
+def level(part: Path) -> int:
+    """How many merges made a part (by the segments it spans: 1, 8, 64...), at most
+    `TOP_LEVEL`."""
+    lo, hi = segments(part)
+    merges, span = 0, hi - lo + 1
+    while span >= COMPACT_AT and merges < TOP_LEVEL:
+        span //= COMPACT_AT
+        merges += 1
+    return merges
+
+
+def mergeable(folder: Path) -> list[Path]:
+    """The oldest run of `COMPACT_AT` neighbouring parts (in segment order) of one level
+    below the top; none if there is no such run. Neighbours only: no other part's range
+    then lies inside the merged one, which is how a start after a crash tells the parts
+    a merge already holds (`finish_compaction`)."""
     parts = sorted(folder.glob("part-*.parquet"), key=segments)
+    levels = [level(p) for p in parts]
+    for i in range(len(parts) - COMPACT_AT + 1):
+        run = levels[i : i + COMPACT_AT]
+        if run[0] < TOP_LEVEL and run.count(run[0]) == COMPACT_AT:
+            return parts[i : i + COMPACT_AT]
+    return []
+
+
+def merge_parts(folder: Path, parts: list[Path]) -> int:
+    """One file for `parts`; records present twice among them (same request id and
+    time: a settlement repeated by a crash) kept once. The merged file is in place before
+    the parts go, so a crash between leaves a duplicate range that the next start
+    removes (`finish_compaction`)."""
     table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
-    seen: set[tuple[str, object]] = set()
-    keep = []
-    for rid, ts in zip(table["request_id"].to_pylist(), table["time"].to_pylist(), strict=True):
-        keep.append((rid, ts) not in seen)
-        seen.add((rid, ts))
+    # the first row of each (request id, time), in Arrow: no Python object per record
+    rows = table.select(["request_id", "time"]).append_column("row", pa.array(range(len(table))))
+    first = rows.group_by(["request_id", "time"], use_threads=False).aggregate([("row", "min")])
+    kept = table.take(first["row_min"].sort())
     lo, hi = segments(parts[0])[0], max(segments(p)[1] for p in parts)
     tmp = folder / f".part-{lo:012d}-{hi:012d}.parquet.tmp"
-    pq.write_table(table.filter(pa.array(keep)), tmp)
+    pq.write_table(kept, tmp)
     os.replace(tmp, folder / f"part-{lo:012d}-{hi:012d}.parquet")
     finish_compaction(folder)
-    dropped = keep.count(False)
+    dropped = len(table) - len(kept)
     if dropped:
         log.warning("compaction of %s dropped %d duplicate records", folder.name, dropped)
     return dropped

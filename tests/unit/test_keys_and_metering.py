@@ -6,6 +6,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from serve_app.gateway import usage_log
 from serve_app.gateway.keys import KeyStore
 from serve_app.gateway.protocol import KeyOverrides, UsageRecord, split_key
 from serve_app.gateway.usage_log import MeterWriter, read_usage
@@ -170,17 +171,17 @@ def test_the_usage_root_is_one_dataset_and_compaction_keeps_each_record_once(tmp
     from serve_app.gateway.usage_log import COMPACT_AT
 
     writer = MeterWriter(tmp_path, batch_size=2)
-    records = [rec(n) for n in range(2 * COMPACT_AT)]
+    records = [rec(n) for n in range(2 * COMPACT_AT - 2)]
     for r in records:
         writer.append(r)
     writer.append(records[0])  # a settlement repeated after a crash
     last = rec(1000)
-    writer.append(last)  # flushed with it: a part holding the duplicate
+    writer.append(last)  # flushed with it: the eighth part, holding the duplicate
     writer.append(rec(1001))  # still in the write-ahead log
     # analysts' readers take the root as it is, the write-ahead folder skipped
     table = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()
     assert len(table) == len(records) + 2
-    assert len(list(tmp_path.glob("day=*/part-*.parquet"))) > COMPACT_AT
+    assert len(list(tmp_path.glob("day=*/part-*.parquet"))) == COMPACT_AT
     assert writer.compact() == 1
     [part] = tmp_path.glob("day=*/part-*.parquet")
     ids = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()["request_id"]
@@ -189,6 +190,33 @@ def test_the_usage_root_is_one_dataset_and_compaction_keeps_each_record_once(tmp
     # a new segment after compaction is numbered past the compacted range
     again = MeterWriter(tmp_path, batch_size=2)
     assert again.segment > int(part.name.removesuffix(".parquet").split("-")[-1])
+
+
+def test_parts_are_merged_eight_of_a_size_at_a_time_so_no_merge_reads_the_whole_day(
+    tmp_path, monkeypatch
+):
+    """A log-structured merge: eight parts of one size make one part of the next, so a
+    merge reads at most eight parts, never the day so far (which made the gateway's
+    memory grow with the day's records), and each record stays once."""
+    from serve_app.gateway.usage_log import COMPACT_AT, level
+
+    writer = MeterWriter(tmp_path, batch_size=1)
+    merged: list[int] = []
+    real_merge = usage_log.merge_parts
+
+    def counting(folder, parts):
+        merged.append(len(parts))
+        return real_merge(folder, parts)
+
+    monkeypatch.setattr(usage_log, "merge_parts", counting)
+    for n in range(COMPACT_AT**2 + 3):
+        writer.append(rec(n))  # one part each
+        writer.compact()
+    parts = sorted(tmp_path.glob("day=*/part-*.parquet"), key=usage_log.segments)
+    assert [level(p) for p in parts] == [2, 0, 0, 0]
+    assert merged == [COMPACT_AT] * (COMPACT_AT + 1)  # 8 merges of parts, one of merges
+    ids = read_usage(tmp_path)["request_id"].to_pylist()
+    assert sorted(ids) == sorted(rec(n).request_id for n in range(COMPACT_AT**2 + 3))
 
 
 def test_session_totals_add_up_per_key_and_survive_a_restart(tmp_path):
