@@ -101,6 +101,9 @@ def session_app_args() -> dict:
     # a plan whose first tier (standard) shares a node with budget, and whose next
     # (premium) does not: the node-loss test watches its requests move
     args["plans"]["spill"] = {"tiers": ["standard", "premium"], "allow_degrade": True}
+    # a per-minute limit no test reaches, so key-less answers (the enterprise plan's)
+    # carry the x-ratelimit headers a plan with limits gives them
+    args["plans"]["enterprise"]["requests_per_minute"] = 1_000_000
     # webhook receivers in the tests listen on this machine, over plain http
     outbound = {"allowed_hosts": ["127.0.0.1"], "allow_http": True}
     args["sessions"] = {"webhooks": {"outbound": outbound, "retry_base_s": 0.2}}

@@ -4,6 +4,7 @@ budgets, cost, and usage records that match what clients were told."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -62,7 +63,8 @@ def test_bad_and_revoked_keys_get_401_at_once(serve_url, admin):
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
     # a placeholder that is not a kimi key is anonymous where key-less use is allowed
     anon = chat(serve_url, "unused")
-    assert anon.status_code == 200 and "x-ratelimit-limit-requests" not in anon.headers
+    assert anon.status_code == 200  # with its plan's limits (the tests' enterprise has one)
+    assert anon.headers["x-ratelimit-limit-requests"] == "1000000"
     assert admin.delete(f"/admin/keys/{key_id}").json()["revoked"] is True
     r = chat(serve_url, key)
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
@@ -117,6 +119,25 @@ def test_plan_without_premium_cannot_pin_it(serve_url, admin):
     assert r.status_code == 403 and r.json()["error"]["code"] == "tier_not_in_plan"
     ok = chat(serve_url, key)  # the base model follows the plan: standard tier
     assert ok.status_code == 200 and ok.headers["x-kimi-tier"] == "standard"
+
+
+def test_a_key_less_refusal_carries_the_rate_limit_headers_too(serve_url):
+    """A prompt the router lets through (its estimate is low) and budget's engine counts
+    past its context: the 400 of a key-less request says what is left of the plan's
+    limits, as its answers do, in each API's own shape."""
+    long = [{"role": "user", "content": "word " * 18_000}]
+    for path, body in (
+        ("/v1/chat/completions", {"model": "kimi-k2.5:budget", "messages": long, "max_tokens": 8}),
+        ("/v1/messages", {"model": "kimi-k2.5:budget", "messages": long, "max_tokens": 8}),
+    ):
+        r = httpx.post(f"{serve_url}{path}", json=body, timeout=120)
+        assert r.status_code == 400, r.text
+        assert r.headers["x-ratelimit-limit-requests"] == "1000000", path
+        error = r.json()["error"]
+        if path == "/v1/messages":
+            assert re.fullmatch(r"prompt is too long: \d+ tokens > 16384 maximum", error["message"])
+        else:
+            assert error["code"] == "context_length_exceeded", error
 
 
 def test_rpm_limit_is_per_key_with_retry_after_and_headers(serve_url, admin):
