@@ -253,9 +253,12 @@ async def session_cap_burst(base: str, key: str, n: int = 100) -> dict[str, Any]
     }
 
 
-def bench_args(order: str) -> dict[str, Any]:
+def bench_args(order: str, tier: str, shared: int | None) -> dict[str, Any]:
     args = copy.deepcopy(serve_args())
     args["router"]["fair_queue"] = order
+    if shared is not None:  # the tier's batch per replica while several keys are active
+        [spec] = [t for t in args["tiers"] if t["name"] == tier]
+        spec["fair_share"] = {**spec.get("fair_share", {}), "shared_in_flight": shared}
     # the enterprise plan at three times the weight, for the weighted pair
     args["plans"]["weight3"] = {**args["plans"]["enterprise"], "weight": 3.0}
     return args
@@ -268,8 +271,10 @@ def share_of(a: list[Timed], b: list[Timed], start: float, end: float) -> float:
     return y / (x + y) if x + y else 0.0
 
 
-def run_order(order: str, tier: str, seconds: float, swarm: int) -> dict[str, Any]:
-    with our_app(bench_args(order)) as base:
+def run_order(
+    order: str, tier: str, seconds: float, swarm: int, shared: int | None = None
+) -> dict[str, Any]:
+    with our_app(bench_args(order, tier, shared)) as base:
         url = base.removesuffix("/v1")
         admin = httpx.Client(base_url=url, headers={"authorization": f"Bearer {ADMIN}"})
 
@@ -456,6 +461,9 @@ def main() -> None:
     parser.add_argument("--orders", default="off,first_come,fair")
     parser.add_argument("--swarm", type=int, default=100, help="the swarm's requests in flight")
     parser.add_argument("--out", default="fairness")
+    parser.add_argument(
+        "--shared-in-flight", type=int, help="the tier's fair_share.shared_in_flight (per replica)"
+    )
     args = parser.parse_args()
     seconds = 20 if args.quick else 40
     os.environ["KIMI_SERVE_STATE"] = tempfile.mkdtemp(prefix="kimi-fairness-bench-")
@@ -463,7 +471,9 @@ def main() -> None:
     report: dict[str, Any] = {"orders": {}}
     for order in args.orders.split(","):
         print(f"{order}: starting the app", flush=True)
-        report["orders"][order] = run_order(order, args.tier, seconds, args.swarm)
+        report["orders"][order] = run_order(
+            order, args.tier, seconds, args.swarm, args.shared_in_flight
+        )
         print(json.dumps(report["orders"][order]), flush=True)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
