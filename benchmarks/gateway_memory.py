@@ -25,21 +25,21 @@ import uuid
 
 import psutil
 
+from benchmarks.gateway_settle import CALLER, in_process, record
+from serve_app.gateway.leases import Lease, Progress, Renewal
+from serve_app.gateway.protocol import Ask
+
 WARMUP = 2000
 
 
 async def cycles(root: str, n: int, compaction: bool) -> dict[str, float]:
-    from serve_app.gateway.leases import Lease, Progress, Renewal
-    from serve_app.gateway.limits import Ask
-    from tests.unit.gateway_in_process import CALLER, Gateway, plans, record
-
-    gateway = Gateway(root, plans(), 200, 5.0)
+    gateway = in_process(root, 200)  # the production batch size
     if not compaction:
         gateway.meter.compact = lambda: 0
 
     async def one(i: int) -> None:
         ticket, session = f"t-{uuid.uuid4().hex}", f"s-{i % 50}"
-        r = record(i, request_id=f"r-{uuid.uuid4().hex}", session_id=session)
+        r = record(i).model_copy(update={"request_id": f"r-{ticket}", "session_id": session})
         ask = Ask(tokens=100, cost=0.0, session=session)
         await gateway.admit(CALLER, ask, ticket, Lease(router="ingress-0", draft=r))
         progress = {ticket: Progress(prompt_tokens=10)}

@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from serve_app.config import Plan
 from serve_app.gateway.actor import GatewayState
@@ -40,10 +41,16 @@ def record(n: int) -> UsageRecord:
     )
 
 
+def in_process(root: str, batch_size: int) -> Any:
+    """The gateway actor's class itself (no Ray) on the state dir `root`, with the one
+    plan `pro` (premium) that CALLER is on."""
+    plans = {"pro": Plan(tiers=["premium"]).model_dump(mode="json")}
+    return GatewayState.__ray_actor_class__(root, plans, batch_size, 5.0)
+
+
 async def rate(concurrency: int, requests: int) -> str:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as root:
-        plans = {"pro": Plan(tiers=["premium"]).model_dump(mode="json")}
-        gateway = GatewayState.__ray_actor_class__(root, plans, 1000, 5.0)
+        gateway = in_process(root, 1000)
         sent = 0
 
         async def one() -> None:
