@@ -65,29 +65,29 @@ class Tally:
             self.outcomes.append(outcome)
 
 
-def request_of(api: str, model: str, words: int, max_tokens: int, stream: bool) -> tuple:
-    """(path, body, the text a whole answer ends with) for one request."""
+def request_of(
+    api: str, model: str, words: int, max_tokens: int, stream: bool
+) -> tuple[str, dict, tuple[str, ...]]:
+    """(path, body, the texts one of which a whole answer ends with) for one request."""
     text = "soak " * words
     if api == "chat":
         body = {"model": model, "messages": [{"role": "user", "content": text}]}
         body |= {"max_tokens": max_tokens, "stream": stream}
-        return "/v1/chat/completions", body, "data: [DONE]" if stream else '"choices"'
+        return "/v1/chat/completions", body, ("data: [DONE]",) if stream else ('"choices"',)
     if api == "messages":
         body = {"model": model, "max_tokens": max_tokens, "stream": stream}
         body["messages"] = [{"role": "user", "content": text}]
-        return "/v1/messages", body, "message_stop" if stream else '"stop_reason"'
+        return "/v1/messages", body, ("message_stop",) if stream else ('"stop_reason"',)
     body = {"model": model, "input": text, "max_output_tokens": max_tokens, "stream": stream}
     # a Response cut by max_output_tokens ends `incomplete`: as whole an answer as any
-    return (
-        "/v1/responses",
-        body,
-        "response.completed|response.incomplete"
-        if stream
-        else ('"status":"completed"|"status":"incomplete"'),
-    )
+    if stream:
+        return "/v1/responses", body, ("response.completed", "response.incomplete")
+    return "/v1/responses", body, ('"status":"completed"', '"status":"incomplete"')
 
 
-def send(client: httpx.Client, api: str, body: dict, path: str, end: str) -> tuple[Outcome, str]:
+def send(
+    client: httpx.Client, api: str, body: dict, path: str, ends: tuple[str, ...]
+) -> tuple[Outcome, str]:
     """The outcome, and the answer's text (for a chain's next request)."""
     try:
         if body.get("stream"):
@@ -98,8 +98,8 @@ def send(client: httpx.Client, api: str, body: dict, path: str, end: str) -> tup
             text = r.text.replace(": ", ":")
     except httpx.HTTPError as exc:
         return Outcome(api, bool(body.get("stream")), 0, False, repr(exc)[:200]), ""
-    ends = any(e in text for e in end.split("|"))
-    ok = r.status_code == 200 and ends and '"error"' not in text[-400:]
+    ended = any(end in text for end in ends)
+    ok = r.status_code == 200 and ended and '"error"' not in text[-400:]
     what = "" if ok else text[-300:]
     return Outcome(api, bool(body.get("stream")), r.status_code, ok, what), text
 
