@@ -543,7 +543,9 @@ class Pipeline:
         ctx.settled = True  # from here the stream's settlement owns the record
         self.undelivered.add(state)
         replica = ctx.headers.get("x-kimi-replica")
-        relay = StreamRelay(first, state, ctx.wants_usage, ctx.timeout_s, replica)
+        relay = StreamRelay(
+            first, state, ctx.wants_usage, ctx.timeout_s, replica, self.silent.stall_s
+        )
         self.silent.relays.add(relay)
         return Streamed(relay.run(), state, dict(ctx.headers))
 

@@ -2,7 +2,8 @@
 
 The usage record is settled (durably metered) before the client receives the end of its
 answer: the JSON body for a plain request, `data: [DONE]` for a stream. A stream the
-client abandons is settled too, with the tokens it had received counted.
+client abandons is settled too, with the tokens it had received counted (billed, unless
+it left while the stream had stalled on our side past `router.stream_stall_s`).
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ class StreamRelay:
         wants_usage: bool,
         timeout_s: float | None,
         replica: str | None = None,
+        stall_s: float | None = None,
     ) -> None:
         self.first = first
         self.state = state
@@ -205,7 +207,9 @@ class StreamRelay:
         self.failed: EngineError | None = None  # an engine's error event: the record's status
         self.replica = replica  # the tier replica serving it
         self.last_at = time.monotonic()  # when its last message came
+        self.stall_s = stall_s  # a client leaving a wait on the tier this long left because of us
         self.stalled = False
+        self.waiting_since: float | None = None  # set while it waits on the tier (not the client)
         self._waiting: asyncio.Timeout | None = None  # the wait for the next message
 
     def stall(self) -> None:
@@ -232,9 +236,8 @@ class StreamRelay:
             yield err.sse()
             state.gen.cancel()  # the engine stops generating for it
             await state.finish(err.status_code, err.message)
-        except asyncio.CancelledError:
-            state.gen.cancel()  # Ray cancels it with the request's task; not every caller is Ray
-            await state.finish(499, "client disconnected")
+        except asyncio.CancelledError:  # the client went (Ray cancels the request's task)
+            await self._client_left()
             raise
         except Exception as exc:
             log.exception("stream from tier failed")
@@ -246,7 +249,21 @@ class StreamRelay:
             yield err.sse()
             await state.finish(503, repr(exc))
         finally:
-            await state.abandon()
+            await self._client_left()  # a no-op once settled
+
+    async def _client_left(self) -> None:
+        """Settle a stream its client left: a 499 billed for what it had, unless it left
+        while waiting on us past the stall bound (a silent router's client gives up; the
+        router learns it when it wakes): then the failure is ours, a 503 not billed."""
+        state = self.state
+        if state.settled:
+            return
+        state.gen.cancel()  # the engine stops generating for it; not every caller is Ray
+        waited = 0.0 if self.waiting_since is None else time.monotonic() - self.waiting_since
+        if self.stall_s is not None and waited > self.stall_s:
+            await state.finish(503, f"the client left after the stream stalled {waited:.0f} s")
+        else:
+            await state.finish(499, "client disconnected")
 
     async def _next(self) -> Any:
         """The tier's next message (`END` after the last); TimeoutError past the deadline.
@@ -256,14 +273,16 @@ class StreamRelay:
         at = None
         if self.deadline is not None:
             at = asyncio.get_running_loop().time() + max(self.deadline - time.monotonic(), 0)
+        self.waiting_since = time.monotonic()
         try:
             async with asyncio.timeout_at(at) as self._waiting:
-                return await self.state.gen.__anext__()
+                item = await self.state.gen.__anext__()
         except StopAsyncIteration:
             return END
         finally:
             self._waiting = None
-            self.last_at = time.monotonic()
+        self.last_at, self.waiting_since = time.monotonic(), None
+        return item
 
     async def _events(self, item: Any) -> str:
         """One message's chunks as the client gets them (usage only if it asked)."""

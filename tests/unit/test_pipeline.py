@@ -183,6 +183,39 @@ async def test_a_client_leaving_mid_stream_is_settled_once_and_stops_the_engine(
     assert eng["premium"].stopped == eng["premium"].requests
 
 
+async def test_a_client_leaving_a_stream_stalled_on_our_side_is_not_billed():
+    """A router frozen with its node holds its stream until the client gives up; when it
+    wakes, the stream had waited on the tier past the stall bound: a 503, not a 499."""
+    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.01)}
+    gateway = FakeGateway("enterprise")
+    cfg = CFG.model_copy(deep=True)
+    cfg.router = cfg.router.model_copy(update={"stream_stall_s": 0.2})
+    p = Pipeline(cfg, InProcessTiers(**eng), gateway, "ingress-0", IngressMetrics())
+    result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
+    assert isinstance(result, Streamed)
+    result.started()
+    received = []
+
+    async def client() -> None:
+        async for text in result.events:
+            received.append(text)
+
+    reader = asyncio.create_task(client())
+    while len(received) < 3:
+        await asyncio.sleep(0.01)
+    eng["premium"].delay_s = 5  # the tier stops sending
+    await asyncio.sleep(0.5)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await result.close()
+    [record] = gateway.records
+    assert record.status == 503 and record.cost_usd == 0, record
+    assert "stalled" in (record.error or "")
+    assert 3 <= record.completion_tokens < 1000  # what it had, recorded, not charged
+    assert gateway.state.in_flight == 0
+
+
 async def test_a_lost_replica_is_retried_once():
     tiers = InProcessTiers(**engines())
     tiers.lose_next["premium"] = 1
