@@ -47,6 +47,7 @@ from serve_app.gateway.protocol import (
     NewKey,
     StorageFault,
 )
+from serve_app.gateway.query_share import QueryShare
 from serve_app.gateway.throttle import Throttle
 from serve_app.gateway.usage_log import MeterWriter
 from serve_app.gateway.usage_query import recent_usage, usage_summary
@@ -141,6 +142,7 @@ class GatewayState:
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.leases = LeaseBook()
         self.throttle = Throttle()
+        self.queries = QueryShare()  # a crowd of usage queries cannot starve admissions
         self.metrics = GatewayMetrics()
         self._loops: list[asyncio.Task[None]] = []
         # settlements waiting for their records to be written, and the task writing them
@@ -429,7 +431,12 @@ class GatewayState:
         return KeyAccount(info=info, limits=limits, month=month, tokens=used[0], spend=used[1])
 
     async def recent(self, key_id: str | None, limit: int) -> list[dict]:
-        return await asyncio.to_thread(recent_usage, self.meter.root, key_id, limit)
+        return await self.queries.run(
+            recent_usage, self.meter.root, key_id, limit, self._unflushed(key_id)
+        )
+
+    def _unflushed(self, key_id: str | None) -> list[UsageRecord]:
+        return [r for r in self.meter.unflushed if key_id is None or r.key_id == key_id]
 
     # ---- reasoning memory and console sign-ins (gateway/protocol.py) ----------------
 
@@ -474,7 +481,14 @@ class GatewayState:
     async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
         """Usage grouped by `by` (read off the request path's thread), or why not."""
         try:
-            return await asyncio.to_thread(usage_summary, self.meter.root, by, key_id)
+            for _ in range(3):  # a flush while the rollups were read: read again
+                flushes, unflushed = self.meter.flushes, self._unflushed(key_id)
+                rows = await self.queries.run(
+                    usage_summary, self.meter.root, by, key_id, True, unflushed
+                )
+                if self.meter.flushes == flushes:
+                    break
+            return rows
         except ValueError as exc:
             return str(exc)
 

@@ -23,42 +23,19 @@ import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO, get_args
+from typing import TextIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel
 
 from serve_app.gateway.usage_records import UsageRecord
+from serve_app.gateway.usage_rollups import Rollups, Units, parts_units
+from serve_app.gateway.usage_schema import SCHEMA
 
 log = logging.getLogger("serve_app.gateway.usage_log")
 COMPACT_AT = 8  # parts of one size in a day folder merged into one
 TOP_LEVEL = 3  # parts this many merges up (8 ** 3 segments) are merged no further
-
-
-# The Parquet columns are the record's fields (one definition: a field added to the model
-# is a column); these two keep a type of their own: `time` is Unix seconds in the record
-# and a UTC timestamp for analysts, `status` an HTTP status.
-ARROW_TYPES: dict[type, pa.DataType] = {
-    int: pa.int64(),
-    float: pa.float64(),
-    bool: pa.bool_(),
-    str: pa.string(),
-}
-COLUMN_TYPES = {"time": pa.timestamp("ms", tz="UTC"), "status": pa.int32()}
-
-
-def arrow_schema(model: type[BaseModel]) -> pa.Schema:
-    """`time` first, then the fields in the model's order."""
-    columns = []
-    for name, info in model.model_fields.items():
-        base = next(a for a in (*get_args(info.annotation), info.annotation) if a in ARROW_TYPES)
-        columns.append(pa.field(name, COLUMN_TYPES.get(name, ARROW_TYPES[base])))
-    columns.sort(key=lambda f: f.name != "time")
-    return pa.schema(columns)
-
-
-SCHEMA = arrow_schema(UsageRecord)
 
 
 class MeterWriter:
@@ -72,7 +49,8 @@ class MeterWriter:
             finish_compaction(folder)
             self._check_parts(folder)
         self.batch_size = batch_size
-        self._pending: list[UsageRecord] = []
+        self._pending: list[UsageRecord] = []  # durable in the log, not yet in Parquet
+        self.flushes = 0  # how many times they went into Parquet (and the rollups)
         # records the disk would not take (full, read-only, failing), oldest first: kept
         # here until it does, while `fault` says why (the gateway admits nothing new)
         self.backlog: collections.deque[UsageRecord] = collections.deque()
@@ -80,6 +58,8 @@ class MeterWriter:
         # what the previous process had written before it ended: a settlement it took but
         # could not acknowledge comes again, and is recognised here
         self.recovered: set[tuple[str, float]] = set()
+        self.rollups = Rollups(root)
+        self.rebuilt = self.rollups.reconcile(root)  # days whose rollups were made again
         self.recover()
         self.segment = self._next_segment()
         self._wal: TextIO | None = None  # opened by the first write
@@ -215,7 +195,13 @@ class MeterWriter:
         self._segment_path(self.segment).unlink()
         self._pending = []
         self.segment += 1
+        self.flushes += 1
         return None
+
+    @property
+    def unflushed(self) -> list[UsageRecord]:
+        """The records durable in the log and not yet in the rollups (a copy)."""
+        return list(self._pending)
 
     def compact(self) -> int:
         """Merge the day folders' parts, eight of a size at a time; how many duplicate
@@ -223,7 +209,7 @@ class MeterWriter:
         dropped = 0
         for folder in sorted(self.root.glob("day=*")):
             while group := mergeable(folder):
-                dropped += merge_parts(folder, group)
+                dropped += merge_parts(folder, group, self.rollups)
         return dropped
 
     def close(self) -> None:
@@ -234,8 +220,10 @@ class MeterWriter:
         with_empty = self._segment_path(self.segment)
         if with_empty.exists() and with_empty.stat().st_size == 0:
             with_empty.unlink()
+        self.rollups.close()
 
     def _write_parquet(self, segment: int, records: list[UsageRecord]) -> None:
+        """The segment's records as one part per day, each counted in the rollups."""
         by_day: dict[str, list[dict]] = {}
         for r in records:
             row = r.model_dump()
@@ -246,12 +234,14 @@ class MeterWriter:
             folder.mkdir(exist_ok=True)
             final = folder / f"part-{segment:012d}.parquet"
             tmp = folder / f".part-{segment:012d}.parquet.tmp"
+            table = pa.Table.from_pylist(rows, schema=SCHEMA)
             try:
-                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+                pq.write_table(table, tmp)
             except OSError:
                 tmp.unlink(missing_ok=True)
                 raise
             os.replace(tmp, final)
+            self.rollups.add(day, segment, table)
 
 
 def segments(part: Path) -> tuple[int, int]:
@@ -285,19 +275,25 @@ def mergeable(folder: Path) -> list[Path]:
     return []
 
 
-def merge_parts(folder: Path, parts: list[Path]) -> int:
+def merge_parts(folder: Path, parts: list[Path], rollups: Rollups) -> int:
     """One file for `parts`; records present twice among them (same request id and
-    time: a settlement repeated by a crash) kept once. The merged file is in place before
-    the parts go, so a crash between leaves a duplicate range that the next start
-    removes (`finish_compaction`)."""
+    time: a settlement repeated by a crash) kept once, taken off the day's rollups. The
+    merged file is in place before the parts go, so a crash between leaves a duplicate
+    range that the next start removes (`finish_compaction`)."""
     table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
     # the first row of each (request id, time), in Arrow: no Python object per record
     rows = table.select(["request_id", "time"]).append_column("row", pa.array(range(len(table))))
     first = rows.group_by(["request_id", "time"], use_threads=False).aggregate([("row", "min")])
-    kept = table.take(first["row_min"].sort())
+    keep = first["row_min"].sort()
+    kept = table.take(keep)
     lo, hi = segments(parts[0])[0], max(segments(p)[1] for p in parts)
+    held = parts_units(parts)  # what the merged part holds, named in its metadata
+    if len(kept) < len(table):
+        twice = pc.invert(pc.is_in(rows["row"], value_set=keep))
+        rollups.fix(folder.name.removeprefix("day="), lo, hi, table.filter(twice))
+        held = held | Units(fixes={(lo, hi)})
     tmp = folder / f".part-{lo:012d}-{hi:012d}.parquet.tmp"
-    pq.write_table(kept, tmp)
+    pq.write_table(kept.replace_schema_metadata(held.metadata()), tmp)
     os.replace(tmp, folder / f"part-{lo:012d}-{hi:012d}.parquet")
     finish_compaction(folder)
     dropped = len(table) - len(kept)
@@ -320,17 +316,31 @@ def read_usage(root: Path) -> pa.Table:
     """All flushed records (Parquet) plus those still in write-ahead segments."""
     parts = sorted(root.glob("day=*/part-*.parquet"))
     tables = [pq.read_table(p, schema=SCHEMA) for p in parts]
-    pending = []
+    return pa.concat_tables([*tables, pending_usage(root)])
+
+
+def pending_usage(root: Path) -> pa.Table:
+    """The records still in write-ahead segments (not yet in Parquet)."""
+    return records_table([r for rs in pending_segments(root).values() for r in rs])
+
+
+def records_table(records: list[UsageRecord]) -> pa.Table:
+    rows = []
+    for rec in records:
+        row = rec.model_dump()
+        row["time"] = datetime.fromtimestamp(rec.time, UTC)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def pending_segments(root: Path) -> dict[Path, list[UsageRecord]]:
+    """Each write-ahead segment's records (read by a process other than the meter's)."""
+    out: dict[Path, list[UsageRecord]] = {}
     wal = root / "_wal"
     for seg in sorted(wal.glob("segment-*.jsonl")) if wal.exists() else []:
-        for line in seg.read_bytes().splitlines():
-            try:
-                rec = UsageRecord.model_validate_json(line)
-            except ValueError:
-                continue
-            row = rec.model_dump()
-            row["time"] = datetime.fromtimestamp(rec.time, UTC)
-            pending.append(row)
-    if pending:
-        tables.append(pa.Table.from_pylist(pending, schema=SCHEMA))
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        out[seg] = records = []
+        with contextlib.suppress(FileNotFoundError):  # flushed meanwhile: in Parquet now
+            for line in seg.read_bytes().splitlines():
+                with contextlib.suppress(ValueError):  # a torn line, never acknowledged
+                    records.append(UsageRecord.model_validate_json(line))
+    return out

@@ -1,42 +1,103 @@
-"""Usage read back: grouped totals and the latest records, for one key or all."""
+"""Usage read back: grouped totals and the latest records, for one key or all.
+
+Totals by the rollups' dimensions come from the rollups (`usage_rollups.py`), plus the
+records still in the write-ahead log: a query reads sums, not the history. Other
+groupings (the CLI may group by any column) read the records. The latest records are
+read day by day, newest first, one key's rows picked in the scan, until there are enough.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from serve_app.gateway.usage_log import read_usage
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from serve_app.gateway.usage_log import (
+    pending_segments,
+    pending_usage,
+    read_usage,
+    records_table,
+)
 from serve_app.gateway.usage_records import UsageRecord
+from serve_app.gateway.usage_rollups import DIMENSIONS, FILE, SUMS, summed
+from serve_app.gateway.usage_schema import SCHEMA
 
 # What usage can be grouped by: the record's columns, `day`, and `session` for session_id.
 GROUPS = {"day", "session", *(f for f in UsageRecord.model_fields if f not in ("time",))}
+ROLLED = {"day", "session", *DIMENSIONS}  # the groupings the rollups answer
 
 
-def usage_summary(root: Path, by: list[str], key_id: str | None = None) -> list[dict]:
+def with_day(table: pa.Table) -> pa.Table:
+    return table.append_column("day", pc.strftime(table["time"], format="%Y-%m-%d"))
+
+
+def of_key(table: pa.Table, key_id: str | None) -> pa.Table:
+    return table if key_id is None else table.filter(pc.equal(table["key_id"], key_id))
+
+
+def usage_summary(
+    root: Path,
+    by: list[str],
+    key_id: str | None = None,
+    rollups: bool = True,
+    unflushed: list[UsageRecord] | None = None,
+) -> list[dict]:
     """Requests, tokens and cost grouped by `by`, for one key or all; `ValueError` for a
-    grouping that is no column."""
-    import pyarrow.compute as pc
-
+    grouping that is no column. `unflushed`: the records not yet in Parquet, as the meter
+    holds them (else read from its log). `rollups=False` reads the records whatever the
+    grouping (the baseline of benchmarks/usage_scale.py), as does a root no meter has
+    counted yet."""
     unknown = [b for b in by if b not in GROUPS]
     if unknown or not by:
         raise ValueError(f"cannot group by {unknown or by}; choose from {sorted(GROUPS)}")
     columns = ["session_id" if b == "session" else b for b in by]
-    table = read_usage(root)
-    if key_id is not None:
-        table = table.filter(pc.equal(table["key_id"], key_id))
+    if rollups and set(by) <= ROLLED and (root / FILE).exists():
+        rows = rolled_usage(root, columns, key_id, unflushed)
+    else:
+        rows = from_records(with_day(of_key(read_usage(root), key_id)), columns)
+    out = []
+    for r in sorted(rows, key=lambda r: tuple((r[c] is not None, r[c]) for c in columns)):
+        row = {b: r[c] for b, c in zip(by, columns, strict=True)}
+        row.update({c: r[c] for c in ("requests", *SUMS)})
+        out.append(row)
+    return out
+
+
+def from_records(table: pa.Table, columns: list[str]) -> list[dict]:
+    """Records summed by `columns`."""
     if table.num_rows == 0:
         return []
-    table = table.append_column("day", pc.strftime(table["time"], format="%Y-%m-%d"))
-    sums = ["prompt_tokens", "completion_tokens", "cached_tokens", "media_tokens", "cost_usd"]
-    grouped = table.group_by(columns).aggregate(
-        [("request_id", "count"), *((c, "sum") for c in sums)]
-    )
-    rows = []
-    for r in grouped.sort_by([(c, "ascending") for c in columns]).to_pylist():
-        row = {b: r[c] for b, c in zip(by, columns, strict=True)}
-        row["requests"] = r["request_id_count"]
-        row.update({c: r[f"{c}_sum"] for c in sums})
-        rows.append(row)
-    return rows
+    sums = [("request_id", "count"), *((c, "sum") for c in SUMS)]
+    grouped = table.group_by(columns).aggregate(sums).to_pylist()
+    names = {"request_id_count": "requests", **{f"{c}_sum": c for c in SUMS}}
+    return [{names.get(k, k): v for k, v in r.items()} for r in grouped]
+
+
+def rolled_usage(
+    root: Path, columns: list[str], key_id: str | None, unflushed: list[UsageRecord] | None
+) -> list[dict]:
+    """The rollups' sums with those of the records not yet in them. Read from the log
+    (another process), a segment flushed while the rollups were read is in them now,
+    and left out here."""
+    if unflushed is None:
+        segments = pending_segments(root)
+        rows = summed(root, columns, key_id)
+        unflushed = [r for seg, rs in segments.items() if seg.exists() for r in rs]
+    else:
+        rows = summed(root, columns, key_id)
+    totals = {tuple(r[c] for c in columns): r for r in rows}
+    for rec in unflushed:
+        if key_id is not None and rec.key_id != key_id:
+            continue
+        values = {c: rec.day if c == "day" else getattr(rec, c) for c in columns}
+        row = totals.setdefault(
+            tuple(values.values()), {**values, "requests": 0, **dict.fromkeys(SUMS, 0)}
+        )
+        row["requests"] += 1
+        for c in SUMS:
+            row[c] += getattr(rec, c)
+    return list(totals.values())
 
 
 RECENT_COLUMNS = [
@@ -45,15 +106,26 @@ RECENT_COLUMNS = [
 ]  # fmt: skip
 
 
-def recent_usage(root: Path, key_id: str | None, limit: int) -> list[dict]:
+def recent_usage(
+    root: Path, key_id: str | None, limit: int, unflushed: list[UsageRecord] | None = None
+) -> list[dict]:
     """The latest `limit` records (one key's, or all), newest first; figures only, no
-    prompt or output is ever in a record."""
-    import pyarrow.compute as pc
+    prompt or output is ever in a record. Days are read newest first, and only as many
+    as it takes: an older day holds only older records."""
+    import pyarrow.dataset as ds
 
-    table = read_usage(root)
-    if key_id is not None:
-        table = table.filter(pc.equal(table["key_id"], key_id))
-    if table.num_rows == 0:
-        return []
-    latest = table.sort_by([("time", "descending")]).slice(0, limit)
-    return latest.select(RECENT_COLUMNS).to_pylist()
+    where = None if key_id is None else ds.field("key_id") == key_id
+    pending = pending_usage(root) if unflushed is None else records_table(unflushed)
+    found = [of_key(pending, key_id).select(RECENT_COLUMNS)]
+    rows = found[0].num_rows
+    for folder in sorted(root.glob("day=*"), reverse=True):
+        if rows >= limit:
+            break
+        parts = sorted(str(p) for p in folder.glob("part-*.parquet"))
+        day = ds.dataset(parts, schema=SCHEMA, format="parquet").to_table(
+            columns=RECENT_COLUMNS, filter=where
+        )
+        found.append(day)
+        rows += day.num_rows
+    latest = pa.concat_tables(found).sort_by([("time", "descending")]).slice(0, limit)
+    return latest.to_pylist()

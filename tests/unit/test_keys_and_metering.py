@@ -112,15 +112,15 @@ def test_usage_report_groups_by_key_plan_tier_day(tmp_path):
     m.close()
     report = usage_report(tmp_path, ["key_id", "tier"]).splitlines()
     head = (
-        "key_id | tier | requests | prompt_tokens | completion_tokens | cached_tokens"
-        " | media_tokens | cost_usd"
+        "key_id | tier | requests | prompt_tokens | completion_tokens | reasoning_tokens"
+        " | cached_tokens | media_tokens | cost_usd"
     )
     assert report[0] == head
-    assert report[2] == "k | budget | 5 | 62 | 25 | 0 | 0 | 0.005000"
-    assert report[3] == "k | premium | 1 | 15 | 5 | 0 | 0 | 0.001000"
+    assert report[2] == "k | budget | 5 | 62 | 25 | 0 | 0 | 0 | 0.005000"
+    assert report[3] == "k | premium | 1 | 15 | 5 | 0 | 0 | 0 | 0.001000"
     sessions = usage_report(tmp_path, ["session"]).splitlines()
     assert sessions[0].startswith("session | requests")
-    assert "agent-1 | 1 | 16 | 5 | 0 | 0 | 0.001000" in sessions
+    assert "agent-1 | 1 | 16 | 5 | 0 | 0 | 0 | 0.001000" in sessions
     with pytest.raises(SystemExit, match="cannot group by"):
         usage_report(tmp_path, ["colour"])
 
@@ -204,9 +204,9 @@ def test_parts_are_merged_eight_of_a_size_at_a_time_so_no_merge_reads_the_whole_
     merged: list[int] = []
     real_merge = usage_log.merge_parts
 
-    def counting(folder, parts):
+    def counting(folder, parts, rollups):
         merged.append(len(parts))
-        return real_merge(folder, parts)
+        return real_merge(folder, parts, rollups)
 
     monkeypatch.setattr(usage_log, "merge_parts", counting)
     for n in range(COMPACT_AT**2 + 3):

@@ -1,0 +1,215 @@
+"""Usage rollups, property-based: whatever the order of records, settlements repeated,
+flushes, compactions, restarts (clean, or cut short anywhere, mid-flush included) and
+rollup files lost or damaged, the usage a query answers from the rollups equals the sums
+of the raw records."""
+
+from __future__ import annotations
+
+import collections
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve_app.gateway import usage_log
+from serve_app.gateway.usage_log import MeterWriter, read_usage
+from serve_app.gateway.usage_query import recent_usage, usage_summary
+from serve_app.gateway.usage_records import UsageRecord
+from serve_app.gateway.usage_rollups import FILE
+
+DAY_S = 86400.0
+T0 = 1795400000.0
+
+
+def record(n: int, rng: random.Random) -> UsageRecord:
+    return UsageRecord(
+        time=T0 + rng.choice([0, 1, 2]) * DAY_S + n,
+        request_id=f"r{n}",
+        key_id=rng.choice(["k1", "k2", "k3"]),
+        plan="pro",
+        tier=rng.choice(["premium", "standard", "budget"]),
+        model="kimi-k2.5",
+        endpoint="chat",
+        stream=False,
+        session_id=rng.choice([None, "s1", "s2"]),
+        status=rng.choice([200, 200, 499, 503]),
+        prompt_tokens=rng.randint(1, 100),
+        completion_tokens=rng.randint(0, 50),
+        reasoning_tokens=rng.randint(0, 5),
+        cost_usd=rng.randint(0, 1000) / 1e6,
+    )
+
+
+def from_records(root: Path, by: list[str], key_id: str | None) -> dict:
+    """The expected answer: sums over every record read back, grouped in Python."""
+    sums: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0, 0, 0, 0.0])
+    for r in read_usage(root).to_pylist():
+        if key_id is not None and r["key_id"] != key_id:
+            continue
+        r["day"], r["session"] = r["time"].strftime("%Y-%m-%d"), r["session_id"]
+        s = sums[tuple(r[b] for b in by)]
+        s[0] += 1
+        s[1] += r["prompt_tokens"]
+        s[2] += r["completion_tokens"]
+        s[3] += r["reasoning_tokens"]
+        s[4] += r["cost_usd"]
+    return {k: v for k, v in sums.items() if v[0]}
+
+
+def answered(root: Path, by: list[str], key_id: str | None) -> dict:
+    rows = usage_summary(root, by, key_id)
+    return {
+        tuple(r[b] for b in by): [
+            r["requests"],
+            r["prompt_tokens"],
+            r["completion_tokens"],
+            r["reasoning_tokens"],
+            r["cost_usd"],
+        ]
+        for r in rows
+        if r["requests"]
+    }
+
+
+def assert_rollups_hold(root: Path) -> None:
+    for by, key in (
+        (["day"], "k1"),
+        (["day", "session"], "k2"),
+        (["key_id", "tier", "status"], None),
+    ):
+        want, got = from_records(root, by, key), answered(root, by, key)
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k][:4] == v[:4], k
+            assert got[k][4] == pytest.approx(v[4], abs=1e-9), k
+
+
+OPS = st.lists(
+    st.sampled_from(
+        ["add"] * 8 + ["again", "compact", "restart", "crash", "torn", "lose", "damage"]
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS, seed=st.integers(0, 2**32 - 1))
+def test_the_rollups_equal_the_records_sums_through_restarts_compaction_and_losses(ops, seed):
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(usage_log, "COMPACT_AT", 2)  # few records make many merges
+        root = Path(tmp)
+        writer = MeterWriter(root, batch_size=3)
+        written: list[UsageRecord] = []
+        for op in ops:
+            if op == "add" or (op == "again" and not written):
+                written.append(record(len(written), rng))
+                writer.append(written[-1])
+            elif op == "again":  # a settlement repeated (by a crash, say)
+                writer.append(rng.choice(written))
+            elif op == "compact":
+                writer.compact()
+            else:  # the process ends (its files closed), cleanly or not; a new one starts
+                if op == "restart":
+                    writer.close()
+                elif op == "torn":  # mid-flush: parts and rollups written, the log kept
+                    kept = {p: p.read_bytes() for p in (root / "_wal").glob("segment-*")}
+                    writer.flush()
+                    for p, data in kept.items():
+                        p.write_bytes(data)
+                writer.rollups.close()
+                if op == "lose":  # every day counted again
+                    (root / FILE).unlink()
+                elif op == "damage":
+                    (root / FILE).write_bytes(b"not a database")
+                writer = MeterWriter(root, batch_size=3)
+            assert_rollups_hold(root)
+        writer.close()
+        assert_rollups_hold(MeterWriter(root, batch_size=3).root)
+
+
+def test_lost_rollups_are_counted_again_from_the_parts_at_start(tmp_path):
+    rng = random.Random(7)
+    writer = MeterWriter(tmp_path, batch_size=2)
+    for n in range(40):
+        writer.append(record(n, rng))
+    writer.close()
+    assert MeterWriter(tmp_path).rebuilt == 0  # whole as it was left
+    (tmp_path / FILE).unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"{FILE}{suffix}").unlink(missing_ok=True)
+    again = MeterWriter(tmp_path)
+    assert again.rebuilt == 3  # each of the three days
+    assert_rollups_hold(tmp_path)
+
+
+def test_a_merge_cut_short_after_its_fix_is_counted_again(tmp_path, monkeypatch):
+    """The fix of a merge that drops a duplicate is written before the merged part; a
+    crash between leaves the sums short of the duplicate the parts still hold."""
+    monkeypatch.setattr(usage_log, "COMPACT_AT", 2)
+    rng = random.Random(9)
+    writer = MeterWriter(tmp_path, batch_size=1)
+    first = record(0, rng)
+    writer.append(first)
+    writer.append(first)  # a settlement repeated: two parts, the same record
+
+    def crash(*args, **kwargs):
+        raise OSError("the process died here")
+
+    monkeypatch.setattr(usage_log.pq, "write_table", crash)
+    with pytest.raises(OSError, match="died"):
+        writer.compact()
+    monkeypatch.undo()
+    monkeypatch.setattr(usage_log, "COMPACT_AT", 2)
+    again = MeterWriter(tmp_path, batch_size=1)
+    assert again.rebuilt == 1
+    assert_rollups_hold(tmp_path)
+    again.compact()  # now the merge happens, its fix with it
+    assert_rollups_hold(tmp_path)
+    [row] = usage_summary(tmp_path, ["day"], first.key_id)
+    assert row["requests"] == 1
+
+
+def test_a_query_reads_the_rollups_not_the_records(tmp_path, monkeypatch):
+    rng = random.Random(3)
+    writer = MeterWriter(tmp_path, batch_size=5)
+    for n in range(30):
+        writer.append(record(n, rng))
+    writer.close()
+    want = from_records(tmp_path, ["day"], "k1")
+
+    def no_raw_read(*args, **kwargs):
+        raise AssertionError("a grouping the rollups answer read the records")
+
+    monkeypatch.setattr("serve_app.gateway.usage_query.read_usage", no_raw_read)
+    got = answered(tmp_path, ["day"], "k1")
+    assert {k: v[:4] for k, v in got.items()} == {k: v[:4] for k, v in want.items()}
+    with pytest.raises(AssertionError, match="read the records"):
+        usage_summary(tmp_path, ["error"], "k1")  # not a rollup dimension: the records
+
+
+def test_the_latest_records_read_only_the_newest_days_needed(tmp_path, monkeypatch):
+    import pyarrow.dataset as ds
+
+    rng = random.Random(5)
+    writer = MeterWriter(tmp_path, batch_size=4)
+    for n in range(60):
+        writer.append(record(n, rng))
+    writer.close()
+    opened: list[int] = []
+    real = ds.dataset
+
+    def counting(source, *args, **kwargs):
+        opened.append(1)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ds, "dataset", counting)
+    latest = recent_usage(tmp_path, "k2", 2)
+    everything = read_usage(tmp_path).to_pylist()
+    mine = sorted((r for r in everything if r["key_id"] == "k2"), key=lambda r: r["time"])
+    assert [r["request_id"] for r in latest] == [r["request_id"] for r in mine[::-1][:2]]
+    assert len(opened) == 1  # the newest day held two of k2's: no older day was read
