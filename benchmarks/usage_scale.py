@@ -14,6 +14,12 @@ the records (timed: what an upgrade or a lost rollup costs). Then, per size:
   rounds interleaved: the ratio says whether queries starve admissions.
 
     .venv/bin/python -m benchmarks.usage_scale [--sizes 1M,5M,50M] [--data DIR] [--out FILE]
+
+And through the real API, on a deployment started on one of those datasets:
+
+    KIMI_SERVE_STATE=/tmp/usage_scale/records-50000000 make deploy
+    .venv/bin/python -m benchmarks.usage_scale --url http://127.0.0.1:8000 \
+        --state /tmp/usage_scale/records-50000000
 """
 
 from __future__ import annotations
@@ -184,10 +190,9 @@ async def admissions(root: Path, seconds: float, hammer: bool) -> dict[str, floa
     async def caller() -> None:
         nonlocal sent
         while time.monotonic() < stop:
-            ticket = uuid.uuid4().hex
+            ticket, sent = uuid.uuid4().hex, sent + 1
             await gateway.admit(CALLER, Ask(164, 0.0001), ticket)
-            await gateway.settle(ticket, record(sent))
-            sent += 1
+            await gateway.settle(ticket, record(sent).model_copy(update={"request_id": ticket}))
 
     waits: list[float] = []
 
@@ -211,6 +216,42 @@ async def admissions(root: Path, seconds: float, hammer: bool) -> dict[str, floa
         out["usage_p50_ms"] = statistics.median(waits)
         out["usage_p95_ms"] = waits[int(len(waits) * 0.95) - 1]
         out["usage_cpu_share"] = gateway.queries.cpu_s / wall
+    return out
+
+
+def through_the_api(url: str, state: Path, queries: int) -> dict[str, Any]:
+    """One key's usage by day and by session through `GET /v1/usage` of a deployment
+    running on `state` (a dataset of this benchmark: `KIMI_SERVE_STATE=DIR make deploy`).
+    The dataset's first key is given a key holder's credential here (a row in the key
+    store, as `kimi-serve keys create` writes one, with the dataset's key id)."""
+    import secrets
+    import sqlite3
+
+    import httpx
+
+    from serve_app.gateway.keys import PREFIX, hash_key
+
+    key = f"{PREFIX}{KEY_IDS[0]}-{secrets.token_urlsafe(24)}"
+    with sqlite3.connect(state / "keys.db") as db:
+        db.execute("DELETE FROM keys WHERE key_id = ?", (KEY_IDS[0],))
+        row = (KEY_IDS[0], hash_key(key), "enterprise", "usage_scale", "{}", "{}", time.time())
+        db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)", row)
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}) as client:
+        for by in ("day", "session"):
+            times = []
+            for _ in range(queries + 3):
+                start = time.perf_counter()
+                r = client.get("/v1/usage", params={"group_by": by})
+                times.append((time.perf_counter() - start) * 1000)
+                r.raise_for_status()
+                assert r.json()["data"], "the key has no usage: not this benchmark's dataset"
+            times = sorted(times[3:])  # the first ones warm the path up
+            out[by] = {
+                "p50_ms": statistics.median(times),
+                "p95_ms": times[int(len(times) * 0.95) - 1],
+                "rows": len(r.json()["data"]),
+            }
     return out
 
 
@@ -249,11 +290,16 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", default="benchmarks/results/usage_scale.json")
+    parser.add_argument("--url", help="a deployment on one of the datasets: ask it instead")
+    parser.add_argument("--state", help="that deployment's state dir (with --url)")
     parser.add_argument("--query", help=argparse.SUPPRESS)  # the query process's dataset
     parser.add_argument("--records", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.query:
         print(json.dumps(query_process(Path(args.query), not args.records, args.queries)))
+        return
+    if args.url:
+        print(json.dumps(through_the_api(args.url, Path(args.state), args.queries)))
         return
     sizes = [size(s) for s in args.sizes.split(",")]
     results = run(sizes, Path(args.data), args.queries, args.seconds)

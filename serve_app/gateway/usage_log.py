@@ -36,6 +36,7 @@ from serve_app.gateway.usage_schema import SCHEMA
 log = logging.getLogger("serve_app.gateway.usage_log")
 COMPACT_AT = 8  # parts of one size in a day folder merged into one
 TOP_LEVEL = 3  # parts this many merges up (8 ** 3 segments) are merged no further
+ROW_GROUP = 8192  # rows of a merged part's row group
 
 
 class MeterWriter:
@@ -293,7 +294,9 @@ def merge_parts(folder: Path, parts: list[Path], rollups: Rollups) -> int:
         rollups.fix(folder.name.removeprefix("day="), lo, hi, table.filter(twice))
         held = held | Units(fixes={(lo, hi)})
     tmp = folder / f".part-{lo:012d}-{hi:012d}.parquet.tmp"
-    pq.write_table(kept.replace_schema_metadata(held.metadata()), tmp)
+    # by key, in row groups: a scan for one key's records skips the others' row groups
+    kept = kept.sort_by([("key_id", "ascending"), ("time", "ascending")])
+    pq.write_table(kept.replace_schema_metadata(held.metadata()), tmp, row_group_size=ROW_GROUP)
     os.replace(tmp, folder / f"part-{lo:012d}-{hi:012d}.parquet")
     finish_compaction(folder)
     dropped = len(table) - len(kept)
