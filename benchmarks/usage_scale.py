@@ -10,7 +10,7 @@ the records (timed: what an upgrade or a lost rollup costs). Then, per size:
   (its latency p50/p95, and its peak memory above the process's start: resident set and
   Arrow's pool); reading the records is run only where it fits (it needs ~14 GiB at 50M);
 - the gateway's admissions and settlements a second (its actor class in-process, on the
-  dataset's state dir, 64 callers) alone and while 8 callers send usage queries, three
+  dataset's state dir, 64 callers) alone and while 8 callers send usage queries, five
   rounds interleaved: the ratio says whether queries starve admissions.
 
     .venv/bin/python -m benchmarks.usage_scale [--sizes 1M,5M,50M] [--data DIR] [--out FILE]
@@ -265,7 +265,7 @@ def run(sizes: list[int], data: Path, queries: int, seconds: float) -> dict[str,
         if n <= 5_000_000:
             row["records"] = queries_in_fresh_process(root, False, max(queries // 4, 5))
         rounds = []
-        for _ in range(3):
+        for _ in range(5):
             alone = asyncio.run(admissions(root, seconds, False))
             hammered = asyncio.run(admissions(root, seconds, True))
             rounds.append((alone, hammered))

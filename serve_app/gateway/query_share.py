@@ -16,7 +16,7 @@ P = ParamSpec("P")
 
 
 class QueryShare:
-    def __init__(self, share: float = 0.1, slots: int = 2) -> None:
+    def __init__(self, share: float = 0.05, slots: int = 2) -> None:
         per_slot = share / slots
         self.rest_per_cpu_s = (1 - per_slot) / per_slot
         self._slots = asyncio.Semaphore(slots)

@@ -46,14 +46,16 @@ NO_SESSION = ""  # SQLite keys hold no NULL as one value: a request without a se
 
 
 def rollup(records: pa.Table) -> pa.Table:
-    """Records summed per dimension: `requests` and each of `SUMS`."""
-    aggs = [("request_id", "count"), *((c, "sum") for c in SUMS)]
-    grouped = records.select([*DIMENSIONS, "request_id", *SUMS])
+    """Records (or sums of them: a table with `requests`) summed per dimension:
+    `requests` and each of `SUMS`."""
+    count = ("requests", "sum") if "requests" in records.column_names else ("request_id", "count")
+    grouped = records.select([*DIMENSIONS, count[0], *SUMS])
+    aggs = [count, *((c, "sum") for c in SUMS)]
     grouped = grouped.group_by(DIMENSIONS, use_threads=False).aggregate(aggs)
     return pa.table(
         {
             **{d: grouped[d] for d in DIMENSIONS},
-            "requests": grouped["request_id_count"],
+            "requests": grouped["_".join(count)],
             **{c: grouped[f"{c}_sum"] for c in SUMS},
         }
     )
@@ -145,6 +147,7 @@ class Rollups:
         self.db.execute("PRAGMA journal_mode=WAL")
         # a commit is not fsynced: the parts are the record, a power cut costs a recount
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB: a day counted again in one go
         dims = ", ".join(
             f"{d} {'INTEGER' if d == 'status' else 'TEXT'} NOT NULL" for d in DIMENSIONS
         )
@@ -184,7 +187,8 @@ class Rollups:
             raise OSError(f"the usage rollups cannot be written: {exc}") from exc
 
     def _add_sums(self, day: str, records: pa.Table, sign: int = 1) -> None:
-        sums = rollup(records)
+        # in the table's key order: the B-tree is written where it was last read
+        sums = rollup(records).sort_by([(c, "ascending") for c in DIMENSIONS])
         n = len(DIMENSIONS)
         rows = zip(*(sums[c].to_pylist() for c in sums.column_names), strict=True)
         self.db.executemany(
@@ -239,8 +243,9 @@ class Rollups:
         with self._transaction() as db:
             for table in ("sums", "segments", "fixes"):
                 db.execute(f"DELETE FROM {table} WHERE day = ?", (day,))
-            for part in parts:
-                self._add_sums(day, read_part(part))
+            sums = [rollup(read_part(p)) for p in parts]  # a part at a time, in Arrow
+            if sums:
+                self._add_sums(day, pa.concat_tables(sums))
             db.executemany("INSERT INTO segments VALUES (?, ?)", ((day, s) for s in units.segments))
             db.executemany("INSERT INTO fixes VALUES (?, ?, ?)", ((day, *f) for f in units.fixes))
 
