@@ -205,6 +205,10 @@ async def admissions(root: Path, seconds: float, hammer: bool) -> dict[str, floa
             waits.append((time.perf_counter() - start) * 1000)
             asked += 1
 
+    if hammer:  # the query processes started, as a running gateway has them
+        await asyncio.gather(*(gateway.usage(KEY_IDS[0], ["day"]) for _ in range(2)))
+        gateway.queries.cpu_s = 0.0
+        stop = time.monotonic() + seconds
     start = time.perf_counter()
     tasks = [caller() for _ in range(64)] + ([asker(n) for n in range(8)] if hammer else [])
     await asyncio.gather(*tasks)

@@ -495,6 +495,7 @@ class GatewayState:
     def close(self) -> None:
         """Flush and close the meter (what stays in the log is recovered on restart)."""
         self.meter.close()
+        self.queries.close()
 
 
 T = TypeVar("T")

@@ -1,37 +1,68 @@
-"""Usage queries beside admissions: off the event loop, `slots` at a time, and a slot
-rests after each query in proportion to the CPU it took, so however many clients ask,
-queries take at most `share` of a CPU (a query in a thread shares the interpreter with
-the loop that admits requests). The caller has its answer at once (the rest is the next
-query's wait); a lone query waits for nothing."""
+"""Usage queries beside admissions: in processes of their own, `slots` at a time (a
+query in a thread of the gateway shares the interpreter with the loop that admits
+requests, and slows it down well beyond its own CPU), and a slot rests after each query
+in proportion to the CPU it took, so however many clients ask, queries take at most
+`share` of a CPU. The caller has its answer at once (the rest is the next query's
+wait); a lone query waits for nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import multiprocessing
 import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, ParamSpec, TypeVar
 
+log = logging.getLogger("serve_app.gateway.query_share")
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+def timed(query: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    start = time.process_time()
+    return query(*args, **kwargs), time.process_time() - start
 
 
 class QueryShare:
     def __init__(self, share: float = 0.05, slots: int = 2) -> None:
         per_slot = share / slots
         self.rest_per_cpu_s = (1 - per_slot) / per_slot
+        self.slots = slots
         self._slots = asyncio.Semaphore(slots)
+        self._pool: ProcessPoolExecutor | None = None
         self.cpu_s = 0.0  # the queries' CPU, all told
 
-    async def run(self, query: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        def timed() -> tuple[T, float]:
-            start = time.thread_time()
-            return query(*args, **kwargs), time.thread_time() - start
+    def start(self) -> None:
+        """The query processes, spawned (not forked: the gateway has threads)."""
+        if self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(self.slots, mp_context=context)
 
+    async def run(self, query: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`query(*args)` in a query process: a module-level function, picklable
+        arguments."""
         await self._slots.acquire()
         cpu = 0.0
+        loop = asyncio.get_running_loop()
+        call = functools.partial(timed, query, *args, **kwargs)
         try:
-            result, cpu = await asyncio.to_thread(timed)
+            self.start()
+            try:
+                result, cpu = await loop.run_in_executor(self._pool, call)
+            except BrokenProcessPool:  # a query process died (killed, out of memory)
+                log.error("a usage query process died: started again")
+                self._pool = None
+                self.start()
+                result, cpu = await loop.run_in_executor(self._pool, call)
             return result
         finally:
             self.cpu_s += cpu
-            asyncio.get_running_loop().call_later(cpu * self.rest_per_cpu_s, self._slots.release)
+            loop.call_later(cpu * self.rest_per_cpu_s, self._slots.release)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
