@@ -142,7 +142,8 @@ class GatewayState:
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.leases = LeaseBook()
         self.throttle = Throttle()
-        self.queries = QueryShare()  # a crowd of usage queries cannot starve admissions
+        # a crowd of usage queries cannot starve admissions
+        self.queries = QueryShare(busy=lambda: bool(self.tickets))
         self.metrics = GatewayMetrics()
         self._loops: list[asyncio.Task[None]] = []
         # settlements waiting for their records to be written, and the task writing them

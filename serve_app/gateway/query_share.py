@@ -1,9 +1,10 @@
 """Usage queries beside admissions: in processes of their own, `slots` at a time (a
 query in a thread of the gateway shares the interpreter with the loop that admits
-requests, and slows it down well beyond its own CPU), and a slot rests after each query
-in proportion to the CPU it took, so however many clients ask, queries take at most
-`share` of a CPU. The caller has its answer at once (the rest is the next query's
-wait); a lone query waits for nothing."""
+requests, and slows it down well beyond its own CPU), and, while the gateway has
+requests in flight, a slot rests after each query in proportion to the CPU it took, so
+however many clients ask, queries take at most `share` of a CPU from admissions. The
+caller has its answer at once (the rest is the next query's wait); a lone query, or any
+query of an idle gateway, waits for nothing."""
 
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ def timed(query: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]
 
 
 class QueryShare:
-    def __init__(self, share: float = 0.05, slots: int = 2) -> None:
+    def __init__(
+        self, busy: Callable[[], bool] = lambda: True, share: float = 0.05, slots: int = 2
+    ) -> None:
         per_slot = share / slots
         self.rest_per_cpu_s = (1 - per_slot) / per_slot
+        self.busy = busy  # whether there are admissions to keep the CPU for
         self.slots = slots
         self._slots = asyncio.Semaphore(slots)
         self._pool: ProcessPoolExecutor | None = None
         self.cpu_s = 0.0  # the queries' CPU, all told
+        self.rested_s = 0.0  # and the rests their slots took
 
     def start(self) -> None:
         """The query processes, spawned (not forked: the gateway has threads)."""
@@ -61,7 +66,9 @@ class QueryShare:
             return result
         finally:
             self.cpu_s += cpu
-            loop.call_later(cpu * self.rest_per_cpu_s, self._slots.release)
+            rest = cpu * self.rest_per_cpu_s if self.busy() else 0.0
+            self.rested_s += rest
+            loop.call_later(rest, self._slots.release)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -21,7 +21,7 @@ def busy(seconds: float) -> tuple[float, float, float, int]:
 
 
 async def test_a_crowd_of_queries_takes_turns_each_after_the_rest_the_last_one_earned():
-    share = QueryShare(share=0.2, slots=1)  # a rest of 4x the CPU a query took
+    share = QueryShare(share=0.2, slots=1)  # busy: a rest of 4x the CPU a query took
     try:
         await share.run(busy, 0)  # its process started
         spans = await asyncio.gather(*(share.run(busy, 0.005) for _ in range(6)))
@@ -30,8 +30,17 @@ async def test_a_crowd_of_queries_takes_turns_each_after_the_rest_the_last_one_e
     spans.sort()
     for (_, end, cpu, _), (start, _, _, _) in itertools.pairwise(spans):
         assert start - end >= 4 * cpu * 0.99  # the next one waited out the rest
-    assert share.cpu_s >= 6 * 0.005
+    assert share.cpu_s >= 6 * 0.005 and share.rested_s >= 4 * share.cpu_s * 0.99
     assert {pid for *_, pid in spans} != {os.getpid()}  # not in the gateway's process
+
+
+async def test_an_idle_gateway_s_queries_rest_not():
+    share = QueryShare(busy=lambda: False, share=0.2, slots=1)
+    try:
+        await asyncio.gather(*(share.run(busy, 0.005) for _ in range(3)))
+    finally:
+        share.close()
+    assert share.cpu_s >= 3 * 0.005 and share.rested_s == 0
 
 
 async def test_a_lone_query_waits_for_nothing_and_a_dead_process_is_replaced():
