@@ -57,6 +57,7 @@ from serve_app.state_claim import StateClaim
 
 ACTOR_NAME = "kimi-gateway"
 log = logging.getLogger("serve_app.gateway.actor")
+BUSY_S = 1.0  # a gateway that admitted a request this recently is busy: queries give way
 LEASE_CHECK_S = 1.0  # how often the leases are checked (a pause much longer is the gateway's)
 SETTLED_KEPT = 100_000  # tickets remembered as settled, so a retried settlement is no-op
 
@@ -142,8 +143,9 @@ class GatewayState:
         self.settled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.leases = LeaseBook()
         self.throttle = Throttle()
-        # a crowd of usage queries cannot starve admissions
-        self.queries = QueryShare(busy=lambda: bool(self.tickets))
+        # a crowd of usage queries cannot starve admissions (while there are any)
+        self.admitted_at = 0.0
+        self.queries = QueryShare(busy=lambda: time.monotonic() - self.admitted_at < BUSY_S)
         self.metrics = GatewayMetrics()
         self._loops: list[asyncio.Task[None]] = []
         # settlements waiting for their records to be written, and the task writing them
@@ -249,6 +251,7 @@ class GatewayState:
             session = (caller.key_id, ask.session)
             self.holds.setdefault(session, SessionHold()).add(hold)
         self.tickets[ticket] = Admitted(caller.key_id, ask.tokens, max_output, session, hold)
+        self.admitted_at = time.monotonic()
         if lease is not None:
             self.leases.open(ticket, lease)
         return Admission(ticket, state.headers(now), max_output)
