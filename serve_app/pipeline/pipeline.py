@@ -539,13 +539,11 @@ class Pipeline:
         async def settle(record: UsageRecord) -> None:
             await self._settle(ctx, record)
 
-        state = StreamSettlement(ctx.meter, settle, call)
+        state = StreamSettlement(ctx.meter, settle, call, stall_s=self.silent.stall_s)
         ctx.settled = True  # from here the stream's settlement owns the record
         self.undelivered.add(state)
         replica = ctx.headers.get("x-kimi-replica")
-        relay = StreamRelay(
-            first, state, ctx.wants_usage, ctx.timeout_s, replica, self.silent.stall_s
-        )
+        relay = StreamRelay(first, state, ctx.wants_usage, ctx.timeout_s, replica)
         self.silent.relays.add(relay)
         return Streamed(relay.run(), state, dict(ctx.headers))
 

@@ -116,6 +116,11 @@ class StreamSettlement:
     settled: bool = False
     delivered: bool = False  # the response started; from then on it settles itself
     created: float = field(default_factory=time.monotonic)
+    # a client that leaves after nothing came for this long left because of us (a router
+    # frozen with its node holds its stream until the client gives up, and learns it on
+    # waking, wherever its stream was suspended)
+    stall_s: float | None = None
+    last_at: float = field(default_factory=time.monotonic)  # the tier's last message
 
     async def finish(self, status: int, err: str | None) -> None:
         if self.settled:
@@ -124,8 +129,15 @@ class StreamSettlement:
         await self.settle(self.meter.record(status, err))
 
     async def abandon(self) -> None:
-        if not self.settled:
-            self.gen.cancel()  # the engine stops generating for it
+        """The client went: a 499 billed for what it had, unless nothing had come for
+        longer than the stall bound (then the failure is ours: a 503, not billed)."""
+        if self.settled:
+            return
+        self.gen.cancel()  # the engine stops generating for it; not every caller is Ray
+        silent = time.monotonic() - self.last_at
+        if self.delivered and self.stall_s is not None and silent > self.stall_s:
+            await self.finish(503, f"the client left after the stream stalled {silent:.0f} s")
+        else:
             await self.finish(499, "client disconnected")
 
 
@@ -197,7 +209,6 @@ class StreamRelay:
         wants_usage: bool,
         timeout_s: float | None,
         replica: str | None = None,
-        stall_s: float | None = None,
     ) -> None:
         self.first = first
         self.state = state
@@ -207,9 +218,7 @@ class StreamRelay:
         self.failed: EngineError | None = None  # an engine's error event: the record's status
         self.replica = replica  # the tier replica serving it
         self.last_at = time.monotonic()  # when its last message came
-        self.stall_s = stall_s  # a client leaving a wait on the tier this long left because of us
         self.stalled = False
-        self.waiting_since: float | None = None  # set while it waits on the tier (not the client)
         self._waiting: asyncio.Timeout | None = None  # the wait for the next message
 
     def stall(self) -> None:
@@ -237,7 +246,7 @@ class StreamRelay:
             state.gen.cancel()  # the engine stops generating for it
             await state.finish(err.status_code, err.message)
         except asyncio.CancelledError:  # the client went (Ray cancels the request's task)
-            await self._client_left()
+            await state.abandon()
             raise
         except Exception as exc:
             log.exception("stream from tier failed")
@@ -249,21 +258,7 @@ class StreamRelay:
             yield err.sse()
             await state.finish(503, repr(exc))
         finally:
-            await self._client_left()  # a no-op once settled
-
-    async def _client_left(self) -> None:
-        """Settle a stream its client left: a 499 billed for what it had, unless it left
-        while waiting on us past the stall bound (a silent router's client gives up; the
-        router learns it when it wakes): then the failure is ours, a 503 not billed."""
-        state = self.state
-        if state.settled:
-            return
-        state.gen.cancel()  # the engine stops generating for it; not every caller is Ray
-        waited = 0.0 if self.waiting_since is None else time.monotonic() - self.waiting_since
-        if self.stall_s is not None and waited > self.stall_s:
-            await state.finish(503, f"the client left after the stream stalled {waited:.0f} s")
-        else:
-            await state.finish(499, "client disconnected")
+            await state.abandon()  # a no-op once settled
 
     async def _next(self) -> Any:
         """The tier's next message (`END` after the last); TimeoutError past the deadline.
@@ -273,7 +268,6 @@ class StreamRelay:
         at = None
         if self.deadline is not None:
             at = asyncio.get_running_loop().time() + max(self.deadline - time.monotonic(), 0)
-        self.waiting_since = time.monotonic()
         try:
             async with asyncio.timeout_at(at) as self._waiting:
                 item = await self.state.gen.__anext__()
@@ -281,7 +275,7 @@ class StreamRelay:
             return END
         finally:
             self._waiting = None
-        self.last_at, self.waiting_since = time.monotonic(), None
+        self.last_at = self.state.last_at = time.monotonic()
         return item
 
     async def _events(self, item: Any) -> str:

@@ -216,6 +216,26 @@ async def test_a_client_leaving_a_stream_stalled_on_our_side_is_not_billed():
     assert gateway.state.in_flight == 0
 
 
+async def test_a_stream_left_while_its_router_was_frozen_is_not_billed():
+    """Frozen with its node, the router pulls nothing (its stream suspended wherever it
+    was); woken after the client gave up, its response closes the stream: a 503."""
+    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.001)}
+    gateway = FakeGateway("enterprise")
+    cfg = CFG.model_copy(deep=True)
+    cfg.router = cfg.router.model_copy(update={"stream_stall_s": 0.2})
+    p = Pipeline(cfg, InProcessTiers(**eng), gateway, "ingress-0", IngressMetrics())
+    result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
+    assert isinstance(result, Streamed)
+    result.started()
+    for _ in range(3):
+        await result.events.__anext__()
+    await asyncio.sleep(0.5)  # nothing pulled: the router is stopped
+    await result.close()
+    [record] = gateway.records
+    assert record.status == 503 and record.cost_usd == 0, record
+    assert gateway.state.in_flight == 0
+
+
 async def test_a_lost_replica_is_retried_once():
     tiers = InProcessTiers(**engines())
     tiers.lose_next["premium"] = 1
