@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serve_app.gateway.usage_records import UsageRecord
-from serve_app.gateway.usage_rollups import Rollups, Units, parts_units
+from serve_app.gateway.usage_rollups import Rollups, Units, part_range, parts_units
 from serve_app.gateway.usage_schema import SCHEMA
 
 log = logging.getLogger("serve_app.gateway.usage_log")
@@ -102,7 +102,7 @@ class MeterWriter:
         return sorted(int(p.stem.split("-")[1]) for p in self.wal_dir.glob("segment-*.jsonl"))
 
     def _next_segment(self) -> int:
-        done = [segments(p)[1] for p in self.root.glob("day=*/part-*.parquet")]
+        done = [part_range(p)[1] for p in self.root.glob("day=*/part-*.parquet")]
         return max([*self._segments(), *done, -1]) + 1
 
     def recover(self) -> int:
@@ -245,16 +245,10 @@ class MeterWriter:
             self.rollups.add(day, segment, table)
 
 
-def segments(part: Path) -> tuple[int, int]:
-    """The segments a part file holds: `part-N` one, `part-LO-HI` a compacted range."""
-    numbers = [int(n) for n in part.name.removesuffix(".parquet").split("-")[1:]]
-    return numbers[0], numbers[-1]
-
-
 def level(part: Path) -> int:
     """How many merges made a part (by the segments it spans: 1, 8, 64...), at most
     `TOP_LEVEL`."""
-    lo, hi = segments(part)
+    lo, hi = part_range(part)
     merges, span = 0, hi - lo + 1
     while span >= COMPACT_AT and merges < TOP_LEVEL:
         span //= COMPACT_AT
@@ -267,7 +261,7 @@ def mergeable(folder: Path) -> list[Path]:
     below the top; none if there is no such run. Neighbours only: no other part's range
     then lies inside the merged one, which is how a start after a crash tells the parts
     a merge already holds (`finish_compaction`)."""
-    parts = sorted(folder.glob("part-*.parquet"), key=segments)
+    parts = sorted(folder.glob("part-*.parquet"), key=part_range)
     levels = [level(p) for p in parts]
     for i in range(len(parts) - COMPACT_AT + 1):
         run = levels[i : i + COMPACT_AT]
@@ -287,7 +281,7 @@ def merge_parts(folder: Path, parts: list[Path], rollups: Rollups) -> int:
     first = rows.group_by(["request_id", "time"], use_threads=False).aggregate([("row", "min")])
     keep = first["row_min"].sort()
     kept = table.take(keep)
-    lo, hi = segments(parts[0])[0], max(segments(p)[1] for p in parts)
+    lo, hi = part_range(parts[0])[0], max(part_range(p)[1] for p in parts)
     held = parts_units(parts)  # what the merged part holds, named in its metadata
     if len(kept) < len(table):
         twice = pc.invert(pc.is_in(rows["row"], value_set=keep))
@@ -308,9 +302,9 @@ def merge_parts(folder: Path, parts: list[Path], rollups: Rollups) -> int:
 def finish_compaction(folder: Path) -> None:
     """Delete the parts a compacted file of the folder already holds."""
     parts = list(folder.glob("part-*.parquet"))
-    ranges = [segments(p) for p in parts if p.name.count("-") == 2]
+    ranges = [part_range(p) for p in parts if p.name.count("-") == 2]
     for part in parts:
-        lo, hi = segments(part)
+        lo, hi = part_range(part)
         if any(a <= lo and hi <= b and (lo, hi) != (a, b) for a, b in ranges):
             part.unlink()
 

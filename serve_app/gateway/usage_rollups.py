@@ -108,6 +108,7 @@ class Units:
 
 
 def part_range(part: Path) -> tuple[int, int]:
+    """The segments a part spans: `part-N` one, `part-LO-HI` a merged range."""
     numbers = [int(n) for n in part.name.removesuffix(".parquet").split("-")[1:]]
     return numbers[0], numbers[-1]
 

@@ -153,6 +153,20 @@ async def test_a_stream_carries_usage_only_when_asked_and_is_metered_either_way(
     assert record.completion_tokens == 4 and record.cost_usd > 0
 
 
+async def reading(result: Streamed, chunks: int) -> asyncio.Task[None]:
+    """A client reading the stream, once it has had `chunks` of it."""
+    received: list[str] = []
+
+    async def client() -> None:
+        async for text in result.events:
+            received.append(text)
+
+    reader = asyncio.create_task(client())
+    while len(received) < chunks:
+        await asyncio.sleep(0.01)
+    return reader
+
+
 async def test_a_client_leaving_mid_stream_is_settled_once_and_stops_the_engine():
     eng = {"premium": FakeEngine(tokens=1000, delay_s=0.01)}
     gateway = FakeGateway("enterprise")
@@ -161,15 +175,7 @@ async def test_a_client_leaving_mid_stream_is_settled_once_and_stops_the_engine(
     )
     assert isinstance(result, Streamed)
     result.started()
-    received = []
-
-    async def client() -> None:
-        async for text in result.events:
-            received.append(text)
-
-    reader = asyncio.create_task(client())
-    while len(received) < 3:
-        await asyncio.sleep(0.01)
+    reader = await reading(result, 3)
     reader.cancel()  # the connection drops: the response task is cancelled...
     with pytest.raises(asyncio.CancelledError):
         await reader
@@ -194,15 +200,7 @@ async def test_a_client_leaving_a_stream_stalled_on_our_side_is_not_billed():
     result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
     assert isinstance(result, Streamed)
     result.started()
-    received = []
-
-    async def client() -> None:
-        async for text in result.events:
-            received.append(text)
-
-    reader = asyncio.create_task(client())
-    while len(received) < 3:
-        await asyncio.sleep(0.01)
+    reader = await reading(result, 3)
     eng["premium"].delay_s = 5  # the tier stops sending
     await asyncio.sleep(0.5)
     reader.cancel()

@@ -87,6 +87,15 @@ def assert_rollups_hold(root: Path) -> None:
             assert got[k][4] == pytest.approx(v[4], abs=1e-9), k
 
 
+def write(root: Path, seed: int, batch_size: int, records: int) -> None:
+    """`records` random records metered into `root` and the meter closed."""
+    rng = random.Random(seed)
+    writer = MeterWriter(root, batch_size=batch_size)
+    for n in range(records):
+        writer.append(record(n, rng))
+    writer.close()
+
+
 OPS = st.lists(
     st.sampled_from(
         ["add"] * 8 + ["again", "compact", "restart", "crash", "torn", "lose", "damage"]
@@ -133,11 +142,7 @@ def test_the_rollups_equal_the_records_sums_through_restarts_compaction_and_loss
 
 
 def test_lost_rollups_are_counted_again_from_the_parts_at_start(tmp_path):
-    rng = random.Random(7)
-    writer = MeterWriter(tmp_path, batch_size=2)
-    for n in range(40):
-        writer.append(record(n, rng))
-    writer.close()
+    write(tmp_path, seed=7, batch_size=2, records=40)
     assert MeterWriter(tmp_path).rebuilt == 0  # whole as it was left
     (tmp_path / FILE).unlink()
     for suffix in ("-wal", "-shm"):
@@ -175,11 +180,7 @@ def test_a_merge_cut_short_after_its_fix_is_counted_again(tmp_path, monkeypatch)
 
 
 def test_a_query_reads_the_rollups_not_the_records(tmp_path, monkeypatch):
-    rng = random.Random(3)
-    writer = MeterWriter(tmp_path, batch_size=5)
-    for n in range(30):
-        writer.append(record(n, rng))
-    writer.close()
+    write(tmp_path, seed=3, batch_size=5, records=30)
     want = from_records(tmp_path, ["day"], "k1")
 
     def no_raw_read(*args, **kwargs):
@@ -195,11 +196,7 @@ def test_a_query_reads_the_rollups_not_the_records(tmp_path, monkeypatch):
 def test_the_latest_records_read_only_the_newest_days_needed(tmp_path, monkeypatch):
     import pyarrow.dataset as ds
 
-    rng = random.Random(5)
-    writer = MeterWriter(tmp_path, batch_size=4)
-    for n in range(60):
-        writer.append(record(n, rng))
-    writer.close()
+    write(tmp_path, seed=5, batch_size=4, records=60)
     opened: list[int] = []
     real = ds.dataset
 
