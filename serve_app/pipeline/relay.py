@@ -116,11 +116,18 @@ class StreamSettlement:
     settled: bool = False
     delivered: bool = False  # the response started; from then on it settles itself
     created: float = field(default_factory=time.monotonic)
-    # a client that leaves after nothing came for this long left because of us (a router
-    # frozen with its node holds its stream until the client gives up, and learns it on
-    # waking, wherever its stream was suspended)
+    # a client that leaves a stream in which nothing came for this long left because of
+    # us: a router frozen with its node holds its stream until the client gives up, and
+    # on waking may read what its tier had buffered before it learns the client is gone
     stall_s: float | None = None
     last_at: float = field(default_factory=time.monotonic)  # the tier's last message
+    longest_gap_s: float = 0.0  # the longest silence between the tier's messages
+
+    def heard(self) -> None:
+        """A message came from the tier."""
+        now = time.monotonic()
+        self.longest_gap_s = max(self.longest_gap_s, now - self.last_at)
+        self.last_at = now
 
     async def finish(self, status: int, err: str | None) -> None:
         if self.settled:
@@ -129,12 +136,13 @@ class StreamSettlement:
         await self.settle(self.meter.record(status, err))
 
     async def abandon(self) -> None:
-        """The client went: a 499 billed for what it had, unless nothing had come for
-        longer than the stall bound (then the failure is ours: a 503, not billed)."""
+        """The client went: a 499 billed for what it had, unless the stream had stalled
+        (nothing came for longer than the stall bound, at any point; the failure is then
+        ours: a 503, not billed)."""
         if self.settled:
             return
         self.gen.cancel()  # the engine stops generating for it; not every caller is Ray
-        silent = time.monotonic() - self.last_at
+        silent = max(self.longest_gap_s, time.monotonic() - self.last_at)
         if self.delivered and self.stall_s is not None and silent > self.stall_s:
             await self.finish(503, f"the client left after the stream stalled {silent:.0f} s")
         else:
@@ -275,7 +283,8 @@ class StreamRelay:
             return END
         finally:
             self._waiting = None
-        self.last_at = self.state.last_at = time.monotonic()
+        self.state.heard()
+        self.last_at = self.state.last_at
         return item
 
     async def _events(self, item: Any) -> str:

@@ -234,6 +234,28 @@ async def test_a_stream_left_while_its_router_was_frozen_is_not_billed():
     assert gateway.state.in_flight == 0
 
 
+async def test_a_stream_woken_with_its_tier_buffered_is_still_not_billed():
+    """Woken after the client gave up, the router may read what its tier had buffered
+    before it learns the client is gone: the stall it slept through still counts."""
+    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.001)}
+    gateway = FakeGateway("enterprise")
+    cfg = CFG.model_copy(deep=True)
+    cfg.router = cfg.router.model_copy(update={"stream_stall_s": 0.2})
+    p = Pipeline(cfg, InProcessTiers(**eng), gateway, "ingress-0", IngressMetrics())
+    result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
+    assert isinstance(result, Streamed)
+    result.started()
+    for _ in range(3):
+        await result.events.__anext__()
+    await asyncio.sleep(0.5)  # frozen
+    for _ in range(3):  # awake: the buffered messages come at once
+        await result.events.__anext__()
+    await result.close()  # and then the client is found gone
+    [record] = gateway.records
+    assert record.status == 503 and record.cost_usd == 0, record
+    assert "stalled" in (record.error or "")
+
+
 async def test_a_lost_replica_is_retried_once():
     tiers = InProcessTiers(**engines())
     tiers.lose_next["premium"] = 1
