@@ -50,11 +50,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.compare import RESULTS, ROOT, our_app, serve_args
+from benchmarks.compare import RESULTS, ROOT, label, our_app, serve_args
+from benchmarks.cpu_cost import CpuMeter
 from benchmarks.loadgen import LoadSpec, RequestResult, one_request, percentile
 from benchmarks.routing_quality import NO_LIMITS
 
@@ -66,7 +68,6 @@ class Timed:
     result: RequestResult
     ended: float  # monotonic time the answer ended
     sent: float = 0.0  # monotonic time it was sent
-    queue_ms: float | None = None
 
 
 @dataclass
@@ -152,14 +153,37 @@ async def phase(
 
 
 def ttft(rows: list[Timed]) -> dict[str, Any]:
-    ok = [r.result.ttft_s * 1000 for r in rows if r.result.ok]
+    """TTFT as the client saw it, and the part of it spent in the router's fair queue."""
+    ok = [r.result for r in rows if r.result.ok]
+    times = [r.ttft_s * 1000 for r in ok]
+    queued = [r.queue_ms for r in ok if r.queue_ms is not None]
     return {
         "n": len(rows),
         "ok": len(ok),
-        "p50_ms": percentile(ok, 50),
-        "p99_ms": percentile(ok, 99),
-        "slowest_ms": sorted(ok, reverse=True)[:3],
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+        "slowest_ms": sorted(times, reverse=True)[:3],
+        "queue_p50_ms": percentile(queued, 50) if queued else None,
+        "queue_p99_ms": percentile(queued, 99) if queued else None,
     }
+
+
+def router_ttft(admin: httpx.Client, key: str | None, under: Phase) -> dict[str, Any]:
+    """The victim's TTFT as its router measured it (from admission to the tier's first
+    message; the usage records'), for its requests under the swarm: what the client saw
+    less the HTTP proxy, the key check and the wire."""
+    from serve_app.gateway.usage_log import read_usage
+
+    admin.post("/admin/usage/flush").raise_for_status()
+    key_id = (key or "").split("-")[2]
+    started = time.time() - (time.monotonic() - under.swarm_from)
+    rows = read_usage(Path(os.environ["KIMI_SERVE_STATE"]) / "usage").to_pylist()
+    times = [
+        r["ttft_ms"]
+        for r in rows
+        if r["key_id"] == key_id and r["ttft_ms"] is not None and r["time"].timestamp() >= started
+    ]
+    return {"n": len(times), "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
 
 
 def tokens_per_s(rows: list[Timed], wall_s: float) -> float:
@@ -272,7 +296,12 @@ def share_of(a: list[Timed], b: list[Timed], start: float, end: float) -> float:
 
 
 def run_order(
-    order: str, tier: str, seconds: float, swarm: int, shared: int | None = None
+    order: str,
+    tier: str,
+    seconds: float,
+    swarm: int,
+    shared: int | None = None,
+    isolation_only: bool = False,
 ) -> dict[str, Any]:
     with our_app(bench_args(order, tier, shared)) as base:
         url = base.removesuffix("/v1")
@@ -297,10 +326,21 @@ def run_order(
             LoadSpec(base, model, max_tokens=16, prompt_words=24, api_key=key("premium"))
             for _ in range(3)
         ]
-        both = asyncio.run(
-            phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm, LEAD_S, fresh)
-        )
+        with CpuMeter(label) as cpu:
+            both = asyncio.run(
+                phase({"victim": victim, "swarm": swarm_spec}, seconds, swarm, LEAD_S, fresh)
+            )
         under = [r for r in both.victim if r.sent >= both.swarm_from]
+        if isolation_only:
+            return {
+                "victim_alone": ttft(alone.victim),
+                "victim_under_swarm": ttft(under),
+                "victim_under_swarm_at_router": router_ttft(admin, victim.api_key, both),
+                "newcomers_under_swarm": ttft(both.newcomers),
+                "swarm_alone_tok_s": tokens_per_s(swarm_alone.swarm, swarm_alone.wall_s),
+                "swarm_with_victim_tok_s": tokens_per_s(both.swarm, both.wall_s),
+                "cpu_s_under_swarm": {k: round(v, 1) for k, v in cpu.spent.items()},
+            }
         # within one key: a chat session of the swarm's own key, alone and beside its swarm
         chat = dataclasses.replace(victim, api_key=swarm_key, headers={"x-session-id": "chat-1"})
         chat_alone = asyncio.run(phase({"victim": chat}, seconds, swarm))
@@ -464,6 +504,11 @@ def main() -> None:
     parser.add_argument(
         "--shared-in-flight", type=int, help="the tier's fair_share.shared_in_flight (per replica)"
     )
+    parser.add_argument(
+        "--isolation-only",
+        action="store_true",
+        help="only the victim alone and under the swarm, printed, no results written",
+    )
     args = parser.parse_args()
     seconds = 20 if args.quick else 40
     os.environ["KIMI_SERVE_STATE"] = tempfile.mkdtemp(prefix="kimi-fairness-bench-")
@@ -472,9 +517,11 @@ def main() -> None:
     for order in args.orders.split(","):
         print(f"{order}: starting the app", flush=True)
         report["orders"][order] = run_order(
-            order, args.tier, seconds, args.swarm, args.shared_in_flight
+            order, args.tier, seconds, args.swarm, args.shared_in_flight, args.isolation_only
         )
         print(json.dumps(report["orders"][order]), flush=True)
+    if args.isolation_only:
+        return
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()

@@ -37,6 +37,7 @@ class RequestResult:
     cost_usd: float = 0.0  # our router's `usage.cost`; 0 from peers
     error: str | None = None
     resent: bool = False  # sent again after a dropped kept-alive connection
+    queue_ms: float | None = None  # our router's fair-queue wait (`x-kimi-queue-ms`)
 
     @property
     def tpot_s(self) -> float:
@@ -118,6 +119,8 @@ async def stream_answer(
     try:
         result.status = r.status_code
         result.tier = r.headers.get("x-kimi-tier")
+        if (queued := r.headers.get("x-kimi-queue-ms")) is not None:
+            result.queue_ms = float(queued)
         result.degraded = "x-kimi-degraded" in r.headers
         if r.status_code != 200:
             result.error = (await r.aread()).decode(errors="replace")[:200]
