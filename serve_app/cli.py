@@ -115,9 +115,12 @@ def webhooks_command(args: argparse.Namespace) -> None:
 def usage_report(root: Path, by: list[str]) -> str:
     """Requests, tokens and cost grouped by the given columns (key_id/plan/tier/day/...)."""
     from serve_app.gateway.usage_query import usage_summary
+    from serve_app.gateway.usage_rollups import Recounting
 
     try:
         summary = usage_summary(root, by)
+    except Recounting as exc:  # the gateway counts them again beside its writes
+        raise SystemExit(f"{exc}; try again shortly") from None
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if not summary:

@@ -10,10 +10,25 @@ from fastapi import Request
 from serve_app.api.common.http import bearer
 from serve_app.api.common.routes import ApiFamily, get
 from serve_app.errors import APIError
-from serve_app.gateway.protocol import ANONYMOUS, GatewayAdmin, GatewayUnavailable
+from serve_app.gateway.protocol import (
+    ANONYMOUS,
+    GatewayAdmin,
+    GatewayUnavailable,
+    UsageRecounting,
+)
 from serve_app.pipeline.pipeline import Pipeline, gateway_error
 
 GROUPINGS = ("day", "tier", "model", "session", "api", "plan", "service_tier")
+
+
+def recounting_error(recounting: UsageRecounting) -> APIError:
+    return APIError(
+        503,
+        "usage totals are being counted again from the metered records (after an upgrade,"
+        f" or where their rollups were lost): {recounting.pending} days left; retry shortly",
+        code="usage_recounting",
+        headers={"retry-after": "30"},
+    )
 
 
 class UsageAPI:
@@ -36,6 +51,8 @@ class UsageAPI:
             rows = await self.gateway.usage(caller.key_id, by)
         except GatewayUnavailable:
             raise gateway_error() from None
+        if isinstance(rows, UsageRecounting):
+            raise recounting_error(rows)
         if isinstance(rows, str):
             raise APIError(400, rows, param="group_by")
         return {"object": "list", "group_by": by, "data": rows}

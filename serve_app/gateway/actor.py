@@ -46,12 +46,14 @@ from serve_app.gateway.protocol import (
     KeyOverrides,
     NewKey,
     StorageFault,
+    UsageRecounting,
 )
 from serve_app.gateway.query_share import QueryShare
 from serve_app.gateway.throttle import Throttle
 from serve_app.gateway.usage_log import MeterWriter
 from serve_app.gateway.usage_query import recent_usage, usage_summary
 from serve_app.gateway.usage_records import UsageRecord
+from serve_app.gateway.usage_rollups import Recounting
 from serve_app.reasoning.memory import ReasoningMemory
 from serve_app.state_claim import StateClaim
 
@@ -482,7 +484,7 @@ class GatewayState:
         self.meter.heal()
         return self.meter.flush() or self.fault
 
-    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
+    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str | UsageRecounting:
         """Usage grouped by `by` (read off the request path's thread), or why not."""
         try:
             for _ in range(3):  # a flush while the rollups were read: read again
@@ -493,6 +495,8 @@ class GatewayState:
                 if self.meter.flushes == flushes:
                     break
             return rows
+        except Recounting as exc:
+            return UsageRecounting(exc.pending)
         except ValueError as exc:
             return str(exc)
 

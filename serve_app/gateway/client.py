@@ -23,6 +23,7 @@ from serve_app.gateway.protocol import (
     Renewal,
     StorageFault,
     UsageRecord,
+    UsageRecounting,
 )
 
 T = TypeVar("T")
@@ -92,7 +93,7 @@ class GatewayClient:
     async def flush(self) -> str | None:
         return await self._call(lambda a: a.flush.remote())
 
-    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str:
+    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str | UsageRecounting:
         return await self._call(lambda a: a.usage.remote(key_id, by))
 
     async def recent(self, key_id: str | None, limit: int) -> list[dict]:

@@ -95,6 +95,14 @@ class Gateway(Protocol):
     async def renew(self, renewal: Renewal) -> list[str]: ...
 
 
+@dataclass(frozen=True)
+class UsageRecounting:
+    """Usage totals wait: the sums are being counted again from the records (after an
+    upgrade, or where the rollups were lost); `pending` days are left."""
+
+    pending: int
+
+
 class GatewayAdmin(Gateway, Protocol):
     """Keys, usage and the state dir's health, for the admin API, the console and the
     key holder's own usage. `ValueError` is a refusal (unknown plan, bad overrides),
@@ -116,7 +124,9 @@ class GatewayAdmin(Gateway, Protocol):
 
     async def flush(self) -> str | None: ...
 
-    async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str: ...
+    async def usage(
+        self, key_id: str | None, by: list[str]
+    ) -> list[dict] | str | UsageRecounting: ...
 
     async def recent(self, key_id: str | None, limit: int) -> list[dict]: ...
 

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -60,10 +61,32 @@ class MeterWriter:
         # could not acknowledge comes again, and is recognised here
         self.recovered: set[tuple[str, float]] = set()
         self.rollups = Rollups(root)
-        self.rebuilt = self.rollups.reconcile(root)  # days whose rollups were made again
+        # days whose rollups are counted again from their parts, in a thread of their own
+        # (minutes at 50M records: the gateway serves meanwhile, usage totals wait)
+        self.recounting = self.rollups.stale(root)
+        self.rebuilt = len(self.recounting)
+        self._closing = threading.Event()
+        self._recounter = threading.Thread(target=self._recount, name="usage-recount", daemon=True)
+        self._recounter.start()
         self.recover()
         self.segment = self._next_segment()
         self._wal: TextIO | None = None  # opened by the first write
+
+    def _recount(self) -> None:
+        for day in list(self.recounting):
+            if self._closing.is_set():
+                return  # the day stays pending: the next start counts it
+            try:
+                self.rollups.recount(day, self.root)
+            except Exception:  # pending still: the next start tries again
+                log.exception("usage rollups of %s could not be counted again", day)
+                return
+            self.recounting.remove(day)
+
+    def recounted(self, timeout_s: float | None = None) -> bool:
+        """Wait for the days counted again at start; whether they all are."""
+        self._recounter.join(timeout_s)
+        return not self.recounting
 
     def _adopt_legacy_wal(self) -> None:
         """Segments of a version that kept them in `wal/` (which broke dataset readers)."""
@@ -209,6 +232,8 @@ class MeterWriter:
         records went."""
         dropped = 0
         for folder in sorted(self.root.glob("day=*")):
+            if folder.name.removeprefix("day=") in self.recounting:
+                continue  # its parts stay as they are until its sums are counted
             while group := mergeable(folder):
                 dropped += merge_parts(folder, group, self.rollups)
         return dropped
@@ -221,6 +246,8 @@ class MeterWriter:
         with_empty = self._segment_path(self.segment)
         if with_empty.exists() and with_empty.stat().st_size == 0:
             with_empty.unlink()
+        self._closing.set()
+        self._recounter.join()  # ends after the day it counts
         self.rollups.close()
 
     def _write_parquet(self, segment: int, records: list[UsageRecord]) -> None:

@@ -9,7 +9,10 @@ parts that drops records present twice first takes their sums off and notes the 
 (`fixes`). A merged part names in its metadata the segments and fixes it holds, so a
 start can tell, day by day, whether the sums account for exactly the parts there are, and
 counts a day again from its parts where they do not (a crash between a fix and its merge,
-the rollups lost or damaged, or a dataset older than them).
+the rollups lost or damaged, or a dataset older than them). Counting again happens beside
+the meter's writes, not before them (at 50M records it takes minutes): the days it has
+left are noted (`pending`), and a reader of the sums is told (`Recounting`) instead of
+being given short totals.
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ SUMS = [
 ]  # fmt: skip
 UNITS_KEY = b"kimi.units"  # in a merged part's metadata: what it holds
 NO_SESSION = ""  # SQLite keys hold no NULL as one value: a request without a session
+
+
+class Recounting(Exception):
+    """The sums are being counted again from the records: `pending` days are not yet."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} days of usage are being counted again from the records")
+        self.pending = pending
+
+    def __reduce__(self) -> tuple[type[Recounting], tuple[int]]:  # across processes
+        return Recounting, (self.pending,)
 
 
 def rollup(records: pa.Table) -> pa.Table:
@@ -163,8 +177,11 @@ class Rollups:
             ) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS fixes (
                 day TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
-                PRIMARY KEY (day, lo, hi)) WITHOUT ROWID;"""
+                PRIMARY KEY (day, lo, hi)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS pending (day TEXT PRIMARY KEY) WITHOUT ROWID;"""
         )
+        # the meter's thread and the one counting days again share the connection
+        self.lock = threading.RLock()
         names = [*DIMENSIONS, "day", "requests", *SUMS]
         added = ", ".join(f"{c} = {c} + excluded.{c}" for c in ("requests", *SUMS))
         self._upsert = (
@@ -177,13 +194,14 @@ class Rollups:
         """One transaction; SQLite's failures (a full disk) as the OSError of any write
         of the meter, so the records stay in the log for the next try."""
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+            with self.lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise OSError(f"the usage rollups cannot be written: {exc}") from exc
 
@@ -220,38 +238,68 @@ class Rollups:
 
     def units(self, day: str) -> Units:
         """What the day's sums account for."""
-        segments = self.db.execute("SELECT segment FROM segments WHERE day = ?", (day,))
-        fixes = self.db.execute("SELECT lo, hi FROM fixes WHERE day = ?", (day,))
-        return Units({s for (s,) in segments}, {(lo, hi) for lo, hi in fixes})
+        with self.lock:
+            segments = self.db.execute("SELECT segment FROM segments WHERE day = ?", (day,))
+            fixes = self.db.execute("SELECT lo, hi FROM fixes WHERE day = ?", (day,))
+            return Units({s for (s,) in segments}, {(lo, hi) for lo, hi in fixes})
+
+    def stale(self, usage_root: Path) -> list[str]:
+        """The days whose sums do not account for exactly their parts (and those a
+        recount left unfinished), noted as pending, newest first."""
+        days = {p.name.removeprefix("day=") for p in usage_root.glob("day=*")}
+        with self.lock:
+            days |= {d for (d,) in self.db.execute("SELECT DISTINCT day FROM segments")}
+            left = {d for (d,) in self.db.execute("SELECT day FROM pending")}
+        stale = sorted(
+            (
+                d
+                for d in days
+                if d in left or self.units(d) != parts_units(day_parts(usage_root, d))
+            ),
+            reverse=True,
+        )
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO pending VALUES (?)", ((d,) for d in stale))
+        return stale
 
     def reconcile(self, usage_root: Path) -> int:
-        """Each day's sums made to account for exactly its parts; how many days were
-        counted again from their parts."""
-        days = {p.name.removeprefix("day=") for p in usage_root.glob("day=*")}
-        days |= {d for (d,) in self.db.execute("SELECT DISTINCT day FROM segments")}
-        rebuilt = 0
-        for day in sorted(days):
-            parts = sorted((usage_root / f"day={day}").glob("part-*.parquet"))
-            if self.units(day) != parts_units(parts):
-                self.rebuild(day, parts)
-                rebuilt += 1
-        return rebuilt
+        """Each day's sums made to account for exactly its parts, now; how many days
+        were counted again from their parts."""
+        stale = self.stale(usage_root)
+        for day in stale:
+            self.recount(day, usage_root)
+        return len(stale)
 
-    def rebuild(self, day: str, parts: list[Path]) -> None:
-        """The day's sums counted again from its parts, one part at a time."""
+    def recount(self, day: str, usage_root: Path) -> None:
+        """The day's sums counted again from its parts, one part at a time, beside the
+        meter's writes: counted outside the lock, then put in place in one transaction
+        with the sums of any part written meanwhile. (Parts are only added while a day is
+        pending: the meter does not merge them until it is counted.)"""
+        parts = day_parts(usage_root, day)
         log.warning("usage rollups of %s counted again from its %d parts", day, len(parts))
-        units = parts_units(parts)  # the parts' fixes are in their records already
+        sums = [rollup(read_part(p)) for p in parts]  # a part at a time, in Arrow
         with self._transaction() as db:
-            for table in ("sums", "segments", "fixes"):
+            now = day_parts(usage_root, day)
+            sums += [rollup(read_part(p)) for p in now if p not in set(parts)]
+            units = parts_units(now)  # the parts' fixes are in their records already
+            for table in ("sums", "segments", "fixes", "pending"):
                 db.execute(f"DELETE FROM {table} WHERE day = ?", (day,))
-            sums = [rollup(read_part(p)) for p in parts]  # a part at a time, in Arrow
             if sums:
                 self._add_sums(day, pa.concat_tables(sums))
             db.executemany("INSERT INTO segments VALUES (?, ?)", ((day, s) for s in units.segments))
             db.executemany("INSERT INTO fixes VALUES (?, ?, ?)", ((day, *f) for f in units.fixes))
 
+    def pending(self) -> set[str]:
+        with self.lock:
+            return {d for (d,) in self.db.execute("SELECT day FROM pending")}
+
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            self.db.close()
+
+
+def day_parts(usage_root: Path, day: str) -> list[Path]:
+    return sorted((usage_root / f"day={day}").glob("part-*.parquet"))
 
 
 def read_part(part: Path) -> pa.Table:
@@ -290,7 +338,16 @@ def summed(usage_root: Path, by: list[str], key_id: str | None) -> list[dict]:
     # waits for the gateway's loop to let go (up to 5 ms) while admissions keep it busy
     names = [*by, "requests", *SUMS]
     query = f"SELECT json_group_array(json_array({', '.join(names)})) FROM ({grouped})"
-    [(found,)] = reader(path).execute(query, args).fetchall()
+    db = reader(path)
+    db.execute("BEGIN")  # the pending days and the sums read as of one moment
+    try:
+        with contextlib.suppress(sqlite3.OperationalError):  # no such table: written before
+            [(pending,)] = db.execute("SELECT COUNT(*) FROM pending").fetchall()
+            if pending:
+                raise Recounting(pending)
+        [(found,)] = db.execute(query, args).fetchall()
+    finally:
+        db.execute("COMMIT")
     rows = [dict(zip(names, r, strict=True)) for r in json.loads(found)]
     for r in rows:
         if r.get("session_id") == NO_SESSION:

@@ -5,20 +5,22 @@ of the raw records."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_app.gateway import usage_log
+from serve_app.gateway import usage_log, usage_rollups
 from serve_app.gateway.usage_log import MeterWriter, read_usage
 from serve_app.gateway.usage_query import recent_usage, usage_summary
 from serve_app.gateway.usage_records import UsageRecord
-from serve_app.gateway.usage_rollups import FILE
+from serve_app.gateway.usage_rollups import FILE, Recounting
 
 DAY_S = 86400.0
 T0 = 1795400000.0
@@ -136,9 +138,11 @@ def test_the_rollups_equal_the_records_sums_through_restarts_compaction_and_loss
                 elif op == "damage":
                     (root / FILE).write_bytes(b"not a database")
                 writer = MeterWriter(root, batch_size=3)
+            assert writer.recounted(30)
             assert_rollups_hold(root)
         writer.close()
-        assert_rollups_hold(MeterWriter(root, batch_size=3).root)
+        assert MeterWriter(root, batch_size=3).recounted(30)
+        assert_rollups_hold(root)
 
 
 def test_lost_rollups_are_counted_again_from_the_parts_at_start(tmp_path):
@@ -149,7 +153,71 @@ def test_lost_rollups_are_counted_again_from_the_parts_at_start(tmp_path):
         (tmp_path / f"{FILE}{suffix}").unlink(missing_ok=True)
     again = MeterWriter(tmp_path)
     assert again.rebuilt == 3  # each of the three days
+    assert again.recounted(30)
     assert_rollups_hold(tmp_path)
+
+
+def lost_rollups(root: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        (root / f"{FILE}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_start_counts_days_again_beside_the_meters_writes(tmp_path, monkeypatch):
+    """Counting days again takes minutes at scale: the meter writes meanwhile, and a
+    query of the sums is told they are being counted (not given short totals)."""
+    write(tmp_path, seed=11, batch_size=2, records=40)
+    lost_rollups(tmp_path)
+    gate = threading.Event()
+    recount = usage_rollups.Rollups.recount
+
+    def held(self, day, root):
+        gate.wait(30)
+        recount(self, day, root)
+
+    monkeypatch.setattr(usage_rollups.Rollups, "recount", held)
+    writer = MeterWriter(tmp_path, batch_size=2)
+    assert writer.rebuilt == 3 and not writer.recounted(0.05)
+    with pytest.raises(Recounting) as told:
+        usage_summary(tmp_path, ["day"], "k1")
+    assert told.value.pending == 3
+    rng = random.Random(12)
+    for n in range(100, 120):  # settlements go on: flushed, counted, compacted
+        writer.append(record(n, rng))
+    writer.compact()
+    gate.set()
+    assert writer.recounted(30)
+    assert_rollups_hold(tmp_path)
+    writer.close()
+
+
+def test_a_part_written_while_its_day_is_counted_again_is_counted_once(tmp_path, monkeypatch):
+    """The day is counted from the parts there were when it began; a part written
+    before its sums are put in place is added then, and its own add is a no-op."""
+    write(tmp_path, seed=13, batch_size=2, records=30)
+    lost_rollups(tmp_path)
+    rng = random.Random(14)
+    writers: list[MeterWriter] = []
+    read_part = usage_rollups.read_part
+    wrote = threading.Event()
+
+    def reading(part):
+        if writers and not wrote.is_set():  # the meter writes a part of every day now
+            wrote.set()
+            for n, day in enumerate((0, 1, 2)):
+                late = record(200 + n, rng).model_copy(update={"time": T0 + day * DAY_S + 99})
+                writers[0].append(late)
+            writers[0].flush()
+        return read_part(part)
+
+    monkeypatch.setattr(usage_rollups, "read_part", reading)
+    gate = threading.Event()
+    recount = usage_rollups.Rollups.recount
+    monkeypatch.setattr(usage_rollups.Rollups, "recount", lambda *a: (gate.wait(30), recount(*a)))
+    writers.append(MeterWriter(tmp_path, batch_size=100))
+    gate.set()
+    assert writers[0].recounted(30) and wrote.is_set()
+    assert_rollups_hold(tmp_path)
+    writers[0].close()
 
 
 def test_a_merge_cut_short_after_its_fix_is_counted_again(tmp_path, monkeypatch):
@@ -172,6 +240,7 @@ def test_a_merge_cut_short_after_its_fix_is_counted_again(tmp_path, monkeypatch)
     monkeypatch.setattr(usage_log, "COMPACT_AT", 2)
     again = MeterWriter(tmp_path, batch_size=1)
     assert again.rebuilt == 1
+    assert again.recounted(30)
     assert_rollups_hold(tmp_path)
     again.compact()  # now the merge happens, its fix with it
     assert_rollups_hold(tmp_path)
@@ -210,3 +279,35 @@ def test_the_latest_records_read_only_the_newest_days_needed(tmp_path, monkeypat
     mine = sorted((r for r in everything if r["key_id"] == "k2"), key=lambda r: r["time"])
     assert [r["request_id"] for r in latest] == [r["request_id"] for r in mine[::-1][:2]]
     assert len(opened) == 1  # the newest day held two of k2's: no older day was read
+
+
+def test_the_gateway_admits_and_meters_while_its_usage_is_counted_again(tmp_path, monkeypatch):
+    """The gateway's start does not wait for the count (minutes at 50M records): it
+    admits and settles meanwhile, and its usage answer says the totals are being
+    counted (from a query process: the refusal crosses it) until they are."""
+    from serve_app.gateway.protocol import Ask, UsageRecounting
+    from tests.unit.gateway_in_process import CALLER, Gateway, plans
+    from tests.unit.gateway_in_process import record as settled
+
+    usage_root = tmp_path / "usage"
+    write(usage_root, seed=15, batch_size=2, records=30)
+    lost_rollups(usage_root)
+    gate = threading.Event()
+    recount = usage_rollups.Rollups.recount
+    monkeypatch.setattr(usage_rollups.Rollups, "recount", lambda *a: (gate.wait(30), recount(*a)))
+
+    async def run() -> None:
+        gateway = Gateway(str(tmp_path), plans(), 1, 3600)
+        try:
+            assert await gateway.usage(CALLER.key_id, ["day"]) == UsageRecounting(3)
+            assert (await gateway.admit(CALLER, Ask(100, 0.01), "t1")).ticket == "t1"
+            await gateway.settle("t1", settled(1))
+            gate.set()
+            assert gateway.meter.recounted(30)
+            [row] = await gateway.usage(CALLER.key_id, ["day"])
+            assert row["requests"] == 1 and row["completion_tokens"] == 2
+        finally:
+            gateway.close()
+
+    asyncio.run(run())
+    assert_rollups_hold(usage_root)

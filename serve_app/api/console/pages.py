@@ -43,6 +43,7 @@ from serve_app.gateway.protocol import (
     NewKey,
     SignIns,
     StorageFault,
+    UsageRecounting,
 )
 from serve_app.pipeline.pipeline import Pipeline
 
@@ -205,11 +206,13 @@ class ConsoleAPI:
         if account is None or account.info.revoked_at is not None:
             await self.signins.close(token)
             return self._sign_in_page(request, "This key has been revoked; sign in again.", 401)
-        days = await self._usage(key_id, ["day"])
+        answer = await self.gateway.usage(key_id, ["day"])
+        days = answer if isinstance(answer, list) else []
         base = str(request.base_url).rstrip("/")
         return self.page(
             "key_holder.html",
             signout=True,
+            recounting=answer.pending if isinstance(answer, UsageRecounting) else None,
             csrf=csrf_for(token),
             account=account,
             budget=budget_view(account),
@@ -232,7 +235,8 @@ class ConsoleAPI:
 
     async def _operator(self, request: Request, token: str, **extra: Any) -> Response:
         keys = await answered(self.gateway.list_keys())
-        by_key = {r["key_id"]: r for r in await self._usage(None, ["key_id"])}
+        answer = await self.gateway.usage(None, ["key_id"])
+        by_key = {r["key_id"]: r for r in answer} if isinstance(answer, list) else {}
         prices = {t.name: t.price for t in self.config.tiers}
         usage = await self._usage(None, ["day", "plan", "tier"])
         for row in usage:
@@ -243,6 +247,7 @@ class ConsoleAPI:
         return self.page(
             "operator.html",
             signout=True,
+            recounting=answer.pending if isinstance(answer, UsageRecounting) else None,
             csrf=csrf_for(token),
             keys=keys_page(
                 keys,
