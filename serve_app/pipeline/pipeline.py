@@ -183,6 +183,10 @@ class Pipeline:
                     key: frozenset(named) for key, named in load.active_sessions.items()
                 }
                 self.metrics.queues.waiting.set(gate.queued, {"tier": name})
+                fairness = gate.fairness()
+                self.metrics.queues.fairness.set(
+                    1.0 if fairness is None else fairness, {"tier": name}
+                )
         self._sweep_silent({m.replica for load in loads.values() for m in load.members})
         if reaped := await self.undelivered.reap():
             log.warning("settled %d streams whose response never started", reaped)
@@ -565,6 +569,12 @@ class Pipeline:
     async def _settle(self, ctx: RequestContext, record: UsageRecord) -> None:
         ctx.settled = True
         self.open.close(ctx.admission.ticket)
+        if ctx.slot is not None and (
+            service := record.prompt_tokens + 2 * record.completion_tokens
+        ):
+            self.metrics.queues.service.inc(
+                service, {"tier": ctx.tier.name, "key_id": record.key_id}
+            )
         ctx.leave_queue(record.completion_tokens)
         self.metrics.observe(record)
         if record.ttft_ms is not None:

@@ -47,6 +47,18 @@ class QueueMetrics:
             "requests of a key over its part of a full queue (429)",
             ("tier",),
         )
+        self.service = metrics.Counter(
+            "kimi_queue_service_tokens",
+            "service through the fair queue per key, as its order counts it: prompt tokens"
+            " plus twice the output tokens",
+            ("tier", "key_id"),
+        )
+        self.fairness = metrics.Gauge(
+            "kimi_queue_fairness",
+            "Jain's index of the weighted service of the last ~10 s among the keys waiting"
+            " at this router now (1: even; 1 where fewer than two wait)",
+            ("tier",),
+        )
 
 
 class IngressMetrics:

@@ -33,10 +33,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
 ACTIVE_S = 10.0  # a key that asked this recently is active (see `FairQueue.active`)
+SERVICE_TAU_S = 10.0  # the recent service a fairness index compares decays this fast
 
 
 class QueueTimeout(Exception):
@@ -113,6 +115,40 @@ class Counters:
         self.served[owner] = self.served.get(owner, 0.0) + tokens
 
 
+class RecentService:
+    """Each key's service (tokens over its weight, as the counters charge it), decayed
+    with time constant `tau_s`: what it was given lately, never lifted or pruned as the
+    order's counters are, so keys can be compared (`jain`)."""
+
+    def __init__(self, tau_s: float = SERVICE_TAU_S) -> None:
+        self.tau_s = tau_s
+        self.served: dict[str, float] = {}
+        self._at = time.monotonic()
+
+    def _decay(self) -> None:
+        now = time.monotonic()
+        factor = math.exp(-(now - self._at) / self.tau_s)
+        self._at = now
+        for key in list(self.served):
+            self.served[key] *= factor
+            if self.served[key] < 1e-3:
+                del self.served[key]
+
+    def charge(self, key: str, service: float) -> None:
+        self._decay()
+        self.served[key] = self.served.get(key, 0.0) + service
+
+    def jain(self, keys: set[str]) -> float | None:
+        """Jain's index of the recent service of `keys` (1: equal, 1/n: one key had it
+        all); None for fewer than two."""
+        if len(keys) < 2:
+            return None
+        self._decay()
+        xs = [self.served.get(k, 0.0) for k in keys]
+        total, squares = sum(xs), sum(x * x for x in xs)
+        return 1.0 if squares == 0 else total * total / (len(xs) * squares)
+
+
 class FairQueue:
     def __init__(
         self, bound: int, shared_bound: int, fair: bool = True, active_s: float = ACTIVE_S
@@ -136,6 +172,7 @@ class FairQueue:
         )  # in flight, per key and session
         self.keys = Counters()
         self.sessions: dict[str, Counters] = collections.defaultdict(Counters)
+        self.recent = RecentService()
         # waiting requests, per key and session, oldest first
         self.waiting: dict[str, dict[str, collections.deque[Waiter]]] = {}
         self._order = itertools.count()
@@ -208,6 +245,7 @@ class FairQueue:
             if not running:
                 del self.running_in[slot.key]
         self.keys.charge(slot.key, 2 * output_tokens / slot.weight)
+        self.recent.charge(slot.key, 2 * output_tokens / slot.weight)
         self.sessions[slot.key].charge(slot.session, 2 * output_tokens)
         self.keys.leave(slot.key)
         self.sessions[slot.key].leave(slot.session)
@@ -302,6 +340,11 @@ class FairQueue:
         """Let waiters through after the bound grew."""
         self._dispatch()
 
+    def fairness(self) -> float | None:
+        """Jain's index of the weighted recent service of the keys with requests waiting
+        here now (those the order has to choose between); None for fewer than two."""
+        return self.recent.jain(set(self.waiting))
+
     @property
     def queued(self) -> int:
         return sum(len(q) for sessions in self.waiting.values() for q in sessions.values())
@@ -313,6 +356,7 @@ class FairQueue:
         self.running[key] += 1
         self.running_in[key][session] += 1
         self.keys.charge(key, tokens / weight)
+        self.recent.charge(key, tokens / weight)
         self.sessions[key].charge(session, tokens)
 
     def _dispatch(self) -> None:

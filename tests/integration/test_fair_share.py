@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pyarrow.compute as pc
 
+from benchmarks.holdback import metrics_ports
 from tests.integration.conftest import flushed_usage, new_key, saturated, tier_status, wait_for
 
 SWARM = 24  # premium runs 8 at once in the tests' overlay: most of these queue
@@ -42,9 +43,22 @@ def streamed(url: str, key: str, max_tokens: int, session: str | None) -> dict:
     return {"sent": sent, "first": first, "ended": time.monotonic(), "queue_ms": queue_ms}
 
 
+def exported(pattern: str) -> dict[str, float]:
+    """The series of the routers' metrics whose line starts with `pattern`, as exported
+    to Prometheus (Ray's agents export every few seconds): line -> value."""
+    text = "\n".join(
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text for port in metrics_ports()
+    )
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(pattern)
+    }
+
+
 def test_another_keys_requests_go_ahead_of_a_swarms_backlog(serve_url, admin):
-    swarm_key, _ = new_key(admin, "enterprise")
-    victim_key, _ = new_key(admin, "enterprise")
+    swarm_key, swarm_id = new_key(admin, "enterprise")
+    victim_key, victim_id = new_key(admin, "enterprise")
     queued_seen = threading.Event()
     with ThreadPoolExecutor(SWARM) as pool:
         swarm = [
@@ -68,6 +82,25 @@ def test_another_keys_requests_go_ahead_of_a_swarms_backlog(serve_url, admin):
         overtaken = [a for a in answers if a["sent"] < v["sent"] and a["first"] > v["ended"]]
         assert overtaken, (v, sorted(a["first"] for a in answers))
     assert max(v["queue_ms"] for v in victim) <= max(a["queue_ms"] for a in answers)
+
+    # each key's service through the queue, as its order counts it, and the index
+    def served() -> dict[str, float] | None:
+        series = exported("ray_kimi_queue_service_tokens_total{")
+        mine = {
+            who: sum(v for line, v in series.items() if f'key_id="{kid}"' in line)
+            for who, kid in (("swarm", swarm_id), ("victim", victim_id))
+        }
+        return mine if all(mine.values()) else None
+
+    service = wait_for("each key's service exported", served, 90, every_s=2)
+    assert service["swarm"] > service["victim"]  # 24 long answers against 3 short ones
+    fairness = wait_for(
+        "the fairness index exported",
+        lambda: exported("ray_kimi_queue_fairness{") or None,
+        90,
+        every_s=2,
+    )
+    assert all(0 < v <= 1 for v in fairness.values()), fairness
 
 
 def test_a_request_that_waits_past_its_time_limit_is_a_503_metered_once(

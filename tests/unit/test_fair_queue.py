@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_app.routing.fair_queue import FairQueue, QueueFull, QueueTimeout
+from serve_app.routing.fair_queue import FairQueue, QueueFull, QueueTimeout, RecentService
 
 
 async def turn() -> None:
@@ -301,3 +301,43 @@ async def test_the_batch_is_split_by_weight_between_backlogged_keys():
     assert gate.running["light"] == 2 and gate.running["heavy"] == 6
     for w in light + heavy:
         w.cancel()
+
+
+async def backlogged_pair(fair: bool, weights: tuple[float, float] = (1.0, 1.0)) -> FairQueue:
+    """Key a's 30 requests arrive before key b's 30, one place; 20 served, one at a time."""
+    gate = FairQueue(bound=1, shared_bound=1, fair=fair)
+    waiting = [
+        asyncio.ensure_future(gate.enter(key, key, 10, weight, None))
+        for key, weight in zip("ab", weights, strict=True)
+        for _ in range(30)
+    ]
+    await turn()
+    for _ in range(20):
+        [slot] = [w.result() for w in waiting if w.done() and not w.result().closed]
+        slot.close(output_tokens=20)
+        await turn()
+    for w in waiting:
+        w.cancel()
+    return gate
+
+
+async def test_the_fairness_index_reads_the_recent_service_of_the_keys_waiting():
+    assert (await backlogged_pair(fair=True)).fairness() == pytest.approx(1.0, abs=0.01)
+    # first come: a's backlog goes first, b has had nothing
+    assert (await backlogged_pair(fair=False)).fairness() == pytest.approx(0.5, abs=0.01)
+    # weights 1:3 served 1:3 are even, as the order counts service (tokens over weight)
+    assert (await backlogged_pair(True, (1.0, 3.0))).fairness() == pytest.approx(1.0, abs=0.05)
+    alone = FairQueue(bound=1, shared_bound=1)
+    (await alone.enter("a", "a", 10, 1.0, None)).close(5)
+    assert alone.fairness() is None  # nobody waits: nothing to choose between
+
+
+def test_recent_service_fades_with_time(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("serve_app.routing.fair_queue.time.monotonic", lambda: clock[0])
+    recent = RecentService(tau_s=10.0)
+    recent.charge("a", 100.0)
+    clock[0] += 10.0
+    recent.charge("b", 100.0)
+    assert recent.served["a"] == pytest.approx(100 / 2.718281828, rel=1e-6)
+    assert recent.jain({"a", "b"}) < 0.95  # b was served lately, a a while ago
