@@ -40,6 +40,8 @@ class TierLoad(EngineLoad):
     replicas: int = 0
     members: list[ReplicaLoad] = Field(default_factory=list)
     queued: int = 0  # requests waiting at the routers for this tier (their fair queues)
+    # Jain's index of recent service among the keys waiting, the lowest router's
+    fairness: float | None = None
     # keys that asked any router for this tier lately: for the routers, not for display
     active_keys: list[str] = Field(default_factory=list, exclude=True)
     # and the sessions of keys with several active (a key's places are split over them)
@@ -52,6 +54,7 @@ class RouterReport(BaseModel):
     queued: dict[str, int] = Field(default_factory=dict)
     active_keys: dict[str, list[str]] = Field(default_factory=dict)
     active_sessions: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
+    fairness: dict[str, float] = Field(default_factory=dict)  # where several keys wait
 
 
 def aggregate(members: Sequence[ReplicaLoad]) -> TierLoad:
@@ -96,6 +99,11 @@ class LoadBoard:
     def queued(self, tier: str, now: float) -> int:
         return sum(r.queued.get(tier, 0) for r in self._fresh(now))
 
+    def fairness(self, tier: str, now: float) -> float | None:
+        return min(
+            (f for r in self._fresh(now) if (f := r.fairness.get(tier)) is not None), default=None
+        )
+
     def active_keys(self, tier: str, now: float) -> list[str]:
         keys: set[str] = set()
         for r in self._fresh(now):
@@ -132,6 +140,7 @@ class LoadBoard:
                     "queued": self.queued(tier, now),
                     "active_keys": self.active_keys(tier, now),
                     "active_sessions": self.active_sessions(tier, now),
+                    "fairness": self.fairness(tier, now),
                 }
                 out[tier] = aggregate(members).model_copy(update=routers)
         return out

@@ -214,6 +214,7 @@ class Pipeline:
             queued=self.gates.queued(),
             active_keys=self.gates.active_keys(),
             active_sessions=self.gates.active_sessions(),
+            fairness=self.gates.fairness(),
         )
 
     def _live(self) -> Live:

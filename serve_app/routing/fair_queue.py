@@ -431,6 +431,10 @@ class TierGates:
     def queued(self) -> dict[str, int]:
         return {tier: gate.queued for tier, gate in self.gates.items() if gate.queued}
 
+    def fairness(self) -> dict[str, float]:
+        """Per tier where several keys wait here, Jain's index of their recent service."""
+        return {tier: f for tier, gate in self.gates.items() if (f := gate.fairness()) is not None}
+
     def active_keys(self) -> dict[str, list[str]]:
         """The keys that asked this router lately, per tier (for the other routers)."""
         return {

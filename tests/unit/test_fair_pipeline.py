@@ -128,3 +128,18 @@ async def test_a_key_over_its_part_of_a_full_queue_gets_429_another_key_still_jo
     assert isinstance(await other, Completed)
     refused = [r for r in gateway.records if r.status == 429]
     assert [(r.key_id, r.billed) for r in refused] == [("swarm", False)]
+
+
+async def test_the_router_reports_its_fairness_while_several_keys_wait():
+    """The board hears each router's index (the console's tier table shows the lowest):
+    none while one key waits, one as soon as a second key waits beside it."""
+    engine = FakeEngine(tokens=3, delay_s=0.01)
+    p, _ = await premium_of_capacity(1, engine)
+    swarm = [asyncio.ensure_future(p.serve(ask("swarm", "agents"))) for _ in range(4)]
+    await asyncio.sleep(0.005)
+    assert p.queue_report().fairness == {}  # only the swarm waits
+    other = [asyncio.ensure_future(p.serve(ask("other", "agents"))) for _ in range(2)]
+    await asyncio.sleep(0.005)
+    [index] = p.queue_report().fairness.values()
+    assert 0 < index < 1  # the swarm was served; the other key not yet
+    await asyncio.gather(*swarm, *other)

@@ -85,6 +85,19 @@ def test_the_board_hands_each_replica_its_share_of_the_routers_queues():
     assert snap["standard"].queued == 8 and "premium" not in snap  # nobody serves premium
 
 
+def test_the_board_shows_the_lowest_routers_fairness_index():
+    from deployments.scheduling.loadboard import LoadBoard, RouterReport
+
+    board = LoadBoard.__ray_actor_class__()
+    board.report("standard", ReplicaLoad(replica="a", capacity=4))
+    board.report("premium", ReplicaLoad(replica="b", capacity=4))
+    board.snapshot("router-1", RouterReport(fairness={"standard": 0.9}))
+    snap = board.snapshot("router-2", RouterReport(fairness={"standard": 0.7}))
+    assert snap["standard"].fairness == 0.7  # where some keys fare worst
+    assert snap["premium"].fairness is None  # nowhere do several keys wait
+    assert snap["standard"].model_dump()["fairness"] == 0.7  # for display
+
+
 def test_every_router_hears_which_keys_are_active_at_the_others():
     from deployments.scheduling.loadboard import LoadBoard, RouterReport
 
