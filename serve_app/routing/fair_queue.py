@@ -117,34 +117,35 @@ class Counters:
 
 class RecentService:
     """Each key's service (tokens over its weight, as the counters charge it), decayed
-    with time constant `tau_s`: what it was given lately, never lifted or pruned as the
-    order's counters are, so keys can be compared (`jain`)."""
+    with time constant `tau_s`: what it was given lately, never lifted as the order's
+    counters are, so keys can be compared (`jain`). Decayed lazily, a key at a time:
+    a charge costs the same however many keys there are."""
 
     def __init__(self, tau_s: float = SERVICE_TAU_S) -> None:
         self.tau_s = tau_s
-        self.served: dict[str, float] = {}
-        self._at = time.monotonic()
+        self.served: dict[str, tuple[float, float]] = {}  # key -> (service, as of when)
+        self._pruned_at = time.monotonic()
 
-    def _decay(self) -> None:
-        now = time.monotonic()
-        factor = math.exp(-(now - self._at) / self.tau_s)
-        self._at = now
-        for key in list(self.served):
-            self.served[key] *= factor
-            if self.served[key] < 1e-3:
-                del self.served[key]
+    def value(self, key: str, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        service, at = self.served.get(key, (0.0, now))
+        return service * math.exp(-(now - at) / self.tau_s)
 
     def charge(self, key: str, service: float) -> None:
-        self._decay()
-        self.served[key] = self.served.get(key, 0.0) + service
+        now = time.monotonic()
+        self.served[key] = (self.value(key, now) + service, now)
+        if now - self._pruned_at > self.tau_s:  # keys long idle leave the table
+            self._pruned_at = now
+            for idle in [k for k in self.served if self.value(k, now) < 1e-3]:
+                del self.served[idle]
 
     def jain(self, keys: set[str]) -> float | None:
         """Jain's index of the recent service of `keys` (1: equal, 1/n: one key had it
         all); None for fewer than two."""
         if len(keys) < 2:
             return None
-        self._decay()
-        xs = [self.served.get(k, 0.0) for k in keys]
+        now = time.monotonic()
+        xs = [self.value(k, now) for k in keys]
         total, squares = sum(xs), sum(x * x for x in xs)
         return 1.0 if squares == 0 else total * total / (len(xs) * squares)
 

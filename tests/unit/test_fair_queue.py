@@ -339,5 +339,8 @@ def test_recent_service_fades_with_time(monkeypatch):
     recent.charge("a", 100.0)
     clock[0] += 10.0
     recent.charge("b", 100.0)
-    assert recent.served["a"] == pytest.approx(100 / 2.718281828, rel=1e-6)
+    assert recent.value("a") == pytest.approx(100 / 2.718281828, rel=1e-6)
+    clock[0] += 1000.0
+    recent.charge("b", 1.0)  # long idle: a leaves the table
+    assert "a" not in recent.served
     assert recent.jain({"a", "b"}) < 0.95  # b was served lately, a a while ago
