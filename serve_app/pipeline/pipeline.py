@@ -182,7 +182,8 @@ class Pipeline:
                 gate.sessions_elsewhere = {
                     key: frozenset(named) for key, named in load.active_sessions.items()
                 }
-                self.metrics.queues.waiting.set(gate.queued, {"tier": name})
+                for band, waiting in gate.queued_by_band().items():
+                    self.metrics.queues.waiting.set(waiting, {"tier": name, "band": band})
                 fairness = gate.fairness()
                 self.metrics.queues.fairness.set(
                     1.0 if fairness is None else fairness, {"tier": name}
@@ -497,6 +498,7 @@ class Pipeline:
                     inbound.prompt_estimate(),
                     ctx.route.plan.weight * ctx.route.terms.weight_factor,
                     wait,
+                    ctx.route.band,
                 )
             except QueueTimeout as exc:
                 await self._waited_too_long(ctx, exc)
@@ -504,7 +506,7 @@ class Pipeline:
                 await self._over_share(ctx, exc)
             span.set_attribute("kimi.queue_ms", round(ctx.slot.waited_s * 1000))
         self.metrics.queues.waited.observe(
-            ctx.slot.waited_s, {"plan": caller.plan, "tier": ctx.tier.name}
+            ctx.slot.waited_s, {"plan": caller.plan, "tier": ctx.tier.name, "band": ctx.route.band}
         )
         ctx.headers["x-kimi-queue-ms"] = str(round(ctx.slot.waited_s * 1000))
 

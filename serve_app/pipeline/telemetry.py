@@ -30,14 +30,14 @@ class QueueMetrics:
     def __init__(self) -> None:
         self.waiting = metrics.Gauge(
             "kimi_queue_waiting",
-            "requests waiting at this router for a full tier (fair queue)",
-            tag_keys=("tier",),
+            "requests waiting at this router for a full tier (fair queue), by service tier",
+            tag_keys=("tier", "band"),
         )
         self.waited = metrics.Histogram(
             "kimi_queue_wait_seconds",
-            "time a request waited at the router for its tier, by plan",
+            "time a request waited at the router for its tier, by plan and service tier",
             boundaries=TTFT_BUCKETS,
-            tag_keys=("plan", "tier"),
+            tag_keys=("plan", "tier", "band"),
         )
         self.queue_timeouts = metrics.Counter(
             "kimi_queue_timeouts", "requests that waited past their limit (503)", ("tier",)

@@ -67,6 +67,7 @@ class Waiter:
     weight: float
     order: int  # arrival order: first come first, among equals
     done: asyncio.Future[None]
+    band: str = "default"  # its service tier, for the figures
 
 
 @dataclass
@@ -174,6 +175,7 @@ class FairQueue:
         self.keys = Counters()
         self.sessions: dict[str, Counters] = collections.defaultdict(Counters)
         self.recent = RecentService()
+        self.bands: set[str] = set()  # the service tiers that ever waited here
         # waiting requests, per key and session, oldest first
         self.waiting: dict[str, dict[str, collections.deque[Waiter]]] = {}
         self._order = itertools.count()
@@ -181,7 +183,13 @@ class FairQueue:
     # ---- what the pipeline calls ------------------------------------------------------
 
     async def enter(
-        self, key: str, session: str | None, tokens: int, weight: float, timeout_s: float | None
+        self,
+        key: str,
+        session: str | None,
+        tokens: int,
+        weight: float,
+        timeout_s: float | None,
+        band: str = "default",
     ) -> Slot:
         """Wait for the tier (at once where it has room and nobody waits); the slot to
         close when the request ends. `QueueTimeout` past `timeout_s`."""
@@ -203,7 +211,9 @@ class FairQueue:
             weight,
             next(self._order),
             asyncio.get_running_loop().create_future(),
+            band,
         )
+        self.bands.add(band)
         self.waiting.setdefault(key, {}).setdefault(session, collections.deque()).append(waiter)
         self._dispatch()  # a key under its share goes past the others' backlog
         if waiter.done.done():
@@ -345,6 +355,13 @@ class FairQueue:
         """Jain's index of the weighted recent service of the keys with requests waiting
         here now (those the order has to choose between); None for fewer than two."""
         return self.recent.jain(set(self.waiting))
+
+    def queued_by_band(self) -> dict[str, int]:
+        """Waiting here per service tier (0 for one that waited before)."""
+        counts = collections.Counter(
+            w.band for sessions in self.waiting.values() for q in sessions.values() for w in q
+        )
+        return {band: counts[band] for band in self.bands}
 
     @property
     def queued(self) -> int:

@@ -344,3 +344,19 @@ def test_recent_service_fades_with_time(monkeypatch):
     recent.charge("b", 1.0)  # long idle: a leaves the table
     assert "a" not in recent.served
     assert recent.jain({"a", "b"}) < 0.95  # b was served lately, a a while ago
+
+
+async def test_the_queue_counts_its_waiting_by_service_tier():
+    gate = FairQueue(bound=1, shared_bound=1)
+    first = await gate.enter("a", "a", 10, 1.0, None)
+    flex = [asyncio.ensure_future(gate.enter("a", "a", 10, 0.25, None, "flex")) for _ in range(3)]
+    now = asyncio.ensure_future(gate.enter("b", "b", 10, 4.0, None, "priority"))
+    await turn()
+    assert gate.queued_by_band() == {"flex": 3, "priority": 1}
+    first.close(1)
+    await turn()
+    assert now.done()  # the priority band's weight, and a key not yet served
+    now.result().close(1)
+    for f in flex:
+        (await f).close(1)
+    assert gate.queued_by_band() == {"flex": 0, "priority": 0}  # still reported, at 0
