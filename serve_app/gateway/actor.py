@@ -486,15 +486,13 @@ class GatewayState:
 
     async def usage(self, key_id: str | None, by: list[str]) -> list[dict] | str | UsageRecounting:
         """Usage grouped by `by` (read off the request path's thread), or why not."""
+        # the records not in Parquet yet, by their segment: whichever of them a flush
+        # counts while the query waits or reads, the query leaves out
+        unflushed = {self.meter.segment: self._unflushed(key_id)}
         try:
-            for _ in range(3):  # a flush while the rollups were read: read again
-                flushes, unflushed = self.meter.flushes, self._unflushed(key_id)
-                rows = await self.queries.run(
-                    usage_summary, self.meter.root, by, key_id, True, unflushed
-                )
-                if self.meter.flushes == flushes:
-                    break
-            return rows
+            return await self.queries.run(
+                usage_summary, self.meter.root, by, key_id, True, unflushed
+            )
         except Recounting as exc:
             return UsageRecounting(exc.pending)
         except ValueError as exc:

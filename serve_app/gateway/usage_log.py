@@ -52,7 +52,6 @@ class MeterWriter:
             self._check_parts(folder)
         self.batch_size = batch_size
         self._pending: list[UsageRecord] = []  # durable in the log, not yet in Parquet
-        self.flushes = 0  # how many times they went into Parquet (and the rollups)
         # records the disk would not take (full, read-only, failing), oldest first: kept
         # here until it does, while `fault` says why (the gateway admits nothing new)
         self.backlog: collections.deque[UsageRecord] = collections.deque()
@@ -219,7 +218,6 @@ class MeterWriter:
         self._segment_path(self.segment).unlink()
         self._pending = []
         self.segment += 1
-        self.flushes += 1
         return None
 
     @property

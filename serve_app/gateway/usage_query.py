@@ -41,13 +41,13 @@ def usage_summary(
     by: list[str],
     key_id: str | None = None,
     rollups: bool = True,
-    unflushed: list[UsageRecord] | None = None,
+    unflushed: dict[int, list[UsageRecord]] | None = None,
 ) -> list[dict]:
     """Requests, tokens and cost grouped by `by`, for one key or all; `ValueError` for a
-    grouping that is no column. `unflushed`: the records not yet in Parquet, as the meter
-    holds them (else read from its log). `rollups=False` reads the records whatever the
-    grouping (the baseline of benchmarks/usage_scale.py), as does a root no meter has
-    counted yet."""
+    grouping that is no column. `unflushed`: the records not yet in Parquet, by their
+    write-ahead segment, as the meter holds them (else read from its log).
+    `rollups=False` reads the records whatever the grouping (the baseline of
+    benchmarks/usage_scale.py), as does a root no meter has counted yet."""
     unknown = [b for b in by if b not in GROUPS]
     if unknown or not by:
         raise ValueError(f"cannot group by {unknown or by}; choose from {sorted(GROUPS)}")
@@ -75,29 +75,36 @@ def from_records(table: pa.Table, columns: list[str]) -> list[dict]:
 
 
 def rolled_usage(
-    root: Path, columns: list[str], key_id: str | None, unflushed: list[UsageRecord] | None
+    root: Path,
+    columns: list[str],
+    key_id: str | None,
+    unflushed: dict[int, list[UsageRecord]] | None,
 ) -> list[dict]:
-    """The rollups' sums with those of the records not yet in them. Read from the log
-    (another process), a segment flushed while the rollups were read is in them now,
-    and left out here."""
+    """The rollups' sums with those of the records not yet in them: a segment's records
+    of a day the rollups already count (it was flushed after they were taken) are left
+    out, so a flush at any moment neither drops nor doubles a record."""
     if unflushed is None:
-        segments = pending_segments(root)
-        rows = summed(root, columns, key_id)
-        unflushed = [r for seg, rs in segments.items() if seg.exists() for r in rs]
-    else:
-        rows = summed(root, columns, key_id)
+        unflushed = {
+            int(seg.stem.split("-")[1]): records for seg, records in pending_segments(root).items()
+        }
+    rows, counted = summed(root, columns, key_id, unflushed)
     totals = {tuple(r[c] for c in columns): r for r in rows}
-    for rec in unflushed:
-        if key_id is not None and rec.key_id != key_id:
-            continue
-        values = {c: rec.day if c == "day" else getattr(rec, c) for c in columns}
-        row = totals.setdefault(
-            tuple(values.values()), {**values, "requests": 0, **dict.fromkeys(SUMS, 0)}
-        )
-        row["requests"] += 1
-        for c in SUMS:
-            row[c] += getattr(rec, c)
+    for segment, records in unflushed.items():
+        for rec in records:
+            if (key_id is None or rec.key_id == key_id) and (rec.day, segment) not in counted:
+                add_record(totals, columns, rec)
     return list(totals.values())
+
+
+def add_record(totals: dict[tuple, dict], columns: list[str], rec: UsageRecord) -> None:
+    """One record into the row of its group."""
+    values = {c: rec.day if c == "day" else getattr(rec, c) for c in columns}
+    row = totals.setdefault(
+        tuple(values.values()), {**values, "requests": 0, **dict.fromkeys(SUMS, 0)}
+    )
+    row["requests"] += 1
+    for c in SUMS:
+        row[c] += getattr(rec, c)
 
 
 RECENT_COLUMNS = [

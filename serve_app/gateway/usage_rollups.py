@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,14 +322,19 @@ def reader(path: Path) -> sqlite3.Connection:
     return _readers.db
 
 
-def summed(usage_root: Path, by: list[str], key_id: str | None) -> list[dict]:
+def summed(
+    usage_root: Path, by: list[str], key_id: str | None, segments: Iterable[int] = ()
+) -> tuple[list[dict], set[tuple[str, int]]]:
     """The sums grouped by `by` (dimensions and `day`), for one key (found by the index)
-    or all, on a connection of its own (a reader beside the meter's writes)."""
+    or all, on a connection of its own (a reader beside the meter's writes); and which
+    of `segments` (write-ahead segments whose records the caller holds) the sums already
+    count, as (day, segment): read as of one moment, so the caller adds exactly the
+    records they do not."""
     if unknown := set(by) - {*DIMENSIONS, "day"}:
         raise ValueError(f"the rollups hold no {sorted(unknown)}")
     path = usage_root / FILE
     if not path.exists():
-        return []
+        return [], set()
     cols = ", ".join(by)
     totals = ", ".join(f"SUM({c}) AS {c}" for c in ("requests", *SUMS))
     where, args = ("WHERE key_id = ?", (key_id,)) if key_id is not None else ("", ())
@@ -346,10 +351,22 @@ def summed(usage_root: Path, by: list[str], key_id: str | None) -> list[dict]:
             if pending:
                 raise Recounting(pending)
         [(found,)] = db.execute(query, args).fetchall()
+        wanted = sorted(set(segments))
+        marks = ", ".join("?" * len(wanted))
+        counted = (
+            {
+                (day, segment)
+                for day, segment in db.execute(
+                    f"SELECT day, segment FROM segments WHERE segment IN ({marks})", wanted
+                )
+            }
+            if wanted
+            else set()
+        )
     finally:
         db.execute("COMMIT")
     rows = [dict(zip(names, r, strict=True)) for r in json.loads(found)]
     for r in rows:
         if r.get("session_id") == NO_SESSION:
             r["session_id"] = None
-    return rows
+    return rows, counted

@@ -311,3 +311,25 @@ def test_the_gateway_admits_and_meters_while_its_usage_is_counted_again(tmp_path
 
     asyncio.run(run())
     assert_rollups_hold(usage_root)
+
+
+def test_records_flushed_while_a_query_waits_are_counted_once(tmp_path):
+    """The gateway hands a query the records its meter holds, by segment; a flush before
+    the query reads the rollups puts them there too: the query leaves its copies out
+    (it used to read again, up to three times, each a wait for a query slot)."""
+    write(tmp_path, seed=17, batch_size=4, records=20)
+    writer = MeterWriter(tmp_path, batch_size=1000)
+    rng = random.Random(18)
+    for n in range(100, 110):
+        writer.append(record(n, rng))
+    held = {writer.segment: writer.unflushed}
+    before = usage_summary(tmp_path, ["day"], None, True, held)
+    writer.flush()  # as if it happened while the query waited for its slot
+    after = usage_summary(tmp_path, ["day"], None, True, held)
+
+    def rounded(rows: list[dict]) -> list[dict]:  # sums of floats in another order
+        return [{**r, "cost_usd": round(r["cost_usd"], 9)} for r in rows]
+
+    assert rounded(before) == rounded(after) == rounded(usage_summary(tmp_path, ["day"], None))
+    assert sum(r["requests"] for r in after) == 30
+    writer.close()
