@@ -353,6 +353,16 @@ def reader(path: Path) -> sqlite3.Connection:
     return _readers.db
 
 
+def counted_of(db: sqlite3.Connection, segments: Iterable[int]) -> set[tuple[str, int]]:
+    """Which of `segments` the sums count, as (day, segment)."""
+    wanted = sorted(set(segments))
+    if not wanted:
+        return set()
+    marks = ", ".join("?" * len(wanted))
+    query = f"SELECT day, segment FROM segments WHERE segment IN ({marks})"
+    return {(day, segment) for day, segment in db.execute(query, wanted)}
+
+
 def summed(
     usage_root: Path, by: list[str], key_id: str | None, segments: Iterable[int] = ()
 ) -> tuple[list[dict], set[tuple[str, int]]]:
@@ -382,18 +392,7 @@ def summed(
             if pending:
                 raise Recounting(pending)
         [(found,)] = db.execute(query, args).fetchall()
-        wanted = sorted(set(segments))
-        marks = ", ".join("?" * len(wanted))
-        counted = (
-            {
-                (day, segment)
-                for day, segment in db.execute(
-                    f"SELECT day, segment FROM segments WHERE segment IN ({marks})", wanted
-                )
-            }
-            if wanted
-            else set()
-        )
+        counted = counted_of(db, segments)
     finally:
         db.execute("COMMIT")
     rows = [dict(zip(names, r, strict=True)) for r in json.loads(found)]

@@ -204,18 +204,7 @@ class FairQueue:
         if not self.waiting and self._may_go(key, session, self.active_keys()):
             self._go(key, session, tokens, weight)
             return Slot(self, key, session, weight, 0.0)
-        waiter = Waiter(
-            key,
-            session,
-            tokens,
-            weight,
-            next(self._order),
-            asyncio.get_running_loop().create_future(),
-            band,
-        )
-        self.bands.add(band)
-        self.waiting.setdefault(key, {}).setdefault(session, collections.deque()).append(waiter)
-        self._dispatch()  # a key under its share goes past the others' backlog
+        waiter = self._line_up(key, session, tokens, weight, band)
         if waiter.done.done():
             return Slot(self, key, session, weight, 0.0)
         try:
@@ -234,6 +223,16 @@ class FairQueue:
                 Slot(self, key, session, weight, 0.0).close()
                 raise
         return Slot(self, key, session, weight, time.monotonic() - started)
+
+    def _line_up(self, key: str, session: str, tokens: int, weight: float, band: str) -> Waiter:
+        """A waiter at the end of its session's line (let through at once where its key
+        is under its share)."""
+        done = asyncio.get_running_loop().create_future()
+        waiter = Waiter(key, session, tokens, weight, next(self._order), done, band)
+        self.bands.add(band)
+        self.waiting.setdefault(key, {}).setdefault(session, collections.deque()).append(waiter)
+        self._dispatch()  # a key under its share goes past the others' backlog
+        return waiter
 
     def _refuse_if_over_share(self, key: str) -> None:
         """With the queue full, a key holding its part of it (the queue split over the

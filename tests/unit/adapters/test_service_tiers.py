@@ -68,9 +68,9 @@ async def test_a_flex_requests_fair_share_weight_is_the_bands(served: Served, mo
     gate = pipeline.gates.gate("premium")
     enter = gate.enter
 
-    async def noted(key, session, tokens, weight, timeout_s):
+    async def noted(key, session, tokens, weight, timeout_s, band):
         weights.append(weight)
-        return await enter(key, session, tokens, weight, timeout_s)
+        return await enter(key, session, tokens, weight, timeout_s, band)
 
     monkeypatch.setattr(gate, "enter", noted)
     for band in ("flex", "priority"):
