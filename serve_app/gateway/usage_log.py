@@ -72,12 +72,6 @@ class MeterWriter:
         self._wal: TextIO | None = None  # opened by the first write
 
     def _recount(self) -> None:
-        try:
-            if (stale := self.rollups.check()) is not None:  # damaged deep inside
-                self.recounting[:] = stale
-                self.rebuilt = len(stale)
-        except Exception:  # the count below still runs on what there is
-            log.exception("usage rollups could not be checked")
         for day in list(self.recounting):
             if self._closing.is_set():
                 return  # the day stays pending: the next start counts it

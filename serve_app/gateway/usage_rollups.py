@@ -150,37 +150,14 @@ class Rollups:
     """The rollups of one usage root, as its meter keeps them."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
         self.path = root / FILE
-        # a file that is no database is set aside now; a deeper check reads the whole
-        # file (20 s cold at 50M records) and runs beside the meter (`check`)
-        if self.path.exists() and not opens(self.path):
-            self._set_aside()
-        self.lock = threading.RLock()
-        self._open()
-
-    def _set_aside(self) -> None:
-        """Derived data: the damaged file goes aside, every day is counted again."""
-        log.error("usage rollups %s damaged: set aside, counted again", self.path)
-        aside = self.root / "_quarantine" / f"{FILE}.{time.time_ns()}"
-        aside.parent.mkdir(exist_ok=True)
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-
-    def check(self) -> list[str] | None:
-        """The whole file checked (on a connection of its own, beside the meter's
-        writes); a damaged one set aside for a new one, every day in it pending (the
-        days, newest first; None where the file is whole)."""
-        if intact(self.path):
-            return None
-        with self.lock:
-            self.db.close()
-            self._set_aside()
-            self._open()
-            return self.stale(self.root)
-
-    def _open(self) -> None:
+        if self.path.exists() and not intact(self.path):  # derived data: counted again
+            log.error("usage rollups %s damaged: set aside, counted again", self.path)
+            aside = root / "_quarantine" / f"{FILE}.{int(time.time())}"
+            aside.parent.mkdir(exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # a commit is not fsynced: the parts are the record, a power cut costs a recount
@@ -203,6 +180,8 @@ class Rollups:
                 PRIMARY KEY (day, lo, hi)) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS pending (day TEXT PRIMARY KEY) WITHOUT ROWID;"""
         )
+        # the meter's thread and the one counting days again share the connection
+        self.lock = threading.RLock()
         names = [*DIMENSIONS, "day", "requests", *SUMS]
         added = ", ".join(f"{c} = {c} + excluded.{c}" for c in ("requests", *SUMS))
         self._upsert = (
@@ -317,16 +296,6 @@ class Rollups:
     def close(self) -> None:
         with self.lock:
             self.db.close()
-
-
-def opens(path: Path) -> bool:
-    """Whether the file reads as a database at all (its header and schema)."""
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return True
-    except sqlite3.DatabaseError:
-        return False
 
 
 def day_parts(usage_root: Path, day: str) -> list[Path]:

@@ -333,21 +333,3 @@ def test_records_flushed_while_a_query_waits_are_counted_once(tmp_path):
     assert rounded(before) == rounded(after) == rounded(usage_summary(tmp_path, ["day"], None))
     assert sum(r["requests"] for r in after) == 30
     writer.close()
-
-
-def test_rollups_damaged_deep_inside_are_found_beside_the_meter(tmp_path):
-    """The start only checks that the file is a database (the whole-file check reads
-    ~1 GB at 50M records); the meter's thread checks the rest and counts every day
-    again where a page is damaged."""
-    write(tmp_path, seed=19, batch_size=1, records=400)  # enough rows for several pages
-    size = (tmp_path / FILE).stat().st_size
-    assert size > 4 * 4096
-    with open(tmp_path / FILE, "r+b") as f:  # a page past the schema's, overwritten
-        f.seek(size - 2 * 4096)
-        f.write(b"\xff" * 4096)
-    assert usage_rollups.opens(tmp_path / FILE) and not usage_rollups.intact(tmp_path / FILE)
-    writer = MeterWriter(tmp_path, batch_size=2)
-    assert writer.recounted(30) and writer.rebuilt == 3
-    assert_rollups_hold(tmp_path)
-    assert list((tmp_path / "_quarantine").glob(f"{FILE}.*"))  # kept aside, not lost
-    writer.close()
