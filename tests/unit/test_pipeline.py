@@ -189,19 +189,25 @@ async def test_a_client_leaving_mid_stream_is_settled_once_and_stops_the_engine(
     assert eng["premium"].stopped == eng["premium"].requests
 
 
-async def test_a_client_leaving_a_stream_stalled_on_our_side_is_not_billed():
-    """A router frozen with its node holds its stream until the client gives up; when it
-    wakes, the stream had waited on the tier past the stall bound: a 503, not a 499."""
-    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.01)}
+async def stall_bounded_stream(delay_s: float) -> tuple[FakeEngine, FakeGateway, Streamed]:
+    """A premium stream started under a 0.2 s stall bound: its engine, gateway, stream."""
+    engine = FakeEngine(tokens=1000, delay_s=delay_s)
     gateway = FakeGateway("enterprise")
     cfg = CFG.model_copy(deep=True)
     cfg.router = cfg.router.model_copy(update={"stream_stall_s": 0.2})
-    p = Pipeline(cfg, InProcessTiers(**eng), gateway, "ingress-0", IngressMetrics())
+    p = Pipeline(cfg, InProcessTiers(premium=engine), gateway, "ingress-0", IngressMetrics())
     result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
     assert isinstance(result, Streamed)
     result.started()
+    return engine, gateway, result
+
+
+async def test_a_client_leaving_a_stream_stalled_on_our_side_is_not_billed():
+    """A router frozen with its node holds its stream until the client gives up; when it
+    wakes, the stream had waited on the tier past the stall bound: a 503, not a 499."""
+    engine, gateway, result = await stall_bounded_stream(delay_s=0.01)
     reader = await reading(result, 3)
-    eng["premium"].delay_s = 5  # the tier stops sending
+    engine.delay_s = 5  # the tier stops sending
     await asyncio.sleep(0.5)
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -217,14 +223,7 @@ async def test_a_client_leaving_a_stream_stalled_on_our_side_is_not_billed():
 async def test_a_stream_left_while_its_router_was_frozen_is_not_billed():
     """Frozen with its node, the router pulls nothing (its stream suspended wherever it
     was); woken after the client gave up, its response closes the stream: a 503."""
-    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.001)}
-    gateway = FakeGateway("enterprise")
-    cfg = CFG.model_copy(deep=True)
-    cfg.router = cfg.router.model_copy(update={"stream_stall_s": 0.2})
-    p = Pipeline(cfg, InProcessTiers(**eng), gateway, "ingress-0", IngressMetrics())
-    result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
-    assert isinstance(result, Streamed)
-    result.started()
+    _, gateway, result = await stall_bounded_stream(delay_s=0.001)
     for _ in range(3):
         await result.events.__anext__()
     await asyncio.sleep(0.5)  # nothing pulled: the router is stopped
@@ -237,14 +236,7 @@ async def test_a_stream_left_while_its_router_was_frozen_is_not_billed():
 async def test_a_stream_woken_with_its_tier_buffered_is_still_not_billed():
     """Woken after the client gave up, the router may read what its tier had buffered
     before it learns the client is gone: the stall it slept through still counts."""
-    eng = {"premium": FakeEngine(tokens=1000, delay_s=0.001)}
-    gateway = FakeGateway("enterprise")
-    cfg = CFG.model_copy(deep=True)
-    cfg.router = cfg.router.model_copy(update={"stream_stall_s": 0.2})
-    p = Pipeline(cfg, InProcessTiers(**eng), gateway, "ingress-0", IngressMetrics())
-    result = await p.serve(inbound("kimi-k2.5:premium", stream=True))
-    assert isinstance(result, Streamed)
-    result.started()
+    _, gateway, result = await stall_bounded_stream(delay_s=0.001)
     for _ in range(3):
         await result.events.__anext__()
     await asyncio.sleep(0.5)  # frozen
